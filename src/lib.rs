@@ -1,0 +1,6 @@
+//! sixpn: a gateway agent for private IPv6 networks in the style of Fly.io's
+//! 6PN. See DESIGN.md for the architecture; each module's doc says what it
+//! owns.
+
+pub mod model;
+pub mod store;

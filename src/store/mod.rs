@@ -1,0 +1,249 @@
+//! The store: the source of truth for orgs, gateways, peers and instances.
+//!
+//! The daemon only ever *reads* a [`Snapshot`] and follows the change feed
+//! ([`Store::subscribe`]); the control API writes through the transactional
+//! methods. Every write is one transaction; peer address allocation happens
+//! inside it, so two concurrent creates can never get the same address, even
+//! from different processes (SQLite) or different gateways (etcd, later).
+//!
+//! The trait is async and object-safe so that an etcd backend, whose client is
+//! async and whose transactions are compare-and-swap, fits behind it.
+
+pub mod sqlite;
+
+use std::net::Ipv6Addr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::model::{
+    AppName, Endpoint, GatewayName, HostId, InstanceId, MachineId, NetworkId, OrgName, OrgPrefix,
+    PeerName, PeerNet, PeerSlot, ProcessGroup, PublicKey, RegionName,
+};
+
+/// A store-wide revision: it grows with every committed write.
+pub type Revision = u64;
+
+/// An organization and its network id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Org {
+    /// The org's name.
+    pub name: OrgName,
+    /// Its network id; the org's /48 is `network_id.prefix()`.
+    pub network_id: NetworkId,
+}
+
+impl Org {
+    /// The org's /48.
+    pub fn prefix(&self) -> OrgPrefix {
+        self.network_id.prefix()
+    }
+}
+
+/// A gateway as it registers itself at start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gateway {
+    /// Unique name (`lhr-1`).
+    pub name: GatewayName,
+    /// The region it serves.
+    pub region: RegionName,
+    /// The host id in its peers' addresses.
+    pub host_id: HostId,
+    /// What peers dial.
+    pub endpoint: Endpoint,
+    /// Its WireGuard public key.
+    pub public_key: PublicKey,
+}
+
+/// A registered WireGuard peer, with its address resolved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// The org it belongs to.
+    pub org: OrgName,
+    /// Its name, unique in the org.
+    pub name: PeerName,
+    /// The gateway that holds it.
+    pub gateway: GatewayName,
+    /// That gateway's region.
+    pub region: RegionName,
+    /// Its slot among the gateway's peers of this org.
+    pub slot: PeerSlot,
+    /// Its /120; the peer uses `net.peer_addr()`.
+    pub net: PeerNet,
+    /// The peer's public key.
+    pub public_key: PublicKey,
+    /// Unix seconds when it was registered.
+    pub created_at: u64,
+}
+
+/// A registered app instance (what a scheduler would report).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// The org of its app.
+    pub org: OrgName,
+    /// The app.
+    pub app: AppName,
+    /// Its id, unique in the app.
+    pub id: InstanceId,
+    /// The region it runs in.
+    pub region: RegionName,
+    /// Its 6PN address, inside the org's /48.
+    pub address: Ipv6Addr,
+    /// Its process group, if the app has several.
+    pub process_group: Option<ProcessGroup>,
+    /// Whether it is started (stopped instances are in `all.*` names only).
+    pub started: bool,
+}
+
+/// Everything in the store at one revision.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The revision this snapshot reflects.
+    pub revision: Revision,
+    /// Orgs, by name.
+    pub orgs: Vec<Org>,
+    /// Gateways, by name.
+    pub gateways: Vec<Gateway>,
+    /// Peers, by org then name.
+    pub peers: Vec<Peer>,
+    /// Instances, by org, app, id.
+    pub instances: Vec<Instance>,
+}
+
+impl Snapshot {
+    /// The org called `name`.
+    pub fn org(&self, name: &OrgName) -> Option<&Org> {
+        self.orgs.iter().find(|o| &o.name == name)
+    }
+    /// The gateway called `name`.
+    pub fn gateway(&self, name: &GatewayName) -> Option<&Gateway> {
+        self.gateways.iter().find(|g| &g.name == name)
+    }
+}
+
+/// How an instance's address is given.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceAddress {
+    /// The full address, which must lie in the org's /48.
+    Address(Ipv6Addr),
+    /// Host id and machine id, from which the address is derived.
+    HostMachine {
+        /// The instance host.
+        host: HostId,
+        /// The machine on it.
+        machine: MachineId,
+    },
+}
+
+/// A request to register a peer.
+#[derive(Clone, Debug)]
+pub struct NewPeer {
+    /// The org.
+    pub org: OrgName,
+    /// The peer's name.
+    pub name: PeerName,
+    /// The region whose least-loaded gateway gets the peer.
+    pub region: RegionName,
+    /// The peer's public key.
+    pub public_key: PublicKey,
+}
+
+/// A request to register an instance.
+#[derive(Clone, Debug)]
+pub struct NewInstance {
+    /// The org.
+    pub org: OrgName,
+    /// The app.
+    pub app: AppName,
+    /// Its id; derived from the address's machine id if absent.
+    pub id: Option<InstanceId>,
+    /// Its region.
+    pub region: RegionName,
+    /// Its address.
+    pub address: InstanceAddress,
+    /// Its process group.
+    pub process_group: Option<ProcessGroup>,
+    /// Started (default) or stopped.
+    pub started: bool,
+}
+
+/// What can go wrong in a store call, by what the caller should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A named thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The write would duplicate a unique value.
+    #[error("{0}")]
+    Conflict(String),
+    /// No address or id is left to allocate.
+    #[error("{0}")]
+    Exhausted(String),
+    /// The request is inconsistent with the store (e.g. an address outside the org).
+    #[error("{0}")]
+    Invalid(String),
+    /// The store can't be reached; retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Corrupt data or a backend bug.
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+/// The store interface every backend implements.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Everything, consistent at one revision.
+    async fn snapshot(&self) -> Result<Arc<Snapshot>, StoreError>;
+
+    /// The change feed: the latest revision, updated within 100 ms of any
+    /// committed write by anyone sharing the store.
+    fn subscribe(&self) -> watch::Receiver<Revision>;
+
+    /// Creates an org with the next free network id.
+    async fn create_org(&self, name: &OrgName) -> Result<Org, StoreError>;
+
+    /// Registers or updates a gateway (by name). Its host id may not change
+    /// while it holds peers, and no two gateways share a host id.
+    async fn register_gateway(&self, gateway: &Gateway) -> Result<(), StoreError>;
+
+    /// Registers a peer on the least-loaded gateway of its region and
+    /// allocates its /120 in the same transaction.
+    async fn create_peer(&self, peer: &NewPeer) -> Result<Peer, StoreError>;
+
+    /// Removes a peer; its slot becomes free.
+    async fn remove_peer(&self, org: &OrgName, name: &PeerName) -> Result<Peer, StoreError>;
+
+    /// Registers an instance.
+    async fn add_instance(&self, instance: &NewInstance) -> Result<Instance, StoreError>;
+
+    /// Removes an instance.
+    async fn remove_instance(
+        &self,
+        org: &OrgName,
+        app: &AppName,
+        id: &InstanceId,
+    ) -> Result<Instance, StoreError>;
+
+    /// Stores the SHA-256 of a new org-scoped API token.
+    async fn add_org_token(&self, org: &OrgName, token_sha256: [u8; 32])
+        -> Result<(), StoreError>;
+
+    /// The org an API token (by its SHA-256) is scoped to, if any.
+    async fn token_org(&self, token_sha256: [u8; 32]) -> Result<Option<OrgName>, StoreError>;
+}
+
+/// The id an instance gets when none is given: its machine id as 8 hex digits
+/// (`fdaa:0:18:a7b:7d:f066:b83b:2` → `f066b83b`), as Fly's hostnames are.
+pub fn default_instance_id(address: Ipv6Addr) -> InstanceId {
+    let s = address.segments();
+    let id = format!("{:04x}{:04x}", s[5], s[6]);
+    match id.parse() {
+        Ok(id) => id,
+        // 8 hex digits always form a valid label.
+        Err(_) => unreachable!("hex digits are a valid instance id"),
+    }
+}
