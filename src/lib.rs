@@ -2,5 +2,9 @@
 //! 6PN. See DESIGN.md for the architecture; each module's doc says what it
 //! owns.
 
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod gateway;
 pub mod model;
 pub mod store;

@@ -91,6 +91,12 @@ macro_rules! label_type {
         pub struct $name(String);
 
         impl $name {
+            /// A compile-time constant name; checked in debug builds and by tests.
+            #[allow(dead_code)]
+            pub(crate) fn from_static(s: &'static str) -> Self {
+                debug_assert!(check_label($kind, s).is_ok(), "{s}");
+                Self(s.to_owned())
+            }
             /// The name as a string slice.
             pub fn as_str(&self) -> &str {
                 &self.0
@@ -554,6 +560,11 @@ impl fmt::Debug for PrivateKey {
 pub struct InterfaceName(String);
 
 impl InterfaceName {
+    /// A compile-time constant name; checked in debug builds and by tests.
+    pub(crate) fn from_static(s: &'static str) -> Self {
+        debug_assert!(s.parse::<Self>().is_ok(), "{s}");
+        Self(s.to_owned())
+    }
     /// The name.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -569,8 +580,7 @@ impl FromStr for InterfaceName {
         if s == "." || s == ".." {
             return Err(bad("'.' and '..' are not interface names"));
         }
-        if s
-            .bytes()
+        if s.bytes()
             .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || !b.is_ascii_graphic())
         {
             return Err(bad("no '/', ':', whitespace or control characters"));
@@ -678,11 +688,19 @@ mod tests {
         let p = NetworkId::new(1).unwrap().prefix();
         let h = HostId::from_u32(1);
         assert_eq!(
-            PeerSlot::new(255).unwrap().net(p, h).peer_addr().to_string(),
+            PeerSlot::new(255)
+                .unwrap()
+                .net(p, h)
+                .peer_addr()
+                .to_string(),
             "fdaa:0:1:0:1:0:a:ff02"
         );
         assert_eq!(
-            PeerSlot::new(256).unwrap().net(p, h).peer_addr().to_string(),
+            PeerSlot::new(256)
+                .unwrap()
+                .net(p, h)
+                .peer_addr()
+                .to_string(),
             "fdaa:0:1:0:1:0:b:2"
         );
         assert!(PeerSlot::new(PeerSlot::COUNT).is_err());
@@ -702,7 +720,11 @@ mod tests {
         assert!(format!("{k:?}").contains("redacted"));
         assert!(!format!("{k:?}").contains(&k.to_base64()));
         let zero = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
-        assert!(zero.parse::<PublicKey>().unwrap_err().reason.contains("zero"));
+        assert!(zero
+            .parse::<PublicKey>()
+            .unwrap_err()
+            .reason
+            .contains("zero"));
         assert!("abc".parse::<PublicKey>().is_err());
         assert!("!AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
             .parse::<PublicKey>()
@@ -734,7 +756,12 @@ mod tests {
         assert_eq!(p.network_id().get(), 0x18);
         assert!(p.contains("fdaa:0:18:a7b:d6b:0:a:2".parse().unwrap()));
         assert!(!p.contains("fdaa:0:19::2".parse().unwrap()));
-        for bad in ["fdaa:0:18::1/48", "fdaa:0:18::/64", "fd00::/48", "fdaa::/48"] {
+        for bad in [
+            "fdaa:0:18::1/48",
+            "fdaa:0:18::/64",
+            "fd00::/48",
+            "fdaa::/48",
+        ] {
             assert!(bad.parse::<OrgPrefix>().is_err(), "{bad}");
         }
     }

@@ -211,8 +211,9 @@ pub trait Store: Send + Sync {
     async fn register_gateway(&self, gateway: &Gateway) -> Result<(), StoreError>;
 
     /// Registers a peer on the least-loaded gateway of its region and
-    /// allocates its /120 in the same transaction.
-    async fn create_peer(&self, peer: &NewPeer) -> Result<Peer, StoreError>;
+    /// allocates its /120 in the same transaction. Returns the peer and the
+    /// gateway it was placed on.
+    async fn create_peer(&self, peer: &NewPeer) -> Result<(Peer, Gateway), StoreError>;
 
     /// Removes a peer; its slot becomes free.
     async fn remove_peer(&self, org: &OrgName, name: &PeerName) -> Result<Peer, StoreError>;
@@ -229,8 +230,7 @@ pub trait Store: Send + Sync {
     ) -> Result<Instance, StoreError>;
 
     /// Stores the SHA-256 of a new org-scoped API token.
-    async fn add_org_token(&self, org: &OrgName, token_sha256: [u8; 32])
-        -> Result<(), StoreError>;
+    async fn add_org_token(&self, org: &OrgName, token_sha256: [u8; 32]) -> Result<(), StoreError>;
 
     /// The org an API token (by its SHA-256) is scoped to, if any.
     async fn token_org(&self, token_sha256: [u8; 32]) -> Result<Option<OrgName>, StoreError>;

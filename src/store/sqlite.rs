@@ -110,10 +110,10 @@ fn corrupt<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> StoreError + '
 }
 
 fn open_conn(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path).map_err(|e| {
-        StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
-    })?;
-    conn.busy_timeout(Duration::from_secs(5)).map_err(internal)?;
+    let conn = Connection::open(path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(internal)?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
     )
@@ -370,9 +370,7 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
             gateways.push(Gateway {
                 name: name.parse().map_err(corrupt("gateway name"))?,
                 region: region.parse().map_err(corrupt("region"))?,
-                host_id: model::HostId::from_u32(
-                    u32::try_from(host).map_err(corrupt("host id"))?,
-                ),
+                host_id: model::HostId::from_u32(u32::try_from(host).map_err(corrupt("host id"))?),
                 endpoint: endpoint.parse().map_err(corrupt("endpoint"))?,
                 public_key: key.parse().map_err(corrupt("gateway key"))?,
             });
@@ -572,7 +570,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn create_peer(&self, req: &NewPeer) -> Result<Peer, StoreError> {
+    async fn create_peer(&self, req: &NewPeer) -> Result<(Peer, Gateway), StoreError> {
         let req = req.clone();
         self.write(move |tx| {
             let (org_id, net) = org_row(tx, &req.org)?;
@@ -613,7 +611,7 @@ impl Store for SqliteStore {
                 )
                 .optional()
                 .map_err(internal)?;
-            let (gw_name, host, _, _) = gw.ok_or_else(|| {
+            let (gw_name, host, endpoint, gw_key) = gw.ok_or_else(|| {
                 StoreError::NotFound(format!("no gateway in region '{}'", req.region))
             })?;
             let slot = free_slot(tx, org_id, &gw_name)?;
@@ -632,16 +630,24 @@ impl Store for SqliteStore {
             )
             .map_err(internal)?;
             let host = model::HostId::from_u32(u32::try_from(host).map_err(corrupt("host id"))?);
-            Ok(Peer {
+            let gateway = Gateway {
+                name: gw_name.parse().map_err(corrupt("gateway name"))?,
+                region: req.region.clone(),
+                host_id: host,
+                endpoint: endpoint.parse().map_err(corrupt("endpoint"))?,
+                public_key: gw_key.parse().map_err(corrupt("gateway key"))?,
+            };
+            let peer = Peer {
                 org: req.org,
                 name: req.name,
-                gateway: gw_name.parse().map_err(corrupt("gateway name"))?,
+                gateway: gateway.name.clone(),
                 region: req.region,
                 slot,
                 net: slot.net(net.prefix(), host),
                 public_key: req.public_key,
                 created_at,
-            })
+            };
+            Ok((peer, gateway))
         })
         .await
     }
@@ -717,7 +723,10 @@ impl Store for SqliteStore {
                     "address {address} is the org's DNS address"
                 )));
             }
-            let id = req.id.clone().unwrap_or_else(|| default_instance_id(address));
+            let id = req
+                .id
+                .clone()
+                .unwrap_or_else(|| default_instance_id(address));
             let taken: Option<String> = tx
                 .query_row(
                     "SELECT app || '/' || id FROM instances WHERE address = ?1",
@@ -878,24 +887,37 @@ mod tests {
     async fn peers_get_distinct_addresses_and_reuse_freed_slots() {
         let dir = tempfile::tempdir().unwrap();
         let store = store_with_gateway(dir.path()).await;
-        let org = store.create_org(&"personal".parse().unwrap()).await.unwrap();
+        let org = store
+            .create_org(&"personal".parse().unwrap())
+            .await
+            .unwrap();
         let mut seen = HashSet::new();
         for i in 0..300 {
-            let p = store.create_peer(&new_peer("personal", &format!("p{i}"))).await.unwrap();
+            let (p, _) = store
+                .create_peer(&new_peer("personal", &format!("p{i}")))
+                .await
+                .unwrap();
             assert_eq!(p.slot.index(), i);
             assert!(org.prefix().contains(p.net.peer_addr()));
             assert!(seen.insert(p.net));
         }
         // Slot 256 continues in group 0:b.
         let snap = store.snapshot().await.unwrap();
-        let p256 = snap.peers.iter().find(|p| p.name.as_str() == "p256").unwrap();
+        let p256 = snap
+            .peers
+            .iter()
+            .find(|p| p.name.as_str() == "p256")
+            .unwrap();
         assert_eq!(p256.net.peer_addr().to_string(), "fdaa:0:1:a7b:d6b:0:b:2");
         // A removed peer's slot is the next one handed out.
         store
             .remove_peer(&org.name, &"p7".parse().unwrap())
             .await
             .unwrap();
-        let again = store.create_peer(&new_peer("personal", "again")).await.unwrap();
+        let (again, _) = store
+            .create_peer(&new_peer("personal", "again"))
+            .await
+            .unwrap();
         assert_eq!(again.slot.index(), 7);
     }
 
@@ -904,10 +926,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store_with_gateway(dir.path()).await;
         store.create_org(&"acme".parse().unwrap()).await.unwrap();
-        let first = store.create_peer(&new_peer("acme", "laptop")).await.unwrap();
+        let (first, _) = store
+            .create_peer(&new_peer("acme", "laptop"))
+            .await
+            .unwrap();
         let before = store.snapshot().await.unwrap();
 
-        let dup = store.create_peer(&new_peer("acme", "laptop")).await.unwrap_err();
+        let dup = store
+            .create_peer(&new_peer("acme", "laptop"))
+            .await
+            .unwrap_err();
         assert!(matches!(dup, StoreError::Conflict(_)), "{dup}");
         let mut same_key = new_peer("acme", "other");
         same_key.public_key = first.public_key;
@@ -924,7 +952,10 @@ mod tests {
         let e = store.create_peer(&far).await.unwrap_err();
         assert!(e.to_string().contains("no gateway in region 'syd'"), "{e}");
         assert!(matches!(
-            store.create_org(&"acme".parse().unwrap()).await.unwrap_err(),
+            store
+                .create_org(&"acme".parse().unwrap())
+                .await
+                .unwrap_err(),
             StoreError::Conflict(_)
         ));
         let outside = NewInstance {
@@ -991,8 +1022,8 @@ mod tests {
         store.register_gateway(&other).await.unwrap();
         store.create_org(&"a".parse().unwrap()).await.unwrap();
         // Two gateways in lhr: peers spread to the least loaded.
-        let a = store.create_peer(&new_peer("a", "one")).await.unwrap();
-        let b = store.create_peer(&new_peer("a", "two")).await.unwrap();
+        let (a, _) = store.create_peer(&new_peer("a", "one")).await.unwrap();
+        let (b, _) = store.create_peer(&new_peer("a", "two")).await.unwrap();
         assert_ne!(a.gateway, b.gateway);
         other.host_id = HostId::from_u32(3);
         let e = store.register_gateway(&other).await.unwrap_err();
@@ -1070,7 +1101,7 @@ mod tests {
                                     .map(|p| p.slot.index()).collect();
                                 let lowest = (0..).find(|s| !used.contains(s)).unwrap();
                                 match store.create_peer(&new_peer(org, &format!("n{n}"))).await {
-                                    Ok(p) => {
+                                    Ok((p, _)) => {
                                         prop_assert_eq!(p.slot.index(), lowest);
                                         let prefix = snap.org(&p.org).unwrap().prefix();
                                         prop_assert!(prefix.contains(p.net.peer_addr()));

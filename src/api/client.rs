@@ -1,0 +1,300 @@
+//! The control API client the CLI uses: HTTP/1.1 over the unix socket or TCP
+//! (`http://host:port`), with a bearer token for TCP.
+
+use std::path::PathBuf;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{
+    AddInstance, CreateOrg, CreatePeer, ErrorBody, Health, InstanceInfo, OrgInfo, OrgToken,
+    PeerInfo, PeerStatus, RegionInfo,
+};
+use crate::model::{AppName, InstanceId, OrgName, PeerName};
+
+/// The largest response the client reads (lists of 100k peers fit).
+const MAX_RESPONSE: usize = 256 * 1024 * 1024;
+
+/// What can go wrong talking to the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The `--api` value is not a socket path or an http URL.
+    #[error("bad API address {0:?}: {1}")]
+    Address(String, &'static str),
+    /// Nothing answers there.
+    #[error("cannot reach the sixpn API at {target}: {source} (is `sixpn gateway` running?)")]
+    Connect {
+        /// Where we tried.
+        target: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The server answered with an error.
+    #[error("{message}")]
+    Api {
+        /// The HTTP status.
+        status: StatusCode,
+        /// The server's one-line message.
+        message: String,
+    },
+    /// The exchange itself failed.
+    #[error("API protocol error: {0}")]
+    Protocol(String),
+}
+
+#[derive(Debug, Clone)]
+enum Target {
+    Unix(PathBuf),
+    Tcp { authority: String },
+}
+
+/// A client for one API endpoint.
+#[derive(Debug, Clone)]
+pub struct Client {
+    target: Target,
+    token: Option<String>,
+}
+
+impl Client {
+    /// `api` is a unix socket path or `http://host:port`; `token` is sent as
+    /// a bearer token (needed for TCP).
+    pub fn new(api: &str, token: Option<String>) -> Result<Self, ClientError> {
+        let target = if let Some(rest) = api.strip_prefix("http://") {
+            let authority = rest.trim_end_matches('/');
+            if authority.is_empty() || authority.contains('/') {
+                return Err(ClientError::Address(
+                    api.into(),
+                    "expected http://host:port",
+                ));
+            }
+            Target::Tcp {
+                authority: authority.into(),
+            }
+        } else if api.starts_with("https://") {
+            return Err(ClientError::Address(
+                api.into(),
+                "https is not built in; reach the API over an SSH or WireGuard tunnel with http://",
+            ));
+        } else if api.is_empty() {
+            return Err(ClientError::Address(api.into(), "empty"));
+        } else {
+            Target::Unix(api.into())
+        };
+        Ok(Self {
+            target,
+            token: token.filter(|t| !t.is_empty()),
+        })
+    }
+
+    fn describe(&self) -> String {
+        match &self.target {
+            Target::Unix(p) => p.display().to_string(),
+            Target::Tcp { authority } => format!("http://{authority}"),
+        }
+    }
+
+    async fn send(&self, req: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), ClientError> {
+        let connect = |source| ClientError::Connect {
+            target: self.describe(),
+            source,
+        };
+        let proto = |e: hyper::Error| ClientError::Protocol(e.to_string());
+        let resp = match &self.target {
+            Target::Unix(path) => {
+                let stream = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(connect)?;
+                let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(proto)?;
+                tokio::spawn(conn);
+                tx.send_request(req).await.map_err(proto)?
+            }
+            Target::Tcp { authority } => {
+                let stream = tokio::net::TcpStream::connect(authority.as_str())
+                    .await
+                    .map_err(connect)?;
+                let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(proto)?;
+                tokio::spawn(conn);
+                tx.send_request(req).await.map_err(proto)?
+            }
+        };
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes();
+        Ok((status, body))
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let host = match &self.target {
+            Target::Unix(_) => "localhost".to_owned(),
+            Target::Tcp { authority } => authority.clone(),
+        };
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, host);
+        if let Some(token) = &self.token {
+            builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let bytes = match body {
+            Some(b) => {
+                builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+                serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?
+            }
+            None => Vec::new(),
+        };
+        let req = builder
+            .body(Full::new(Bytes::from(bytes)))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let (status, body) = self.send(req).await?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| format!("{status}: {}", String::from_utf8_lossy(&body).trim()));
+            return Err(ClientError::Api { status, message });
+        }
+        let body = if body.is_empty() {
+            Bytes::from_static(b"null")
+        } else {
+            body
+        };
+        serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Protocol(format!("unexpected response: {e}")))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call::<(), T>(Method::GET, path, None).await
+    }
+
+    /// `GET /v1/health`.
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.get("/v1/health").await
+    }
+    /// `GET /v1/regions`.
+    pub async fn regions(&self) -> Result<Vec<RegionInfo>, ClientError> {
+        self.get("/v1/regions").await
+    }
+    /// `GET /v1/orgs`.
+    pub async fn orgs(&self) -> Result<Vec<OrgInfo>, ClientError> {
+        self.get("/v1/orgs").await
+    }
+    /// `POST /v1/orgs`.
+    pub async fn create_org(&self, name: &OrgName) -> Result<OrgInfo, ClientError> {
+        let body = CreateOrg { name: name.clone() };
+        self.call(Method::POST, "/v1/orgs", Some(&body)).await
+    }
+    /// `POST /v1/orgs/{org}/tokens`.
+    pub async fn create_org_token(&self, org: &OrgName) -> Result<OrgToken, ClientError> {
+        self.call::<(), _>(Method::POST, &format!("/v1/orgs/{org}/tokens"), None)
+            .await
+    }
+    /// `GET /v1/orgs/{org}/peers`.
+    pub async fn peers(&self, org: &OrgName) -> Result<Vec<PeerInfo>, ClientError> {
+        self.get(&format!("/v1/orgs/{org}/peers")).await
+    }
+    /// `POST /v1/orgs/{org}/peers`.
+    pub async fn create_peer(
+        &self,
+        org: &OrgName,
+        req: &CreatePeer,
+    ) -> Result<PeerInfo, ClientError> {
+        self.call(Method::POST, &format!("/v1/orgs/{org}/peers"), Some(req))
+            .await
+    }
+    /// `DELETE /v1/orgs/{org}/peers/{name}`.
+    pub async fn remove_peer(&self, org: &OrgName, name: &PeerName) -> Result<(), ClientError> {
+        self.call::<(), ()>(
+            Method::DELETE,
+            &format!("/v1/orgs/{org}/peers/{name}"),
+            None,
+        )
+        .await
+    }
+    /// `GET /v1/orgs/{org}/peers/{name}/status`.
+    pub async fn peer_status(
+        &self,
+        org: &OrgName,
+        name: &PeerName,
+    ) -> Result<PeerStatus, ClientError> {
+        self.get(&format!("/v1/orgs/{org}/peers/{name}/status"))
+            .await
+    }
+    /// `GET /v1/orgs/{org}/instances[?app=APP]`.
+    pub async fn instances(
+        &self,
+        org: &OrgName,
+        app: Option<&AppName>,
+    ) -> Result<Vec<InstanceInfo>, ClientError> {
+        match app {
+            Some(app) => {
+                self.get(&format!("/v1/orgs/{org}/instances?app={app}"))
+                    .await
+            }
+            None => self.get(&format!("/v1/orgs/{org}/instances")).await,
+        }
+    }
+    /// `POST /v1/orgs/{org}/instances`.
+    pub async fn add_instance(
+        &self,
+        org: &OrgName,
+        req: &AddInstance,
+    ) -> Result<InstanceInfo, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/orgs/{org}/instances"),
+            Some(req),
+        )
+        .await
+    }
+    /// `DELETE /v1/orgs/{org}/instances/{app}/{id}`.
+    pub async fn remove_instance(
+        &self,
+        org: &OrgName,
+        app: &AppName,
+        id: &InstanceId,
+    ) -> Result<(), ClientError> {
+        self.call::<(), ()>(
+            Method::DELETE,
+            &format!("/v1/orgs/{org}/instances/{app}/{id}"),
+            None,
+        )
+        .await
+    }
+
+    /// Sends raw bytes (for tests of malformed input).
+    #[doc(hidden)]
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(token) = &self.token {
+            builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.send(req).await
+    }
+}

@@ -1,0 +1,596 @@
+//! The control API server (axum). Handlers validate at the edge (paths and
+//! bodies parse into model types), check the caller's scope, call the store,
+//! and map errors to HTTP statuses in one place ([`ApiError`]).
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, Path as UrlPath, Query, State,
+};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Extension, Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::{
+    AddInstance, CreateOrg, CreatePeer, ErrorBody, Health, InstanceInfo, OrgInfo, OrgToken,
+    PeerInfo, PeerState, PeerStatus, RegionInfo, MAX_BODY,
+};
+use crate::model::{AppName, GatewayName, InstanceId, OrgName, PeerName, PublicKey, RegionName};
+use crate::store::{InstanceAddress, NewInstance, NewPeer, Store, StoreError};
+
+/// How long a peer create waits for this gateway to install the peer before
+/// answering `pending`.
+pub const INSTALL_WAIT: Duration = Duration::from_secs(5);
+
+/// What the kernel says about one peer.
+#[derive(Debug, Clone, Default)]
+pub struct PeerStats {
+    /// Its current endpoint.
+    pub endpoint: Option<String>,
+    /// Unix seconds of the latest handshake.
+    pub latest_handshake: Option<u64>,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Unix seconds when sixpn installed it.
+    pub installed_since: Option<u64>,
+}
+
+/// The seam between the API and the daemon's dataplane: what the API may ask
+/// of the kernel side. The daemon provides it once a dataplane runs.
+#[async_trait]
+pub trait DataplaneView: Send + Sync {
+    /// Waits until the peer with `key` is installed on this gateway, at most
+    /// `timeout`; returns whether it is.
+    async fn wait_installed(&self, key: &PublicKey, timeout: Duration) -> bool;
+    /// The peer's kernel state, if it is installed here.
+    async fn peer_stats(&self, key: &PublicKey) -> Option<PeerStats>;
+}
+
+/// Shared state of all handlers.
+pub struct ApiState {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// This gateway's name.
+    pub gateway: GatewayName,
+    /// This gateway's region.
+    pub region: RegionName,
+    /// SHA-256 of the admin bearer token (TCP only).
+    pub admin_token_sha256: Option<[u8; 32]>,
+    /// The dataplane, when this daemon runs one.
+    pub dataplane: Option<Arc<dyn DataplaneView>>,
+}
+
+/// How a request arrived; set by the listener, not by the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The root-only unix socket: the caller is an admin.
+    Unix,
+    /// TCP: the caller must present a bearer token.
+    Tcp,
+}
+
+/// An error with its HTTP status; rendered as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let status = match e {
+            StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+            StoreError::Conflict(_) | StoreError::Exhausted(_) => StatusCode::CONFLICT,
+            StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+            StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            StoreError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "store call failed");
+        }
+        Self::new(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// A JSON body whose rejections (malformed, wrong type, too large) become
+/// one-line JSON errors.
+struct Body<T>(T);
+
+impl<S, T> FromRequest<S> for Body<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(JsonRejection::BytesRejection(e)) => Err(ApiError::new(
+                e.status(),
+                format!("request body too large or unreadable (limit {MAX_BODY} bytes)"),
+            )),
+            Err(e) => Err(ApiError::new(e.status(), e.body_text())),
+        }
+    }
+}
+
+/// Who is calling: an admin, or a token scoped to one org.
+#[derive(Debug, Clone)]
+enum Caller {
+    Admin,
+    Org(OrgName),
+}
+
+impl Caller {
+    fn require_admin(&self) -> Result<(), ApiError> {
+        match self {
+            Caller::Admin => Ok(()),
+            Caller::Org(_) => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "this needs the admin token",
+            )),
+        }
+    }
+    fn require_org(&self, org: &OrgName) -> Result<(), ApiError> {
+        match self {
+            Caller::Admin => Ok(()),
+            Caller::Org(o) if o == org => Ok(()),
+            Caller::Org(o) => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("this token is scoped to org '{o}', not '{org}'"),
+            )),
+        }
+    }
+}
+
+/// Hashes a bearer token for lookup; tokens are stored only as hashes.
+pub fn token_sha256(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Compares two hashes in constant time.
+fn same_hash(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl FromRequestParts<Arc<ApiState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, ApiError> {
+        let transport = parts
+            .extensions
+            .get::<Transport>()
+            .copied()
+            .unwrap_or(Transport::Tcp);
+        if transport == Transport::Unix {
+            return Ok(Caller::Admin);
+        }
+        let unauthorized = || {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or unknown bearer token (set SIXPN_TOKEN)",
+            )
+        };
+        let token = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(unauthorized)?;
+        let sha = token_sha256(token);
+        if state
+            .admin_token_sha256
+            .as_ref()
+            .is_some_and(|admin| same_hash(admin, &sha))
+        {
+            return Ok(Caller::Admin);
+        }
+        match state.store.token_org(sha).await? {
+            Some(org) => Ok(Caller::Org(org)),
+            None => Err(unauthorized()),
+        }
+    }
+}
+
+fn parse<T: std::str::FromStr<Err = crate::model::InvalidValue>>(s: &str) -> Result<T, ApiError> {
+    s.parse()
+        .map_err(|e: crate::model::InvalidValue| ApiError::bad_request(e.to_string()))
+}
+
+/// The API's routes, with `state`. Each listener adds its [`Transport`].
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/regions", get(regions))
+        .route("/v1/orgs", get(list_orgs).post(create_org))
+        .route("/v1/orgs/{org}/tokens", post(create_token))
+        .route("/v1/orgs/{org}/peers", get(list_peers).post(create_peer))
+        .route("/v1/orgs/{org}/peers/{name}", delete(remove_peer))
+        .route("/v1/orgs/{org}/peers/{name}/status", get(peer_status))
+        .route(
+            "/v1/orgs/{org}/instances",
+            get(list_instances).post(add_instance),
+        )
+        .route(
+            "/v1/orgs/{org}/instances/{app}/{id}",
+            delete(remove_instance),
+        )
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API path") })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn health(State(st): State<Arc<ApiState>>, _caller: Caller) -> ApiResult<Health> {
+    let revision = *st.store.subscribe().borrow();
+    Ok(Json(Health {
+        status: "ok".into(),
+        gateway: st.gateway.clone(),
+        region: st.region.clone(),
+        revision,
+        dataplane: st.dataplane.is_some(),
+    }))
+}
+
+async fn regions(State(st): State<Arc<ApiState>>, _caller: Caller) -> ApiResult<Vec<RegionInfo>> {
+    let snap = st.store.snapshot().await?;
+    let mut out: Vec<RegionInfo> = Vec::new();
+    for g in &snap.gateways {
+        match out.iter_mut().find(|r| r.region == g.region) {
+            Some(r) => r.gateways.push(g.name.clone()),
+            None => out.push(RegionInfo {
+                region: g.region.clone(),
+                gateways: vec![g.name.clone()],
+            }),
+        }
+    }
+    out.sort_by(|a, b| a.region.cmp(&b.region));
+    Ok(Json(out))
+}
+
+async fn list_orgs(State(st): State<Arc<ApiState>>, caller: Caller) -> ApiResult<Vec<OrgInfo>> {
+    let snap = st.store.snapshot().await?;
+    Ok(Json(
+        snap.orgs
+            .iter()
+            .filter(|o| caller.require_org(&o.name).is_ok())
+            .map(OrgInfo::from)
+            .collect(),
+    ))
+}
+
+async fn create_org(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    Body(req): Body<CreateOrg>,
+) -> Result<(StatusCode, Json<OrgInfo>), ApiError> {
+    caller.require_admin()?;
+    let org = st.store.create_org(&req.name).await?;
+    tracing::info!(org = %org.name, prefix = %org.prefix(), "org created");
+    Ok((StatusCode::CREATED, Json(OrgInfo::from(&org))))
+}
+
+async fn create_token(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    UrlPath(org): UrlPath<String>,
+) -> Result<(StatusCode, Json<OrgToken>), ApiError> {
+    caller.require_admin()?;
+    let org: OrgName = parse(&org)?;
+    use base64::Engine as _;
+    let raw: [u8; 32] = rand::random();
+    let token = format!(
+        "sixpn_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    );
+    st.store.add_org_token(&org, token_sha256(&token)).await?;
+    tracing::info!(org = %org, "org token created");
+    Ok((StatusCode::CREATED, Json(OrgToken { org, token })))
+}
+
+async fn list_peers(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    UrlPath(org): UrlPath<String>,
+) -> ApiResult<Vec<PeerInfo>> {
+    let org: OrgName = parse(&org)?;
+    caller.require_org(&org)?;
+    let snap = st.store.snapshot().await?;
+    if snap.org(&org).is_none() {
+        return Err(StoreError::NotFound(format!("org '{org}' not found")).into());
+    }
+    let state = if st.dataplane.is_some() {
+        PeerState::Pending
+    } else {
+        PeerState::Registered
+    };
+    Ok(Json(
+        snap.peers
+            .iter()
+            .filter(|p| p.org == org)
+            .filter_map(|p| PeerInfo::from_snapshot(p, &snap, state))
+            .collect(),
+    ))
+}
+
+async fn create_peer(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    UrlPath(org): UrlPath<String>,
+    Body(req): Body<CreatePeer>,
+) -> Result<(StatusCode, Json<PeerInfo>), ApiError> {
+    let org: OrgName = parse(&org)?;
+    caller.require_org(&org)?;
+    let (peer, gateway) = st
+        .store
+        .create_peer(&NewPeer {
+            org: org.clone(),
+            name: req.name,
+            region: req.region,
+            public_key: req.public_key,
+        })
+        .await?;
+    let prefix = crate::model::OrgPrefix::of(peer.net.network())
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "peer outside 6PN"))?;
+    tracing::info!(org = %org, peer = %peer.name, gateway = %peer.gateway,
+        address = %peer.net.peer_addr(), "peer registered");
+    let state = match &st.dataplane {
+        None => PeerState::Registered,
+        Some(dp) if peer.gateway == st.gateway => {
+            if dp.wait_installed(&peer.public_key, INSTALL_WAIT).await {
+                PeerState::Installed
+            } else {
+                PeerState::Pending
+            }
+        }
+        Some(_) => PeerState::Pending,
+    };
+    let info = PeerInfo::new(&peer, prefix, &gateway.public_key, &gateway.endpoint, state);
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn remove_peer(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    UrlPath((org, name)): UrlPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let org: OrgName = parse(&org)?;
+    let name: PeerName = parse(&name)?;
+    caller.require_org(&org)?;
+    let peer = st.store.remove_peer(&org, &name).await?;
+    tracing::info!(org = %org, peer = %peer.name, "peer removed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn peer_status(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    UrlPath((org, name)): UrlPath<(String, String)>,
+) -> ApiResult<PeerStatus> {
+    let org: OrgName = parse(&org)?;
+    let name: PeerName = parse(&name)?;
+    caller.require_org(&org)?;
+    let snap = st.store.snapshot().await?;
+    let peer = snap
+        .peers
+        .iter()
+        .find(|p| p.org == org && p.name == name)
+        .ok_or_else(|| StoreError::NotFound(format!("peer '{name}' not found in org '{org}'")))?;
+    let (stats, note, state) = match &st.dataplane {
+        None => (
+            None,
+            Some("this daemon runs no dataplane; kernel state unknown".to_owned()),
+            PeerState::Registered,
+        ),
+        Some(_) if peer.gateway != st.gateway => (
+            None,
+            Some(format!(
+                "peer is held by gateway '{}'; ask its API for kernel state",
+                peer.gateway
+            )),
+            PeerState::Pending,
+        ),
+        Some(dp) => match dp.peer_stats(&peer.public_key).await {
+            Some(s) => (Some(s), None, PeerState::Installed),
+            None => (
+                None,
+                Some("not installed on this gateway yet".to_owned()),
+                PeerState::Pending,
+            ),
+        },
+    };
+    let info = PeerInfo::from_snapshot(peer, &snap, state).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "peer's gateway is missing",
+        )
+    })?;
+    let stats = stats.unwrap_or_default();
+    Ok(Json(PeerStatus {
+        peer: info,
+        endpoint: stats.endpoint,
+        latest_handshake: stats.latest_handshake,
+        rx_bytes: note.is_none().then_some(stats.rx_bytes),
+        tx_bytes: note.is_none().then_some(stats.tx_bytes),
+        installed_since: stats.installed_since,
+        note,
+    }))
+}
+
+#[derive(Deserialize)]
+struct AppFilter {
+    app: Option<String>,
+}
+
+async fn list_instances(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    UrlPath(org): UrlPath<String>,
+    Query(filter): Query<AppFilter>,
+) -> ApiResult<Vec<InstanceInfo>> {
+    let org: OrgName = parse(&org)?;
+    caller.require_org(&org)?;
+    let app: Option<AppName> = filter.app.as_deref().map(parse).transpose()?;
+    let snap = st.store.snapshot().await?;
+    if snap.org(&org).is_none() {
+        return Err(StoreError::NotFound(format!("org '{org}' not found")).into());
+    }
+    Ok(Json(
+        snap.instances
+            .iter()
+            .filter(|i| i.org == org && app.as_ref().is_none_or(|a| &i.app == a))
+            .cloned()
+            .collect(),
+    ))
+}
+
+async fn add_instance(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    UrlPath(org): UrlPath<String>,
+    Body(req): Body<AddInstance>,
+) -> Result<(StatusCode, Json<InstanceInfo>), ApiError> {
+    let org: OrgName = parse(&org)?;
+    caller.require_org(&org)?;
+    let address = match (req.address, req.host, req.machine) {
+        (Some(a), None, None) => InstanceAddress::Address(a),
+        (None, Some(host), Some(machine)) => InstanceAddress::HostMachine { host, machine },
+        _ => {
+            return Err(ApiError::bad_request(
+                "give either address, or host and machine",
+            ))
+        }
+    };
+    let inst = st
+        .store
+        .add_instance(&NewInstance {
+            org,
+            app: req.app,
+            id: req.id,
+            region: req.region,
+            address,
+            process_group: req.process_group,
+            started: req.started,
+        })
+        .await?;
+    tracing::info!(org = %inst.org, app = %inst.app, instance = %inst.id,
+        address = %inst.address, "instance added");
+    Ok((StatusCode::CREATED, Json(inst)))
+}
+
+async fn remove_instance(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    UrlPath((org, app, id)): UrlPath<(String, String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let org: OrgName = parse(&org)?;
+    let app: AppName = parse(&app)?;
+    let id: InstanceId = parse(&id)?;
+    caller.require_org(&org)?;
+    let inst = st.store.remove_instance(&org, &app, &id).await?;
+    tracing::info!(org = %org, app = %app, instance = %inst.id, "instance removed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Why a listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// Another process answers on the socket.
+    #[error("another process already serves the API socket {0}")]
+    InUse(String),
+    /// Binding or setting permissions failed.
+    #[error("cannot listen on {what}: {source}")]
+    Io {
+        /// The socket path or address.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Binds the root-only unix socket: removes a stale socket file left by a
+/// crashed daemon, refuses to steal a live one, and makes it mode 0600.
+pub fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ListenError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |source| ListenError::Io {
+        what: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ListenError::InUse(path.display().to_string()));
+        }
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+/// Serves `router` on the unix socket until `shutdown` resolves.
+pub async fn serve_unix(
+    listener: tokio::net::UnixListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router.layer(Extension(Transport::Unix)))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Serves `router` on TCP (bearer tokens required) until `shutdown` resolves.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router.layer(Extension(Transport::Tcp)))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

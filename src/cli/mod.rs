@@ -1,0 +1,627 @@
+//! The `sixpn` command line (DESIGN.md "CLI", a contract).
+//!
+//! Like flyctl: positional arguments, each prompted for when missing and
+//! stdin is a terminal (select lists for org and region); otherwise the
+//! error names the missing argument. Every command except `gateway` talks to
+//! the control API and never touches the kernel.
+
+pub mod wgquick;
+
+use std::io::{IsTerminal, Write};
+use std::net::Ipv6Addr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::api::client::{Client, ClientError};
+use crate::api::{AddInstance, CreatePeer, PeerState};
+use crate::model::{
+    AppName, HostId, InstanceId, InvalidValue, MachineId, OrgName, PeerName, PrivateKey,
+    ProcessGroup, PublicKey, RegionName,
+};
+
+/// What a CLI command can fail with; each prints as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A bad argument.
+    #[error(transparent)]
+    Invalid(#[from] InvalidValue),
+    /// A required argument is missing and can't be prompted for.
+    #[error("missing argument {0} (stdin is not a terminal, so it can't be prompted for)")]
+    Missing(&'static str),
+    /// The API said no, or couldn't be reached.
+    #[error(transparent)]
+    Api(#[from] ClientError),
+    /// A local file operation failed.
+    #[error("{0}")]
+    File(String),
+    /// The prompt failed (e.g. interrupted).
+    #[error("prompt failed: {0}")]
+    Prompt(String),
+    /// Anything else with its own message.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// sixpn — gateway agent for private IPv6 networks over WireGuard.
+#[derive(Debug, Parser)]
+#[command(name = "sixpn", version, about)]
+pub struct Cli {
+    /// The control API: a unix socket path or http://host:port.
+    #[arg(
+        long,
+        global = true,
+        env = "SIXPN_API",
+        default_value = "/run/sixpn/api.sock"
+    )]
+    pub api: String,
+    /// Print logs as JSON (gateway).
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway daemon (root).
+    Gateway {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Manage organizations.
+    #[command(subcommand)]
+    Orgs(OrgsCmd),
+    /// Manage WireGuard peers.
+    #[command(subcommand, name = "wireguard", alias = "wg")]
+    Wireguard(WgCmd),
+    /// Register app instances (what a scheduler would call).
+    #[command(subcommand)]
+    Instances(InstancesCmd),
+}
+
+/// `sixpn orgs …`.
+#[derive(Debug, Subcommand)]
+pub enum OrgsCmd {
+    /// Create an org and allocate its network id.
+    Create {
+        /// The org's name.
+        name: Option<String>,
+    },
+    /// List orgs.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mint an API token that sees and changes only this org (admin only).
+    Token {
+        /// The org.
+        org: Option<String>,
+    },
+}
+
+/// `sixpn wireguard …`.
+#[derive(Debug, Subcommand)]
+pub enum WgCmd {
+    /// Create a peer and write its wg-quick file.
+    Create(CreateArgs),
+    /// List an org's peers.
+    List {
+        /// The org.
+        org: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a peer.
+    Remove {
+        /// The org.
+        org: Option<String>,
+        /// The peer.
+        name: Option<String>,
+    },
+    /// Show a peer's tunnel state from its gateway.
+    Status {
+        /// The org.
+        org: Option<String>,
+        /// The peer.
+        name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `sixpn wireguard create [ORG] [REGION] [NAME] [FILE]`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The org.
+    pub org: Option<String>,
+    /// The gateway region.
+    pub region: Option<String>,
+    /// The peer's name.
+    pub name: Option<String>,
+    /// Where to write the wg-quick file, or `stdout`.
+    pub file: Option<String>,
+    /// Register this existing public key instead of generating a key pair.
+    #[arg(long)]
+    pub public_key: Option<String>,
+}
+
+/// `sixpn instances …`.
+#[derive(Debug, Subcommand)]
+pub enum InstancesCmd {
+    /// Register an instance.
+    Add {
+        /// The org.
+        org: String,
+        /// The app.
+        app: String,
+        /// The region.
+        region: String,
+        /// Its 6PN address.
+        #[arg(long, conflicts_with_all = ["host", "machine"], required_unless_present = "host")]
+        address: Option<Ipv6Addr>,
+        /// Host id (with --machine), e.g. a7b:7d.
+        #[arg(long, requires = "machine")]
+        host: Option<String>,
+        /// Machine id (with --host), e.g. f066:b83b.
+        #[arg(long, requires = "host")]
+        machine: Option<String>,
+        /// Instance id (default: the machine id as 8 hex digits).
+        #[arg(long)]
+        id: Option<String>,
+        /// Process group.
+        #[arg(long)]
+        process_group: Option<String>,
+        /// Register it as stopped.
+        #[arg(long)]
+        stopped: bool,
+    },
+    /// Remove an instance.
+    Remove {
+        /// The org.
+        org: String,
+        /// The app.
+        app: String,
+        /// The instance id.
+        id: String,
+    },
+    /// List an org's instances.
+    List {
+        /// The org.
+        org: String,
+        /// Only this app.
+        app: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+const KEY_WARNING: &str = "\
+!!!! WARNING: Output includes private key. Private keys cannot be recovered !!!!
+!!!! after creating the peer; if you lose the key, you’ll need to remove    !!!!
+!!!! and re-add the peering connection.                                     !!!!";
+
+/// Prompts for missing positional arguments, or says which one is missing.
+struct Prompter {
+    interactive: bool,
+}
+
+impl Prompter {
+    fn new() -> Self {
+        Self {
+            interactive: std::io::stdin().is_terminal() && std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn text<T>(&self, given: Option<String>, arg: &'static str, prompt: &str) -> Result<T, CliError>
+    where
+        T: std::str::FromStr<Err = InvalidValue>,
+    {
+        if let Some(v) = given {
+            return Ok(v.parse()?);
+        }
+        if !self.interactive {
+            return Err(CliError::Missing(arg));
+        }
+        let v: String = dialoguer::Input::new()
+            .with_prompt(prompt)
+            .validate_with(|s: &String| s.parse::<T>().map(|_| ()).map_err(|e| e.to_string()))
+            .interact_text()
+            .map_err(|e| CliError::Prompt(e.to_string()))?;
+        Ok(v.parse()?)
+    }
+
+    fn select<T>(
+        &self,
+        given: Option<String>,
+        arg: &'static str,
+        prompt: &str,
+        choices: impl FnOnce() -> Result<Vec<T>, CliError>,
+    ) -> Result<T, CliError>
+    where
+        T: std::str::FromStr<Err = InvalidValue> + std::fmt::Display + Clone,
+    {
+        if let Some(v) = given {
+            return Ok(v.parse()?);
+        }
+        if !self.interactive {
+            return Err(CliError::Missing(arg));
+        }
+        let items = choices()?;
+        if items.is_empty() {
+            return Err(CliError::Other(format!("no {arg} to choose from")));
+        }
+        let i = dialoguer::Select::new()
+            .with_prompt(prompt)
+            .items(&items)
+            .default(0)
+            .interact()
+            .map_err(|e| CliError::Prompt(e.to_string()))?;
+        Ok(items[i].clone())
+    }
+}
+
+/// Runs one non-daemon command against the API.
+pub async fn run(api: &str, command: Command) -> Result<(), CliError> {
+    let token = std::env::var("SIXPN_TOKEN").ok();
+    let client = Client::new(api, token)?;
+    let p = Prompter::new();
+    let rt = tokio::runtime::Handle::current();
+    // Choice lists are fetched lazily, only when a prompt needs them.
+    let org_choices = || -> Result<Vec<OrgName>, CliError> {
+        let c = client.clone();
+        let orgs = tokio::task::block_in_place(|| rt.block_on(c.orgs()))?;
+        Ok(orgs.into_iter().map(|o| o.name).collect())
+    };
+    match command {
+        Command::Gateway { .. } => Err(CliError::Other("gateway is not a client command".into())),
+        Command::Orgs(OrgsCmd::Create { name }) => {
+            let name: OrgName = p.text(name, "NAME", "Name of the new organization")?;
+            let org = client.create_org(&name).await?;
+            println!(
+                "Created org {} with network {} (DNS {})",
+                org.name, org.prefix, org.dns
+            );
+            Ok(())
+        }
+        Command::Orgs(OrgsCmd::List { json }) => {
+            let orgs = client.orgs().await?;
+            if json {
+                return print_json(&orgs);
+            }
+            let rows = orgs
+                .iter()
+                .map(|o| vec![o.name.to_string(), o.prefix.to_string(), o.dns.to_string()])
+                .collect();
+            print_table(&["NAME", "PREFIX", "DNS"], rows);
+            Ok(())
+        }
+        Command::Orgs(OrgsCmd::Token { org }) => {
+            let org = p.select(org, "ORG", "Select organization", org_choices)?;
+            let t = client.create_org_token(&org).await?;
+            println!("{}", t.token);
+            Ok(())
+        }
+        Command::Wireguard(WgCmd::Create(args)) => {
+            wireguard_create(&client, &p, args, org_choices, &rt).await
+        }
+        Command::Wireguard(WgCmd::List { org, json }) => {
+            let org = p.select(org, "ORG", "Select organization", org_choices)?;
+            let peers = client.peers(&org).await?;
+            if json {
+                return print_json(&peers);
+            }
+            let rows = peers
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.name.to_string(),
+                        p.region.to_string(),
+                        p.gateway.to_string(),
+                        p.address.to_string(),
+                    ]
+                })
+                .collect();
+            print_table(&["NAME", "REGION", "GATEWAY", "PEER IP"], rows);
+            Ok(())
+        }
+        Command::Wireguard(WgCmd::Remove { org, name }) => {
+            let org = p.select(org, "ORG", "Select organization", org_choices)?;
+            let name = p.select(name, "NAME", "Select peer to remove", || {
+                let c = client.clone();
+                let peers = tokio::task::block_in_place(|| rt.block_on(c.peers(&org)))?;
+                Ok(peers.into_iter().map(|p| p.name).collect::<Vec<PeerName>>())
+            })?;
+            client.remove_peer(&org, &name).await?;
+            println!("Removed WireGuard peer \"{name}\" from organization {org}");
+            Ok(())
+        }
+        Command::Wireguard(WgCmd::Status { org, name, json }) => {
+            let org = p.select(org, "ORG", "Select organization", org_choices)?;
+            let name = p.select(name, "NAME", "Select peer", || {
+                let c = client.clone();
+                let peers = tokio::task::block_in_place(|| rt.block_on(c.peers(&org)))?;
+                Ok(peers.into_iter().map(|p| p.name).collect::<Vec<PeerName>>())
+            })?;
+            let s = client.peer_status(&org, &name).await?;
+            if json {
+                return print_json(&s);
+            }
+            print_status(&s);
+            Ok(())
+        }
+        Command::Instances(cmd) => instances(&client, cmd).await,
+    }
+}
+
+async fn wireguard_create(
+    client: &Client,
+    p: &Prompter,
+    args: CreateArgs,
+    org_choices: impl FnOnce() -> Result<Vec<OrgName>, CliError>,
+    rt: &tokio::runtime::Handle,
+) -> Result<(), CliError> {
+    let org: OrgName = p.select(args.org, "ORG", "Select organization", org_choices)?;
+    let region: RegionName = p.select(
+        args.region,
+        "REGION",
+        "Region in which to add WireGuard peer",
+        || {
+            let c = client.clone();
+            let regions = tokio::task::block_in_place(|| rt.block_on(c.regions()))?;
+            Ok(regions.into_iter().map(|r| r.region).collect())
+        },
+    )?;
+    let name: PeerName = p.text(args.name, "NAME", "Name of WireGuard peer to add")?;
+    // Validate the key before anything is registered.
+    let (private, public) = match args.public_key {
+        Some(k) => (None, k.parse::<PublicKey>()?),
+        None => {
+            let k = PrivateKey::generate();
+            let public = k.public_key();
+            (Some(k), public)
+        }
+    };
+    eprintln!("Creating WireGuard peer \"{name}\" in region \"{region}\" for organization {org}");
+    if private.is_some() {
+        eprintln!("{KEY_WARNING}");
+    }
+    let file = match args.file {
+        Some(f) => f,
+        None if p.interactive => {
+            p.text::<FileArg>(
+                None,
+                "FILE",
+                "Filename to store WireGuard configuration in, or 'stdout'",
+            )?
+            .0
+        }
+        None => return Err(CliError::Missing("FILE")),
+    };
+    // Claim the file before registering, so a file that exists fails the
+    // command with nothing registered; remove our claim if the API says no.
+    let mut out = if file == "stdout" {
+        None
+    } else {
+        Some(create_exclusive(&file)?)
+    };
+    let peer = match client
+        .create_peer(
+            &org,
+            &CreatePeer {
+                region,
+                name,
+                public_key: public,
+            },
+        )
+        .await
+    {
+        Ok(peer) => peer,
+        Err(e) => {
+            if out.take().is_some() {
+                let _ = std::fs::remove_file(&file);
+            }
+            return Err(e.into());
+        }
+    };
+    let text = wgquick::render(&peer, private.as_ref());
+    match out {
+        None => {
+            print!("{text}");
+            std::io::stdout()
+                .flush()
+                .map_err(|e| CliError::File(format!("cannot write to stdout: {e}")))?;
+        }
+        Some(mut f) => {
+            f.write_all(text.as_bytes())
+                .and_then(|_| f.sync_all())
+                .map_err(|e| CliError::File(format!("cannot write {file}: {e}")))?;
+            println!("Wrote WireGuard configuration to '{file}'; load in your WireGuard client");
+        }
+    }
+    if peer.state == PeerState::Pending {
+        eprintln!(
+            "Note: gateway {} has not installed the peer yet; it will shortly",
+            peer.gateway
+        );
+    }
+    Ok(())
+}
+
+/// A file name typed at the prompt (any non-empty string).
+struct FileArg(String);
+impl std::str::FromStr for FileArg {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
+        if s.trim().is_empty() {
+            return Err(InvalidValue {
+                kind: "file name",
+                value: s.into(),
+                reason: "must not be empty",
+            });
+        }
+        Ok(Self(s.trim().to_owned()))
+    }
+}
+
+/// Creates `path` exclusively with mode 0600: never overwrites, never
+/// world-readable even for a moment.
+fn create_exclusive(path: &str) -> Result<std::fs::File, CliError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                CliError::File(format!("{path} already exists; refusing to overwrite it"))
+            }
+            _ => CliError::File(format!("cannot create {path}: {e}")),
+        })
+}
+
+async fn instances(client: &Client, cmd: InstancesCmd) -> Result<(), CliError> {
+    match cmd {
+        InstancesCmd::Add {
+            org,
+            app,
+            region,
+            address,
+            host,
+            machine,
+            id,
+            process_group,
+            stopped,
+        } => {
+            let org: OrgName = org.parse()?;
+            let req = AddInstance {
+                app: app.parse::<AppName>()?,
+                region: region.parse::<RegionName>()?,
+                address,
+                host: host.map(|h| h.parse::<HostId>()).transpose()?,
+                machine: machine.map(|m| m.parse::<MachineId>()).transpose()?,
+                id: id.map(|i| i.parse::<InstanceId>()).transpose()?,
+                process_group: process_group
+                    .map(|g| g.parse::<ProcessGroup>())
+                    .transpose()?,
+                started: !stopped,
+            };
+            let inst = client.add_instance(&org, &req).await?;
+            println!(
+                "Added instance {} of app {} in {} at {}",
+                inst.id, inst.app, inst.region, inst.address
+            );
+            Ok(())
+        }
+        InstancesCmd::Remove { org, app, id } => {
+            let org: OrgName = org.parse()?;
+            let app: AppName = app.parse()?;
+            let id: InstanceId = id.parse()?;
+            client.remove_instance(&org, &app, &id).await?;
+            println!("Removed instance {id} of app {app}");
+            Ok(())
+        }
+        InstancesCmd::List { org, app, json } => {
+            let org: OrgName = org.parse()?;
+            let app: Option<AppName> = app.map(|a| a.parse()).transpose()?;
+            let list = client.instances(&org, app.as_ref()).await?;
+            if json {
+                return print_json(&list);
+            }
+            let rows = list
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.app.to_string(),
+                        i.id.to_string(),
+                        i.region.to_string(),
+                        i.process_group
+                            .as_ref()
+                            .map_or_else(|| "-".into(), |g| g.to_string()),
+                        if i.started { "started" } else { "stopped" }.into(),
+                        i.address.to_string(),
+                    ]
+                })
+                .collect();
+            print_table(&["APP", "ID", "REGION", "GROUP", "STATE", "ADDRESS"], rows);
+            Ok(())
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| CliError::Other(e.to_string()))?;
+    println!("{s}");
+    Ok(())
+}
+
+fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn ago(unix: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let s = now.saturating_sub(unix);
+    match s {
+        0..=119 => format!("{s} seconds ago"),
+        120..=7199 => format!("{} minutes ago", s / 60),
+        _ => format!("{} hours ago", s / 3600),
+    }
+}
+
+fn print_status(s: &crate::api::PeerStatus) {
+    let p = &s.peer;
+    println!(
+        "Peer {} ({}) on gateway {} in {}",
+        p.name, p.address, p.gateway, p.region
+    );
+    println!("  state:            {:?}", p.state);
+    println!(
+        "  endpoint:         {}",
+        s.endpoint.as_deref().unwrap_or("(none yet)")
+    );
+    println!(
+        "  latest handshake: {}",
+        s.latest_handshake.map_or_else(|| "never".into(), ago)
+    );
+    if let (Some(rx), Some(tx)) = (s.rx_bytes, s.tx_bytes) {
+        println!("  transfer:         {rx} B received, {tx} B sent");
+    }
+    if let Some(t) = s.installed_since {
+        println!("  installed since:  {}", ago(t));
+    }
+    if let Some(n) = &s.note {
+        println!("  note:             {n}");
+    }
+}

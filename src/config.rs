@@ -1,0 +1,302 @@
+//! The gateway's TOML configuration (DESIGN.md "Configuration", a contract).
+//!
+//! Parsing is the validation: every field has a type that can't hold a bad
+//! value, unknown keys are rejected, and the error names the key and line.
+//! Every key has a default except `gateway.region`, `gateway.host_id` and
+//! `gateway.endpoint`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::model::{Endpoint, GatewayName, HostId, InterfaceName, RegionName};
+
+/// Why the configuration can't be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file can't be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key, or a bad value.
+    #[error("invalid config {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, which names the key and shows the line.
+        message: String,
+    },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[gateway]`: who this gateway is.
+    pub gateway: GatewayConfig,
+    /// `[store]`: where state lives.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// `[api]`: the control API.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// `[dns]`: the per-org resolvers.
+    #[serde(default)]
+    pub dns: DnsConfig,
+}
+
+/// Which WireGuard implementation drives the interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The kernel module if it is there, else wireguard-go.
+    #[default]
+    Auto,
+    /// The kernel module (fails start without it).
+    Kernel,
+    /// wireguard-go, started and supervised by the daemon.
+    Userspace,
+}
+
+/// `[gateway]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Unique per gateway; defaults to the host name when it is a valid name.
+    #[serde(default = "default_gateway_name")]
+    pub name: GatewayName,
+    /// The region this gateway serves.
+    pub region: RegionName,
+    /// The 32-bit host id in peer addresses (`a7b:d6b`).
+    pub host_id: HostId,
+    /// The WireGuard interface this daemon owns.
+    #[serde(default = "default_interface")]
+    pub interface: InterfaceName,
+    /// UDP port WireGuard listens on.
+    #[serde(default = "default_listen_port")]
+    pub listen_port: u16,
+    /// What peers dial (`host:port`).
+    pub endpoint: Endpoint,
+    /// The gateway's private key, created 0600 if missing.
+    #[serde(default = "default_key_file")]
+    pub private_key_file: PathBuf,
+    /// kernel | userspace | auto.
+    #[serde(default)]
+    pub backend: Backend,
+}
+
+/// Which store backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// The embedded SQLite file.
+    #[default]
+    Sqlite,
+    /// An etcd cluster, for fleets.
+    Etcd,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// sqlite | etcd.
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// The SQLite file.
+    #[serde(default = "default_db_path")]
+    pub path: PathBuf,
+    /// etcd endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// etcd key prefix.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            kind: StoreKind::default(),
+            path: default_db_path(),
+            endpoints: Vec::new(),
+            prefix: default_etcd_prefix(),
+        }
+    }
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The root-only unix socket (no token needed).
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Optional TCP listener; callers need a bearer token.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// The admin bearer token for TCP, created 0600 if missing.
+    #[serde(default = "default_admin_token_file")]
+    pub admin_token_file: PathBuf,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            socket: default_socket(),
+            listen: None,
+            admin_token_file: default_admin_token_file(),
+        }
+    }
+}
+
+/// `[dns]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Upstream resolvers for names outside `.internal`; empty: resolv.conf.
+    #[serde(default)]
+    pub upstream: Vec<SocketAddr>,
+}
+
+fn default_gateway_name() -> GatewayName {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .and_then(|h| h.trim().to_ascii_lowercase().parse().ok())
+        .unwrap_or_else(|| GatewayName::from_static("gateway"))
+}
+fn default_interface() -> InterfaceName {
+    InterfaceName::from_static("sixpn0")
+}
+fn default_listen_port() -> u16 {
+    51820
+}
+fn default_key_file() -> PathBuf {
+    "/var/lib/sixpn/gateway.key".into()
+}
+fn default_db_path() -> PathBuf {
+    "/var/lib/sixpn/state.db".into()
+}
+fn default_etcd_prefix() -> String {
+    "/sixpn/".into()
+}
+fn default_socket() -> PathBuf {
+    "/run/sixpn/api.sock".into()
+}
+fn default_admin_token_file() -> PathBuf {
+    "/var/lib/sixpn/admin.token".into()
+}
+
+impl Config {
+    /// Parses and validates TOML text; `path` is only for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let config: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        if config.gateway.listen_port == 0 {
+            return Err(invalid(
+                "gateway.listen_port: must be a port number 1-65535".into(),
+            ));
+        }
+        if config.store.kind == StoreKind::Etcd && config.store.endpoints.is_empty() {
+            return Err(invalid(
+                "store.endpoints: an etcd store needs at least one endpoint".into(),
+            ));
+        }
+        Ok(config)
+    }
+
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+[gateway]
+region = "lhr"
+host_id = "a7b:d6b"
+endpoint = "gw-lhr.example.net:51820"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.gateway.interface.as_str(), "sixpn0");
+        assert_eq!(c.gateway.listen_port, 51820);
+        assert_eq!(c.gateway.backend, Backend::Auto);
+        assert_eq!(c.store.kind, StoreKind::Sqlite);
+        assert_eq!(c.store.path, Path::new("/var/lib/sixpn/state.db"));
+        assert_eq!(c.api.socket, Path::new("/run/sixpn/api.sock"));
+        assert!(c.api.listen.is_none());
+        assert!(c.dns.upstream.is_empty());
+    }
+
+    #[test]
+    fn full_design_example_parses() {
+        let c = parse(
+            r#"
+[gateway]
+name = "lhr-1"
+region = "lhr"
+host_id = "a7b:d6b"
+interface = "sixpn0"
+listen_port = 51820
+endpoint = "gw-lhr.example.net:51820"
+private_key_file = "/var/lib/sixpn/gateway.key"
+backend = "userspace"
+[store]
+kind = "sqlite"
+path = "/var/lib/sixpn/state.db"
+[api]
+socket = "/run/sixpn/api.sock"
+listen = "[::1]:4280"
+[dns]
+upstream = ["127.0.0.1:53", "[2001:db8::53]:53"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.gateway.name.as_str(), "lhr-1");
+        assert_eq!(c.gateway.backend, Backend::Userspace);
+        assert_eq!(c.dns.upstream.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (format!("{MINIMAL}colour = 1\n"), "colour"),
+            (MINIMAL.replace("\"lhr\"", "\"LHR\""), "region"),
+            (MINIMAL.replace("a7b:d6b", "zzz"), "host id"),
+            (MINIMAL.replace("endpoint = ", "#"), "endpoint"),
+            (format!("{MINIMAL}[store]\nkind = \"redis\"\n"), "redis"),
+            (format!("{MINIMAL}listen_port = 0\n"), "listen_port"),
+            (
+                format!("{MINIMAL}[store]\nkind = \"etcd\"\n"),
+                "store.endpoints",
+            ),
+        ];
+        for (text, needle) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle:?} not in {e}");
+        }
+    }
+}
