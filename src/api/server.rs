@@ -236,6 +236,24 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
     }
 }
 
+/// The `{org}` path segment, validated before any body is read.
+struct OrgPath(OrgName);
+
+impl<S: Send + Sync> FromRequestParts<S> for OrgPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let UrlPath(params) =
+            UrlPath::<std::collections::HashMap<String, String>>::from_request_parts(parts, state)
+                .await
+                .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let org = params
+            .get("org")
+            .ok_or_else(|| ApiError::bad_request("missing org in path"))?;
+        parse(org).map(OrgPath)
+    }
+}
+
 fn parse<T: std::str::FromStr<Err = crate::model::InvalidValue>>(s: &str) -> Result<T, ApiError> {
     s.parse()
         .map_err(|e: crate::model::InvalidValue| ApiError::bad_request(e.to_string()))
@@ -316,10 +334,9 @@ async fn create_org(
 async fn create_token(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
-    UrlPath(org): UrlPath<String>,
+    OrgPath(org): OrgPath,
 ) -> Result<(StatusCode, Json<OrgToken>), ApiError> {
     caller.require_admin()?;
-    let org: OrgName = parse(&org)?;
     use base64::Engine as _;
     let raw: [u8; 32] = rand::random();
     let token = format!(
@@ -334,9 +351,8 @@ async fn create_token(
 async fn list_peers(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
-    UrlPath(org): UrlPath<String>,
+    OrgPath(org): OrgPath,
 ) -> ApiResult<Vec<PeerInfo>> {
-    let org: OrgName = parse(&org)?;
     caller.require_org(&org)?;
     let snap = st.store.snapshot().await?;
     if snap.org(&org).is_none() {
@@ -359,10 +375,9 @@ async fn list_peers(
 async fn create_peer(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
-    UrlPath(org): UrlPath<String>,
+    OrgPath(org): OrgPath,
     Body(req): Body<CreatePeer>,
 ) -> Result<(StatusCode, Json<PeerInfo>), ApiError> {
-    let org: OrgName = parse(&org)?;
     caller.require_org(&org)?;
     let (peer, gateway) = st
         .store
@@ -468,10 +483,9 @@ struct AppFilter {
 async fn list_instances(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
-    UrlPath(org): UrlPath<String>,
+    OrgPath(org): OrgPath,
     Query(filter): Query<AppFilter>,
 ) -> ApiResult<Vec<InstanceInfo>> {
-    let org: OrgName = parse(&org)?;
     caller.require_org(&org)?;
     let app: Option<AppName> = filter.app.as_deref().map(parse).transpose()?;
     let snap = st.store.snapshot().await?;
@@ -490,10 +504,9 @@ async fn list_instances(
 async fn add_instance(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
-    UrlPath(org): UrlPath<String>,
+    OrgPath(org): OrgPath,
     Body(req): Body<AddInstance>,
 ) -> Result<(StatusCode, Json<InstanceInfo>), ApiError> {
-    let org: OrgName = parse(&org)?;
     caller.require_org(&org)?;
     let address = match (req.address, req.host, req.machine) {
         (Some(a), None, None) => InstanceAddress::Address(a),

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The README's first command: installs what is missing, builds sixpn, and runs
+# a gateway on the embedded SQLite store inside a self-contained sandbox of
+# network namespaces, with a demo org, app instance and WireGuard peer.
+#
+#   sixpn-demo-gw      runs `sixpn gateway` (its API socket is in $DEMO)
+#   sixpn-demo-client  a "laptop" that loads the wg-quick file sixpn wrote
+#
+# It stays up until Ctrl-C (or exits at once with DEMO_EXIT=1), then removes
+# everything it made.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+echo "== building sixpn"
+cargo build --quiet
+BIN="$PWD/target/debug/sixpn"
+DEMO=${DEMO:-/tmp/sixpn-demo}
+GW=sixpn-demo-gw
+CL=sixpn-demo-client
+GW_PID=
+CL_WG_PID=
+
+cleanup() {
+  set +e
+  for pid in $GW_PID $CL_WG_PID; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
+  for ns in $CL $GW; do
+    ip netns pids $ns 2>/dev/null | xargs -r kill -9 2>/dev/null
+    ip netns del $ns 2>/dev/null
+  done
+}
+trap cleanup EXIT
+cleanup
+rm -rf "$DEMO"; mkdir -p "$DEMO"
+
+echo "== sandbox: namespaces $GW and $CL joined by a veth pair"
+ip netns add $GW
+ip netns add $CL
+ip -n $GW link set lo up
+ip -n $CL link set lo up
+ip link add sixpn-demo-a netns $GW type veth peer name sixpn-demo-b netns $CL
+ip -n $GW addr add fd53:7078::1/64 dev sixpn-demo-a nodad
+ip -n $CL addr add fd53:7078::2/64 dev sixpn-demo-b nodad
+ip -n $GW link set sixpn-demo-a up
+ip -n $CL link set sixpn-demo-b up
+
+cat > "$DEMO/gateway.toml" <<TOML
+[gateway]
+name = "lhr-1"
+region = "lhr"
+host_id = "a7b:d6b"
+interface = "sixpn-demo0"
+endpoint = "[fd53:7078::1]:51820"
+private_key_file = "$DEMO/gateway.key"
+backend = "auto"
+
+[store]
+path = "$DEMO/state.db"
+
+[api]
+socket = "$DEMO/api.sock"
+TOML
+
+echo "== starting: sixpn gateway --config $DEMO/gateway.toml (log: $DEMO/gateway.log)"
+ip netns exec $GW "$BIN" gateway --config "$DEMO/gateway.toml" >"$DEMO/gateway.log" 2>&1 &
+GW_PID=$!
+export SIXPN_API="$DEMO/api.sock"
+for _ in $(seq 100); do "$BIN" orgs list >/dev/null 2>&1 && break; sleep 0.1; done
+
+run() { echo "\$ $*"; "$@"; }
+echo
+sixpn() { "$BIN" "$@"; }
+run sixpn orgs create demo
+run sixpn instances add demo hello lhr --host a7b:7d --machine f066:b83b
+run sixpn wireguard create demo lhr laptop "$DEMO/laptop.conf"
+run cat "$DEMO/laptop.conf"
+run sixpn wireguard list demo
+run sixpn wireguard status demo laptop
+
+echo
+echo "== the client loads the file (DNS line kept away from this host's resolv.conf)"
+wg-quick strip "$DEMO/laptop.conf" > "$DEMO/laptop.wg"
+# wireguard-go stays our child (not self-daemonized) so cleanup can reap it.
+LOG_LEVEL=error ip netns exec $CL wireguard-go -f sixpn-demo-c >/dev/null 2>&1 &
+CL_WG_PID=$!
+for _ in $(seq 100); do [ -S /var/run/wireguard/sixpn-demo-c.sock ] && break; sleep 0.05; done
+ip netns exec $CL wg setconf sixpn-demo-c "$DEMO/laptop.wg"
+ip -n $CL -6 addr add "$(awk '/^Address/ {print $3}' "$DEMO/laptop.conf")" dev sixpn-demo-c
+ip -n $CL link set sixpn-demo-c up
+run ip netns exec $CL wg show sixpn-demo-c
+
+echo
+echo "sixpn is running in namespace $GW. Try:"
+echo "  SIXPN_API=$DEMO/api.sock $BIN wireguard list demo"
+echo "  ip netns exec $CL wg show"
+if [ "${DEMO_EXIT:-0}" = 1 ]; then exit 0; fi
+echo "Ctrl-C stops the gateway and removes the sandbox."
+wait "$GW_PID"

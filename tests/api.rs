@@ -1,0 +1,400 @@
+//! Control API tests against a temporary database: the real server on real
+//! sockets (a unix socket and loopback TCP), driven through the real client.
+
+use std::sync::Arc;
+
+use hyper::{Method, StatusCode};
+use sixpn::api::client::{Client, ClientError};
+use sixpn::api::server::{self, ApiState};
+use sixpn::api::{AddInstance, CreatePeer, PeerState};
+use sixpn::model::{OrgName, PrivateKey};
+use sixpn::store::sqlite::SqliteStore;
+use sixpn::store::{Gateway, Store};
+
+struct Api {
+    _dir: tempfile::TempDir,
+    unix: Client,
+    tcp_addr: String,
+    admin_token: String,
+    store: Arc<SqliteStore>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Api {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path().join("state.db")).unwrap());
+        for (name, region, host) in [("lhr-1", "lhr", "a7b:d6b"), ("iad-1", "iad", "a7b:1")] {
+            store
+                .register_gateway(&Gateway {
+                    name: name.parse().unwrap(),
+                    region: region.parse().unwrap(),
+                    host_id: host.parse().unwrap(),
+                    endpoint: format!("{name}.example.net:51820").parse().unwrap(),
+                    public_key: PrivateKey::generate().public_key(),
+                })
+                .await
+                .unwrap();
+        }
+        let admin_token = "admin-secret-token".to_owned();
+        let state = Arc::new(ApiState {
+            store: store.clone(),
+            gateway: "lhr-1".parse().unwrap(),
+            region: "lhr".parse().unwrap(),
+            admin_token_sha256: Some(server::token_sha256(&admin_token)),
+            dataplane: None,
+        });
+        let router = server::router(state);
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let sock = dir.path().join("api.sock");
+        let unix = server::bind_unix(&sock).unwrap();
+        tokio::spawn(server::serve_unix(unix, router.clone(), stopped()));
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp_addr = format!("http://{}", tcp.local_addr().unwrap());
+        tokio::spawn(server::serve_tcp(tcp, router, stopped()));
+        Self {
+            unix: Client::new(sock.to_str().unwrap(), None).unwrap(),
+            tcp_addr,
+            admin_token,
+            store,
+            stop,
+            _dir: dir,
+        }
+    }
+
+    fn tcp(&self, token: Option<&str>) -> Client {
+        Client::new(&self.tcp_addr, token.map(str::to_owned)).unwrap()
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn org(s: &str) -> OrgName {
+    s.parse().unwrap()
+}
+
+fn peer_req(region: &str, name: &str) -> CreatePeer {
+    CreatePeer {
+        region: region.parse().unwrap(),
+        name: name.parse().unwrap(),
+        public_key: PrivateKey::generate().public_key(),
+    }
+}
+
+fn status(e: ClientError) -> (StatusCode, String) {
+    match e {
+        ClientError::Api { status, message } => (status, message),
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_peer_returns_everything_the_client_needs() {
+    let api = Api::start().await;
+    let o = api.unix.create_org(&org("personal")).await.unwrap();
+    assert_eq!(o.prefix.to_string(), "fdaa:0:1::/48");
+    let req = peer_req("lhr", "basic");
+    let p = api.unix.create_peer(&org("personal"), &req).await.unwrap();
+    assert_eq!(p.address.to_string(), "fdaa:0:1:a7b:d6b:0:a:2");
+    assert_eq!(p.network.to_string(), "fdaa:0:1:a7b:d6b:0:a:0/120");
+    assert_eq!(p.org_prefix, o.prefix);
+    assert_eq!(p.dns.to_string(), "fdaa:0:1::3");
+    assert_eq!(p.gateway.as_str(), "lhr-1");
+    assert_eq!(p.endpoint.as_str(), "lhr-1.example.net:51820");
+    assert_eq!(p.public_key, req.public_key);
+    let snap = api.store.snapshot().await.unwrap();
+    assert_eq!(
+        p.gateway_public_key,
+        snap.gateway(&p.gateway).unwrap().public_key
+    );
+    // No dataplane in this daemon: the API says so rather than pretending.
+    assert_eq!(p.state, PeerState::Registered);
+
+    // A peer in another region lands on that region's gateway.
+    let q = api
+        .unix
+        .create_peer(&org("personal"), &peer_req("iad", "other"))
+        .await
+        .unwrap();
+    assert_eq!(q.gateway.as_str(), "iad-1");
+    assert_eq!(q.address.to_string(), "fdaa:0:1:a7b:1:0:a:2");
+
+    let list = api.unix.peers(&org("personal")).await.unwrap();
+    assert_eq!(list.len(), 2);
+    let st = api
+        .unix
+        .peer_status(&org("personal"), &"basic".parse().unwrap())
+        .await
+        .unwrap();
+    assert!(st.note.is_some() && st.latest_handshake.is_none());
+
+    api.unix
+        .remove_peer(&org("personal"), &"basic".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(api.unix.peers(&org("personal")).await.unwrap().len(), 1);
+    let (code, msg) = status(
+        api.unix
+            .remove_peer(&org("personal"), &"basic".parse().unwrap())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert!(msg.contains("peer 'basic' not found"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn org_tokens_see_and_change_only_their_org() {
+    let api = Api::start().await;
+    let admin = api.tcp(Some(&api.admin_token));
+    admin.create_org(&org("acme")).await.unwrap();
+    admin.create_org(&org("globex")).await.unwrap();
+    let acme_token = admin.create_org_token(&org("acme")).await.unwrap().token;
+    let acme = api.tcp(Some(&acme_token));
+
+    // Own org: allowed.
+    acme.create_peer(&org("acme"), &peer_req("lhr", "laptop"))
+        .await
+        .unwrap();
+    assert_eq!(acme.peers(&org("acme")).await.unwrap().len(), 1);
+    let orgs = acme.orgs().await.unwrap();
+    assert_eq!(orgs.len(), 1, "an org token lists only its org");
+    assert_eq!(orgs[0].name.as_str(), "acme");
+
+    // Other org: 403, and nothing written.
+    for result in [
+        acme.peers(&org("globex")).await.map(|_| ()),
+        acme.create_peer(&org("globex"), &peer_req("lhr", "x"))
+            .await
+            .map(|_| ()),
+        acme.instances(&org("globex"), None).await.map(|_| ()),
+        acme.create_org(&org("mine")).await.map(|_| ()),
+        acme.create_org_token(&org("acme")).await.map(|_| ()),
+    ] {
+        let (code, _) = status(result.unwrap_err());
+        assert_eq!(code, StatusCode::FORBIDDEN);
+    }
+    assert!(admin.peers(&org("globex")).await.unwrap().is_empty());
+    assert_eq!(admin.orgs().await.unwrap().len(), 2);
+
+    // No token, or a wrong one: 401.
+    for client in [api.tcp(None), api.tcp(Some("nope"))] {
+        let (code, msg) = status(client.orgs().await.unwrap_err());
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
+        assert!(msg.contains("SIXPN_TOKEN"), "{msg}");
+    }
+    // The unix socket is root-only, so it needs no token.
+    assert_eq!(api.unix.orgs().await.unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_one_clear_error_and_write_nothing() {
+    let api = Api::start().await;
+    api.unix.create_org(&org("acme")).await.unwrap();
+    api.unix
+        .create_peer(&org("acme"), &peer_req("lhr", "laptop"))
+        .await
+        .unwrap();
+    let before = api.store.snapshot().await.unwrap();
+
+    let cases: Vec<(Method, &str, Vec<u8>, StatusCode, &str)> = vec![
+        (
+            Method::POST,
+            "/v1/orgs/acme/peers",
+            b"{not json".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "",
+        ),
+        (
+            Method::POST,
+            "/v1/orgs/acme/peers",
+            br#"{"region":"lhr","name":"Bad_Name","public_key":"x"}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "peer name",
+        ),
+        (
+            Method::POST,
+            "/v1/orgs/acme/peers",
+            format!(
+                r#"{{"region":"lhr","name":"ok","public_key":"{}"}}"#,
+                "A".repeat(43) + "="
+            )
+            .into_bytes(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "all-zero",
+        ),
+        (
+            Method::POST,
+            "/v1/orgs/acme/peers",
+            format!(
+                r#"{{"region":"lhr","name":"ok","public_key":"{}","extra":1}}"#,
+                PrivateKey::generate().public_key()
+            )
+            .into_bytes(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "extra",
+        ),
+        (
+            Method::POST,
+            "/v1/orgs/acme/peers",
+            vec![b' '; 70 * 1024],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too large",
+        ),
+        (
+            Method::POST,
+            "/v1/orgs/NOPE/peers",
+            b"{}".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "org name",
+        ),
+        (
+            Method::POST,
+            "/v1/orgs/acme/instances",
+            br#"{"app":"web","region":"lhr"}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "address",
+        ),
+        (
+            Method::GET,
+            "/v1/nothing",
+            Vec::new(),
+            StatusCode::NOT_FOUND,
+            "no such API path",
+        ),
+    ];
+    for (method, path, body, want, needle) in cases {
+        let (code, body) = api.unix.raw(method, path, body).await.unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(code, want, "{path}: {text}");
+        let err: serde_json::Value = serde_json::from_slice(&body)
+            .unwrap_or_else(|e| panic!("{path}: error body is not JSON ({e}): {text}"));
+        let msg = err["error"].as_str().unwrap();
+        assert!(!msg.contains('\n'), "one line: {msg}");
+        assert!(msg.contains(needle), "{needle:?} not in {msg}");
+    }
+
+    // Store-level refusals map to 404/409.
+    let dup = api
+        .unix
+        .create_peer(&org("acme"), &peer_req("lhr", "laptop"))
+        .await
+        .unwrap_err();
+    assert_eq!(status(dup).0, StatusCode::CONFLICT);
+    let unknown = api
+        .unix
+        .create_peer(&org("nobody"), &peer_req("lhr", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(status(unknown).0, StatusCode::NOT_FOUND);
+    let (code, msg) = status(
+        api.unix
+            .create_peer(&org("acme"), &peer_req("syd", "x"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert!(msg.contains("region 'syd'"), "{msg}");
+    let outside = AddInstance {
+        app: "web".parse().unwrap(),
+        region: "lhr".parse().unwrap(),
+        address: Some("fdaa:0:99::2".parse().unwrap()),
+        host: None,
+        machine: None,
+        id: None,
+        process_group: None,
+        started: true,
+    };
+    let (code, _) = status(
+        api.unix
+            .add_instance(&org("acme"), &outside)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+
+    assert_eq!(*api.store.snapshot().await.unwrap(), *before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_round_trip() {
+    let api = Api::start().await;
+    api.unix.create_org(&org("acme")).await.unwrap();
+    let add = |app: &str, machine: &str, started: bool| AddInstance {
+        app: app.parse().unwrap(),
+        region: "lhr".parse().unwrap(),
+        address: None,
+        host: Some("a7b:7d".parse().unwrap()),
+        machine: Some(machine.parse().unwrap()),
+        id: None,
+        process_group: Some("web".parse().unwrap()),
+        started,
+    };
+    let a = api
+        .unix
+        .add_instance(&org("acme"), &add("web", "f066:b83b", true))
+        .await
+        .unwrap();
+    assert_eq!(a.address.to_string(), "fdaa:0:1:a7b:7d:f066:b83b:2");
+    api.unix
+        .add_instance(&org("acme"), &add("db", "1:2", false))
+        .await
+        .unwrap();
+    let all = api.unix.instances(&org("acme"), None).await.unwrap();
+    assert_eq!(all.len(), 2);
+    let web = api
+        .unix
+        .instances(&org("acme"), Some(&"web".parse().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(web, vec![a.clone()]);
+    let (code, _) = status(
+        api.unix
+            .add_instance(&org("acme"), &add("web", "f066:b83b", true))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, StatusCode::CONFLICT);
+    api.unix
+        .remove_instance(&org("acme"), &a.app, &a.id)
+        .await
+        .unwrap();
+    assert_eq!(
+        api.unix.instances(&org("acme"), None).await.unwrap().len(),
+        1
+    );
+    let h = api.unix.health().await.unwrap();
+    assert_eq!(h.status, "ok");
+    assert!(h.revision > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_creates_get_distinct_addresses() {
+    let api = Api::start().await;
+    api.unix.create_org(&org("acme")).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let c = api.unix.clone();
+        tasks.spawn(async move {
+            c.create_peer(&org("acme"), &peer_req("lhr", &format!("p{i}")))
+                .await
+                .unwrap()
+                .address
+        });
+    }
+    let mut addrs = std::collections::HashSet::new();
+    while let Some(a) = tasks.join_next().await {
+        assert!(addrs.insert(a.unwrap()));
+    }
+    assert_eq!(addrs.len(), 50);
+}
