@@ -5,6 +5,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod dataplane;
 pub mod gateway;
 pub mod model;
 pub mod store;

@@ -1,0 +1,204 @@
+//! Thin adapters to the kernel, and their fakes.
+//!
+//! The reconciler ([`crate::reconcile`]) only ever talks to these traits:
+//! [`WgDevice`] for the WireGuard interface (wireguard-control: the kernel
+//! module, or wireguard-go over its UAPI socket) and [`Netlink`] for links,
+//! addresses, routes and change events (rtnetlink). Adapters decide nothing:
+//! they read state and carry out the instructions the pure planner produced.
+//!
+//! Ownership markers: the interface is ours; routes are ours when they carry
+//! [`ROUTE_PROTOCOL`]; the planner decides which peers and addresses are ours
+//! (see [`crate::plan`]).
+
+pub mod fake;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, watch};
+
+use crate::model::{PeerNet, PrivateKey, PublicKey};
+
+/// sixpn's route protocol number (`ip route … proto 110`); the reconciler
+/// only ever touches routes that carry it. 110 is unassigned in
+/// `/etc/iproute2/rt_protos`.
+pub const ROUTE_PROTOCOL: u8 = 110;
+
+/// The MTU of the WireGuard interface (what wg-quick uses by default).
+pub const MTU: u32 = 1420;
+
+/// An error from a kernel adapter, with the OS error number when there is one.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{op}: {message}")]
+pub struct KernelError {
+    /// What we were doing ("add route fdaa:…/120").
+    pub op: String,
+    /// What the kernel or tool said.
+    pub message: String,
+    /// The errno, if the failure was a system call.
+    pub errno: Option<i32>,
+}
+
+impl KernelError {
+    /// An error without an errno.
+    pub fn new(op: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        Self {
+            op: op.into(),
+            message: message.to_string(),
+            errno: None,
+        }
+    }
+    /// An error from an `io::Error`, keeping its errno.
+    pub fn io(op: impl Into<String>, e: &std::io::Error) -> Self {
+        Self {
+            op: op.into(),
+            message: e.to_string(),
+            errno: e.raw_os_error(),
+        }
+    }
+}
+
+/// One allowed-ip entry on a WireGuard peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AllowedIp {
+    /// Network address.
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub len: u8,
+}
+
+impl From<PeerNet> for AllowedIp {
+    fn from(n: PeerNet) -> Self {
+        Self {
+            addr: IpAddr::V6(n.network()),
+            len: PeerNet::LEN,
+        }
+    }
+}
+
+/// A peer as the WireGuard interface reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedPeer {
+    /// Its allowed ips, sorted.
+    pub allowed_ips: Vec<AllowedIp>,
+    /// Where its packets last came from.
+    pub endpoint: Option<std::net::SocketAddr>,
+    /// Its latest handshake.
+    pub last_handshake: Option<SystemTime>,
+    /// Bytes received from it.
+    pub rx_bytes: u64,
+    /// Bytes sent to it.
+    pub tx_bytes: u64,
+}
+
+/// The WireGuard device's state.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeviceState {
+    /// The public key of the device's private key (None: no key set).
+    pub public_key: Option<PublicKey>,
+    /// The UDP port it listens on (0: none).
+    pub listen_port: u16,
+    /// Every peer on the interface, ours or not.
+    pub peers: BTreeMap<PublicKey, ObservedPeer>,
+}
+
+/// One peer to add or update: its allowed-ips become exactly its /120.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerUpsert {
+    /// The peer's key.
+    pub public_key: PublicKey,
+    /// Its /120.
+    pub net: PeerNet,
+}
+
+/// The WireGuard interface: blocking wireguard-control underneath, so
+/// implementations run it off the async threads.
+#[async_trait]
+pub trait WgDevice: Send + Sync {
+    /// Makes sure the interface exists: creates the kernel link, or starts
+    /// (and from then on supervises) wireguard-go. Idempotent.
+    async fn ensure(&self) -> Result<(), KernelError>;
+
+    /// The device's state; `None` when the interface does not exist.
+    async fn get(&self) -> Result<Option<DeviceState>, KernelError>;
+
+    /// Sets the private key and listen port (only these; peers untouched).
+    async fn configure(&self, key: &PrivateKey, listen_port: u16) -> Result<(), KernelError>;
+
+    /// Adds/updates and removes peers in one update. Never replaces the whole
+    /// peer set: peers not named are untouched.
+    async fn update_peers(
+        &self,
+        upserts: &[PeerUpsert],
+        removes: &[PublicKey],
+    ) -> Result<(), KernelError>;
+
+    /// A counter that grows whenever the device was lost and recreated behind
+    /// the reconciler's back (wireguard-go crashed and was restarted): the
+    /// reconciler must then do a full resync.
+    fn restarts(&self) -> watch::Receiver<u64>;
+
+    /// Which implementation runs ("kernel" or "userspace (wireguard-go)").
+    fn backend_name(&self) -> &'static str;
+}
+
+/// A network link's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkState {
+    /// ifindex.
+    pub index: u32,
+    /// Administratively up.
+    pub up: bool,
+    /// Its MTU.
+    pub mtu: u32,
+}
+
+/// Something changed on a link, address or route the reconciler may own;
+/// or events were lost (overrun) and a full look is needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetEvent {
+    /// A link, address or route event for this ifindex.
+    Changed(u32),
+    /// The event socket overran: anything may have changed.
+    Overrun,
+}
+
+/// rtnetlink: links, IPv6 addresses and routes, and their change events.
+#[async_trait]
+pub trait Netlink: Send + Sync {
+    /// The link called `name`, if it exists.
+    async fn link(&self, name: &str) -> Result<Option<LinkState>, KernelError>;
+
+    /// Sets the link up with `mtu`.
+    async fn set_link_up(&self, index: u32, mtu: u32) -> Result<(), KernelError>;
+
+    /// Every IPv6 address on the link, with its prefix length.
+    async fn addresses(&self, index: u32) -> Result<Vec<(Ipv6Addr, u8)>, KernelError>;
+
+    /// Ensures `addr/128` is on the link with IFA_F_NODAD (usable at once).
+    async fn add_address(&self, index: u32, addr: Ipv6Addr) -> Result<(), KernelError>;
+
+    /// Removes `addr/len` from the link (absent is fine).
+    async fn del_address(&self, index: u32, addr: Ipv6Addr, len: u8) -> Result<(), KernelError>;
+
+    /// The IPv6 routes on the link that carry [`ROUTE_PROTOCOL`].
+    async fn routes(&self, index: u32) -> Result<Vec<(Ipv6Addr, u8)>, KernelError>;
+
+    /// Ensures a route to each `net` via the link with [`ROUTE_PROTOCOL`]
+    /// (replace: idempotent). Returns one result per net, in order.
+    async fn add_routes(&self, index: u32, nets: &[(Ipv6Addr, u8)])
+        -> Vec<Result<(), KernelError>>;
+
+    /// Removes our routes (absent is fine). One result per net, in order.
+    async fn del_routes(&self, index: u32, nets: &[(Ipv6Addr, u8)])
+        -> Vec<Result<(), KernelError>>;
+
+    /// Whether IPv6 forwarding is on; turns it on if not. Returns whether it
+    /// had to change it.
+    async fn ensure_forwarding(&self) -> Result<bool, KernelError>;
+
+    /// Link, IPv6 address and IPv6 route events from now on.
+    fn subscribe(&self) -> Result<mpsc::Receiver<NetEvent>, KernelError>;
+}
