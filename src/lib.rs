@@ -8,4 +8,6 @@ pub mod config;
 pub mod dataplane;
 pub mod gateway;
 pub mod model;
+pub mod plan;
+pub mod reconcile;
 pub mod store;

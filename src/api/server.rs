@@ -554,6 +554,9 @@ pub enum ListenError {
     /// Another process answers on the socket.
     #[error("another process already serves the API socket {0}")]
     InUse(String),
+    /// The socket path is taken by something that is not a socket.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(String),
     /// Binding or setting permissions failed.
     #[error("cannot listen on {what}: {source}")]
     Io {
@@ -575,10 +578,15 @@ pub fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ListenError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(ListenError::NotASocket(path.display().to_string()));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(ListenError::InUse(path.display().to_string()));
         }
+        // A stale socket left by a daemon that crashed.
         std::fs::remove_file(path).map_err(io)?;
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(io)?;

@@ -389,10 +389,6 @@ async fn wireguard_create(
             (Some(k), public)
         }
     };
-    eprintln!("Creating WireGuard peer \"{name}\" in region \"{region}\" for organization {org}");
-    if private.is_some() {
-        eprintln!("{KEY_WARNING}");
-    }
     let file = match args.file {
         Some(f) => f,
         None if p.interactive => {
@@ -405,6 +401,7 @@ async fn wireguard_create(
         }
         None => return Err(CliError::Missing("FILE")),
     };
+    eprintln!("Creating WireGuard peer \"{name}\" in region \"{region}\" for organization {org}");
     // Claim the file before registering, so a file that exists fails the
     // command with nothing registered; remove our claim if the API says no.
     let mut out = if file == "stdout" {
@@ -432,19 +429,32 @@ async fn wireguard_create(
         }
     };
     let text = wgquick::render(&peer, private.as_ref());
-    match out {
+    if private.is_some() {
+        eprintln!("{KEY_WARNING}");
+    }
+    let written = match out {
         None => {
             print!("{text}");
             std::io::stdout()
                 .flush()
-                .map_err(|e| CliError::File(format!("cannot write to stdout: {e}")))?;
+                .map_err(|e| format!("cannot write to stdout: {e}"))
         }
-        Some(mut f) => {
-            f.write_all(text.as_bytes())
-                .and_then(|_| f.sync_all())
-                .map_err(|e| CliError::File(format!("cannot write {file}: {e}")))?;
-            println!("Wrote WireGuard configuration to '{file}'; load in your WireGuard client");
+        Some(mut f) => f
+            .write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| format!("cannot write {file}: {e}")),
+    };
+    if let Err(e) = written {
+        // Nothing half-done: without the file the key is lost, so the peer
+        // must not stay registered.
+        if file != "stdout" {
+            let _ = std::fs::remove_file(&file);
         }
+        let _ = client.remove_peer(&org, &peer.name).await;
+        return Err(CliError::File(e));
+    }
+    if file != "stdout" {
+        println!("Wrote WireGuard configuration to '{file}'; load in your WireGuard client");
     }
     if peer.state == PeerState::Pending {
         eprintln!(

@@ -1,0 +1,583 @@
+//! Planning: pure functions from (desired, observed) to a [`Plan`] — data
+//! that says what to change, never doing it. No I/O, no clock, no async, so
+//! every rule is a unit test below.
+//!
+//! Invariants:
+//! - A plan applied to what was observed yields a state whose next plan is
+//!   empty.
+//! - Nothing is deleted before the store has loaded (`desired` is `None`).
+//! - Only what carries our markers is ever removed: routes with our protocol
+//!   (the adapter lists no others), `<org>::3/128` addresses, and peers whose
+//!   allowed-ips are peer /120s under this gateway's host id. Anything else on
+//!   the interface was put there by someone else and is left alone.
+//!
+//! Registered peers (the store) and installed peers (the kernel) are kept
+//! apart: [`Desired::installed`] is what should be on the interface. Today
+//! that is every peer registered on this gateway; just-in-time peers will
+//! narrow it to the active ones.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv6Addr};
+
+use crate::dataplane::{AllowedIp, DeviceState, LinkState, PeerUpsert, MTU};
+use crate::model::{GatewayName, HostId, OrgName, OrgPrefix, PeerName, PeerNet, PublicKey};
+use crate::store::Snapshot;
+
+/// A peer that should be on this gateway's interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredPeer {
+    /// Its org (for logs).
+    pub org: OrgName,
+    /// Its name (for logs).
+    pub name: PeerName,
+    /// Its /120: the allowed-ips and the route.
+    pub net: PeerNet,
+}
+
+/// What this gateway's kernel should hold, computed from a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Peers registered on this gateway.
+    pub registered: usize,
+    /// Peers to install, by key.
+    pub installed: BTreeMap<PublicKey, DesiredPeer>,
+    /// `<org>::3` for each org with installed peers here.
+    pub dns_addresses: BTreeSet<Ipv6Addr>,
+}
+
+impl Desired {
+    /// The desired state of gateway `me` in `snap`.
+    pub fn from_snapshot(snap: &Snapshot, me: &GatewayName) -> Self {
+        let mut d = Desired::default();
+        for p in snap.peers.iter().filter(|p| &p.gateway == me) {
+            d.registered += 1;
+            d.installed.insert(
+                p.public_key,
+                DesiredPeer {
+                    org: p.org.clone(),
+                    name: p.name.clone(),
+                    net: p.net,
+                },
+            );
+            if let Some(prefix) = OrgPrefix::of(p.net.network()) {
+                d.dns_addresses.insert(prefix.dns_addr());
+            }
+        }
+        d
+    }
+
+    /// The routes the installed peers need.
+    pub fn routes(&self) -> BTreeSet<(Ipv6Addr, u8)> {
+        self.installed
+            .values()
+            .map(|p| (p.net.network(), PeerNet::LEN))
+            .collect()
+    }
+}
+
+/// What the kernel holds, as the adapters reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// Our interface, if it exists.
+    pub link: Option<LinkState>,
+    /// The WireGuard device on it.
+    pub device: Option<DeviceState>,
+    /// IPv6 addresses on the interface.
+    pub addresses: BTreeSet<(Ipv6Addr, u8)>,
+    /// Routes with our protocol on the interface.
+    pub routes: BTreeSet<(Ipv6Addr, u8)>,
+}
+
+/// Who this gateway is, as far as the plan cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// The public key of the gateway's private key.
+    pub public_key: PublicKey,
+    /// The WireGuard listen port.
+    pub listen_port: u16,
+    /// The host id in our peers' addresses.
+    pub host_id: HostId,
+}
+
+/// The changes that make the kernel match the desired state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The interface is missing: create it (then observe and plan again).
+    pub create_interface: bool,
+    /// Set the link up with [`MTU`].
+    pub link_up: bool,
+    /// Set the private key and listen port.
+    pub configure_device: bool,
+    /// Peers to add or whose allowed-ips to set.
+    pub upsert_peers: Vec<PeerUpsert>,
+    /// Our peers that are no longer wanted.
+    pub remove_peers: Vec<PublicKey>,
+    /// `::3` addresses to add.
+    pub add_addresses: Vec<Ipv6Addr>,
+    /// Our addresses to remove.
+    pub remove_addresses: Vec<(Ipv6Addr, u8)>,
+    /// Routes to add.
+    pub add_routes: Vec<(Ipv6Addr, u8)>,
+    /// Our routes to remove.
+    pub remove_routes: Vec<(Ipv6Addr, u8)>,
+}
+
+impl Plan {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        *self == Plan::default()
+    }
+
+    /// How many changes the plan makes.
+    pub fn len(&self) -> usize {
+        usize::from(self.create_interface)
+            + usize::from(self.link_up)
+            + usize::from(self.configure_device)
+            + self.upsert_peers.len()
+            + self.remove_peers.len()
+            + self.add_addresses.len()
+            + self.remove_addresses.len()
+            + self.add_routes.len()
+            + self.remove_routes.len()
+    }
+}
+
+/// Whether `ip` is a peer /120 that sixpn would give out on gateway `host`:
+/// `fdaa:NET:NET:HOST:HOST:0:G:SS00/120` with G ≥ `a`.
+pub fn is_our_peer_net(ip: &AllowedIp, host: HostId) -> bool {
+    let IpAddr::V6(a) = ip.addr else {
+        return false;
+    };
+    let s = a.segments();
+    ip.len == PeerNet::LEN
+        && OrgPrefix::of(a).is_some()
+        && (u32::from(s[3]) << 16 | u32::from(s[4])) == host.get()
+        && s[5] == 0
+        && s[6] >= 0xa
+        && s[7] & 0xff == 0
+}
+
+/// Whether `addr/len` is an org DNS address, which sixpn owns on its
+/// interface.
+pub fn is_our_address(addr: Ipv6Addr, len: u8) -> bool {
+    len == 128 && OrgPrefix::of(addr).is_some_and(|p| p.dns_addr() == addr)
+}
+
+/// Plans the changes from `observed` to `desired`. With `desired` absent
+/// (the store has not loaded yet) only the interface itself is ensured:
+/// nothing is added or removed on it.
+pub fn plan(desired: Option<&Desired>, observed: &Observed, me: &Identity) -> Plan {
+    let mut p = Plan::default();
+    let (Some(link), Some(device)) = (observed.link, observed.device.as_ref()) else {
+        p.create_interface = true;
+        return p;
+    };
+    p.link_up = !link.up || link.mtu != MTU;
+    p.configure_device =
+        device.public_key != Some(me.public_key) || device.listen_port != me.listen_port;
+    let Some(desired) = desired else {
+        return p;
+    };
+
+    for (key, want) in &desired.installed {
+        let ok = device
+            .peers
+            .get(key)
+            .is_some_and(|have| have.allowed_ips == [AllowedIp::from(want.net)]);
+        if !ok {
+            p.upsert_peers.push(PeerUpsert {
+                public_key: *key,
+                net: want.net,
+            });
+        }
+    }
+    for (key, have) in &device.peers {
+        let ours = have
+            .allowed_ips
+            .iter()
+            .any(|ip| is_our_peer_net(ip, me.host_id));
+        if ours && !desired.installed.contains_key(key) {
+            p.remove_peers.push(*key);
+        }
+    }
+
+    for a in &desired.dns_addresses {
+        if !observed.addresses.contains(&(*a, 128)) {
+            p.add_addresses.push(*a);
+        }
+    }
+    for &(a, len) in &observed.addresses {
+        if is_our_address(a, len) && !desired.dns_addresses.contains(&a) {
+            p.remove_addresses.push((a, len));
+        }
+    }
+
+    let routes = desired.routes();
+    p.add_routes = routes.difference(&observed.routes).copied().collect();
+    p.remove_routes = observed.routes.difference(&routes).copied().collect();
+    p
+}
+
+/// What `observed` becomes once `plan` has been applied in full: the
+/// reconciler uses it to keep its cache without re-reading the kernel.
+pub fn apply_to(observed: &mut Observed, plan: &Plan, me: &Identity) {
+    if let Some(l) = observed.link.as_mut() {
+        if plan.link_up {
+            l.up = true;
+            l.mtu = MTU;
+        }
+    }
+    if let Some(d) = observed.device.as_mut() {
+        if plan.configure_device {
+            d.public_key = Some(me.public_key);
+            d.listen_port = me.listen_port;
+        }
+        for k in &plan.remove_peers {
+            d.peers.remove(k);
+        }
+        for u in &plan.upsert_peers {
+            let ip = AllowedIp::from(u.net);
+            for other in d.peers.values_mut() {
+                other.allowed_ips.retain(|a| *a != ip);
+            }
+            d.peers
+                .entry(u.public_key)
+                .or_insert_with(|| crate::dataplane::ObservedPeer {
+                    allowed_ips: Vec::new(),
+                    endpoint: None,
+                    last_handshake: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                })
+                .allowed_ips = vec![ip];
+        }
+    }
+    for a in &plan.add_addresses {
+        observed.addresses.insert((*a, 128));
+    }
+    for a in &plan.remove_addresses {
+        observed.addresses.remove(a);
+    }
+    for r in &plan.add_routes {
+        observed.routes.insert(*r);
+    }
+    for r in &plan.remove_routes {
+        observed.routes.remove(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::ObservedPeer;
+    use crate::model::{NetworkId, PeerSlot, PrivateKey};
+    use crate::store::{Gateway, Org, Peer};
+
+    fn key() -> PublicKey {
+        PrivateKey::generate().public_key()
+    }
+
+    fn me() -> Identity {
+        Identity {
+            public_key: key(),
+            listen_port: 51820,
+            host_id: "a7b:d6b".parse().unwrap(),
+        }
+    }
+
+    fn snapshot(peers: &[(u32, &str, u32, PublicKey, &str)]) -> Snapshot {
+        let mut s = Snapshot::default();
+        for (net, gw, host) in [(1, "lhr-1", 0x0a7b_0d6b), (2, "lhr-2", 0x0a7b_0001)] {
+            s.orgs.push(Org {
+                name: format!("org{net}").parse().unwrap(),
+                network_id: NetworkId::new(net).unwrap(),
+            });
+            s.gateways.push(Gateway {
+                name: gw.parse().unwrap(),
+                region: "lhr".parse().unwrap(),
+                host_id: HostId::from_u32(host),
+                endpoint: "gw:1".parse().unwrap(),
+                public_key: key(),
+            });
+        }
+        for &(net, name, slot, k, gw) in peers {
+            let g = s.gateways.iter().find(|g| g.name.as_str() == gw).unwrap();
+            let slot = PeerSlot::new(slot).unwrap();
+            s.peers.push(Peer {
+                org: format!("org{net}").parse().unwrap(),
+                name: name.parse().unwrap(),
+                gateway: g.name.clone(),
+                region: g.region.clone(),
+                slot,
+                net: slot.net(NetworkId::new(net).unwrap().prefix(), g.host_id),
+                public_key: k,
+                created_at: 0,
+            });
+        }
+        s
+    }
+
+    fn live(me: &Identity) -> Observed {
+        Observed {
+            link: Some(LinkState {
+                index: 5,
+                up: true,
+                mtu: MTU,
+            }),
+            device: Some(DeviceState {
+                public_key: Some(me.public_key),
+                listen_port: me.listen_port,
+                peers: BTreeMap::new(),
+            }),
+            ..Observed::default()
+        }
+    }
+
+    fn converge(desired: &Desired, observed: &mut Observed, me: &Identity) -> Plan {
+        let p = plan(Some(desired), observed, me);
+        apply_to(observed, &p, me);
+        p
+    }
+
+    const GW: &str = "lhr-1";
+
+    #[test]
+    fn installs_peers_addresses_and_routes_then_plans_nothing() {
+        let me = me();
+        let (a, b, c) = (key(), key(), key());
+        let snap = snapshot(&[
+            (1, "a", 0, a, GW),
+            (2, "b", 0, b, GW),
+            (1, "c", 0, c, "lhr-2"),
+        ]);
+        let d = Desired::from_snapshot(&snap, &GW.parse().unwrap());
+        assert_eq!(d.registered, 2, "only this gateway's peers");
+        let mut o = live(&me);
+        let p = converge(&d, &mut o, &me);
+        assert_eq!(p.upsert_peers.len(), 2);
+        assert_eq!(
+            p.add_addresses,
+            vec![
+                "fdaa:0:1::3".parse::<Ipv6Addr>().unwrap(),
+                "fdaa:0:2::3".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            p.add_routes,
+            vec![
+                ("fdaa:0:1:a7b:d6b:0:a:0".parse().unwrap(), 120),
+                ("fdaa:0:2:a7b:d6b:0:a:0".parse().unwrap(), 120)
+            ]
+        );
+        assert!(p.remove_peers.is_empty() && p.remove_routes.is_empty());
+        let again = plan(Some(&d), &o, &me);
+        assert!(again.is_empty(), "second plan: {again:?}");
+    }
+
+    #[test]
+    fn missing_interface_is_created_first() {
+        let me = me();
+        let p = plan(None, &Observed::default(), &me);
+        assert!(p.create_interface);
+        assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn link_and_device_settings_are_ensured() {
+        let me = me();
+        let mut o = live(&me);
+        if let Some(l) = o.link.as_mut() {
+            l.up = false;
+        }
+        if let Some(d) = o.device.as_mut() {
+            d.listen_port = 0;
+        }
+        let p = plan(Some(&Desired::default()), &o, &me);
+        assert!(p.link_up && p.configure_device);
+        apply_to(&mut o, &p, &me);
+        assert!(plan(Some(&Desired::default()), &o, &me).is_empty());
+    }
+
+    #[test]
+    fn nothing_is_deleted_before_the_store_loaded() {
+        let me = me();
+        let k = key();
+        let snap = snapshot(&[(1, "a", 0, k, GW)]);
+        let mut o = live(&me);
+        converge(
+            &Desired::from_snapshot(&snap, &GW.parse().unwrap()),
+            &mut o,
+            &me,
+        );
+        let p = plan(None, &o, &me);
+        assert!(p.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn removal_takes_peer_route_and_unused_address() {
+        let me = me();
+        let (a, b) = (key(), key());
+        let mut o = live(&me);
+        let both = snapshot(&[(1, "a", 0, a, GW), (2, "b", 0, b, GW)]);
+        converge(
+            &Desired::from_snapshot(&both, &GW.parse().unwrap()),
+            &mut o,
+            &me,
+        );
+        let one = snapshot(&[(1, "a", 0, a, GW)]);
+        let d = Desired::from_snapshot(&one, &GW.parse().unwrap());
+        let p = converge(&d, &mut o, &me);
+        assert_eq!(p.remove_peers, vec![b]);
+        assert_eq!(
+            p.remove_routes,
+            vec![("fdaa:0:2:a7b:d6b:0:a:0".parse().unwrap(), 120)]
+        );
+        assert_eq!(
+            p.remove_addresses,
+            vec![("fdaa:0:2::3".parse().unwrap(), 128)]
+        );
+        assert!(p.upsert_peers.is_empty() && p.add_routes.is_empty());
+        assert!(plan(Some(&d), &o, &me).is_empty());
+    }
+
+    #[test]
+    fn key_change_replaces_the_peer() {
+        let me = me();
+        let (old, new) = (key(), key());
+        let mut o = live(&me);
+        converge(
+            &Desired::from_snapshot(&snapshot(&[(1, "a", 0, old, GW)]), &GW.parse().unwrap()),
+            &mut o,
+            &me,
+        );
+        let d = Desired::from_snapshot(&snapshot(&[(1, "a", 0, new, GW)]), &GW.parse().unwrap());
+        let p = converge(&d, &mut o, &me);
+        assert_eq!(p.remove_peers, vec![old]);
+        assert_eq!(p.upsert_peers.len(), 1);
+        assert_eq!(p.upsert_peers[0].public_key, new);
+        assert!(p.add_routes.is_empty() && p.remove_routes.is_empty());
+        assert!(plan(Some(&d), &o, &me).is_empty());
+    }
+
+    #[test]
+    fn allowed_ip_moving_between_peers() {
+        let me = me();
+        let (a, b) = (key(), key());
+        let mut o = live(&me);
+        converge(
+            &Desired::from_snapshot(
+                &snapshot(&[(1, "a", 0, a, GW), (1, "b", 1, b, GW)]),
+                &GW.parse().unwrap(),
+            ),
+            &mut o,
+            &me,
+        );
+        // a is removed and b takes slot 0 (a slot freed and reused).
+        let d = Desired::from_snapshot(&snapshot(&[(1, "b", 0, b, GW)]), &GW.parse().unwrap());
+        let p = converge(&d, &mut o, &me);
+        assert_eq!(p.remove_peers, vec![a]);
+        assert_eq!(p.upsert_peers.len(), 1);
+        assert_eq!(
+            p.upsert_peers[0].net.to_string(),
+            "fdaa:0:1:a7b:d6b:0:a:0/120"
+        );
+        assert_eq!(
+            p.remove_routes,
+            vec![("fdaa:0:1:a7b:d6b:0:a:100".parse().unwrap(), 120)]
+        );
+        assert!(plan(Some(&d), &o, &me).is_empty());
+    }
+
+    #[test]
+    fn drifted_allowed_ips_are_repaired() {
+        let me = me();
+        let a = key();
+        let d = Desired::from_snapshot(&snapshot(&[(1, "a", 0, a, GW)]), &GW.parse().unwrap());
+        let mut o = live(&me);
+        converge(&d, &mut o, &me);
+        if let Some(dev) = o.device.as_mut() {
+            dev.peers.get_mut(&a).unwrap().allowed_ips.push(AllowedIp {
+                addr: "10.0.0.0".parse().unwrap(),
+                len: 8,
+            });
+        }
+        let p = plan(Some(&d), &o, &me);
+        assert_eq!(p.upsert_peers.len(), 1);
+    }
+
+    #[test]
+    fn foreign_peers_routes_and_addresses_are_left_alone() {
+        let me = me();
+        let foreign = key();
+        let mut o = live(&me);
+        let dev = o.device.as_mut().unwrap();
+        for (k, ip, len) in [
+            (foreign, "10.9.0.0", 24),
+            // A 6PN /120 of *another* gateway's host id is not ours either.
+            (key(), "fdaa:0:1:a7b:1:0:a:0", 120),
+            (key(), "fdaa:0:1:a7b:d6b:0:a:5", 128),
+        ] {
+            dev.peers.insert(
+                k,
+                ObservedPeer {
+                    allowed_ips: vec![AllowedIp {
+                        addr: ip.parse().unwrap(),
+                        len,
+                    }],
+                    endpoint: None,
+                    last_handshake: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                },
+            );
+        }
+        o.addresses.insert(("fe80::1".parse().unwrap(), 64));
+        o.addresses.insert(("2001:db8::1".parse().unwrap(), 128));
+        o.addresses.insert(("fdaa:0:1::4".parse().unwrap(), 128));
+        let p = plan(Some(&Desired::default()), &o, &me);
+        assert!(p.is_empty(), "{p:?}");
+        // But a stale peer of ours is removed even with nothing desired.
+        let ours = key();
+        o.device.as_mut().unwrap().peers.insert(
+            ours,
+            ObservedPeer {
+                allowed_ips: vec![AllowedIp {
+                    addr: "fdaa:0:1:a7b:d6b:0:b:300".parse().unwrap(),
+                    len: 120,
+                }],
+                endpoint: None,
+                last_handshake: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+            },
+        );
+        o.addresses.insert(("fdaa:0:7::3".parse().unwrap(), 128));
+        let p = plan(Some(&Desired::default()), &o, &me);
+        assert_eq!(p.remove_peers, vec![ours]);
+        assert_eq!(
+            p.remove_addresses,
+            vec![("fdaa:0:7::3".parse().unwrap(), 128)]
+        );
+    }
+
+    #[test]
+    fn our_peer_net_recognizer() {
+        let h: HostId = "a7b:d6b".parse().unwrap();
+        let ip = |s: &str, len| AllowedIp {
+            addr: s.parse().unwrap(),
+            len,
+        };
+        assert!(is_our_peer_net(&ip("fdaa:0:18:a7b:d6b:0:a:0", 120), h));
+        assert!(is_our_peer_net(
+            &ip("fdaa:0:18:a7b:d6b:0:ffff:ff00", 120),
+            h
+        ));
+        assert!(!is_our_peer_net(&ip("fdaa:0:18:a7b:d6b:0:9:0", 120), h));
+        assert!(!is_our_peer_net(&ip("fdaa:0:18:a7b:d6b:0:a:0", 64), h));
+        assert!(!is_our_peer_net(&ip("fdaa::a7b:d6b:0:a:0", 120), h));
+        assert!(!is_our_peer_net(&ip("10.0.0.0", 120), h));
+        assert!(is_our_address("fdaa:0:18::3".parse().unwrap(), 128));
+        assert!(!is_our_address("fdaa:0:18::3".parse().unwrap(), 64));
+        assert!(!is_our_address("fdaa:0:18::4".parse().unwrap(), 128));
+    }
+}

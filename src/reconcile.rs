@@ -1,0 +1,677 @@
+//! The reconcile loop: observe → plan → apply, again and again.
+//!
+//! It runs a pass when the store changes (the change feed coalesces bursts:
+//! a pass always works on the newest snapshot), when netlink reports a change
+//! on our interface, when wireguard-go had to be restarted, periodically
+//! (WireGuard peers have no change events, so they are re-read at an interval
+//! that scales with how long reading them takes), and after a failure (with
+//! backoff). Between passes it keeps what it last observed plus what it
+//! applied, so a store change costs a plan and the changes, not a full dump.
+//!
+//! Failures never stop the loop: a failed item is logged, the cache is
+//! dropped so the next pass re-reads the kernel, and the pass is retried.
+//! If the store can't be read the last snapshot stays in force; before the
+//! first snapshot nothing is deleted (see [`crate::plan`]).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::api::server::{DataplaneView, PeerStats};
+use crate::dataplane::{KernelError, NetEvent, Netlink, WgDevice, MTU};
+use crate::model::{GatewayName, InterfaceName, PrivateKey, PublicKey};
+use crate::plan::{self, Desired, Identity, Observed, Plan};
+use crate::store::{Snapshot, Store};
+
+/// The slowest the WireGuard peers are re-read for drift.
+const MAX_WG_INTERVAL: Duration = Duration::from_secs(30);
+/// The quickest the WireGuard peers are re-read for drift.
+const MIN_WG_INTERVAL: Duration = Duration::from_secs(1);
+/// How long reading the peers may take relative to the interval (1/20 = 5%
+/// of a core at most, even with 100k peers).
+const WG_READ_SHARE: u32 = 20;
+/// A full resync of everything, whatever the events said.
+const FULL_RESYNC: Duration = Duration::from_secs(30);
+/// Netlink events arrive in bursts (one per route we add): wait this long
+/// for the burst to end before looking.
+const EVENT_SETTLE: Duration = Duration::from_millis(20);
+
+/// What is live on the interface right now, published after every pass.
+#[derive(Debug, Clone, Default)]
+pub struct Installed {
+    /// Installed peers and when this daemon first saw them installed.
+    pub peers: HashMap<PublicKey, SystemTime>,
+    /// Peers registered on this gateway.
+    pub registered: usize,
+    /// When the kernel last matched the store.
+    pub last_sync: Option<SystemTime>,
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Passes run.
+    pub passes: AtomicU64,
+    /// Passes that failed somewhere.
+    pub errors: AtomicU64,
+    /// Changes made that the store did not ask for (drift repaired).
+    pub drift_repairs: AtomicU64,
+    /// Kernel changes made.
+    pub changes: AtomicU64,
+}
+
+/// Settings of one reconciler.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This gateway's name in the store.
+    pub gateway: GatewayName,
+    /// The interface we own.
+    pub interface: InterfaceName,
+    /// The gateway's private key.
+    pub private_key: PrivateKey,
+    /// Identity for planning.
+    pub identity: Identity,
+}
+
+/// Which parts of the cached state are stale.
+#[derive(Debug, Clone, Copy)]
+struct Need {
+    snapshot: bool,
+    wg: bool,
+    net: bool,
+}
+
+impl Need {
+    const ALL: Need = Need {
+        snapshot: true,
+        wg: true,
+        net: true,
+    };
+    fn any(self) -> bool {
+        self.snapshot || self.wg || self.net
+    }
+}
+
+/// The reconciler; [`Reconciler::run`] is the loop.
+pub struct Reconciler {
+    wg: Arc<dyn WgDevice>,
+    nl: Arc<dyn Netlink>,
+    store: Arc<dyn Store>,
+    settings: Settings,
+    snapshot: Option<Arc<Snapshot>>,
+    cache: Observed,
+    since: HashMap<PublicKey, SystemTime>,
+    wg_interval: Duration,
+    installed: watch::Sender<Arc<Installed>>,
+    counters: Arc<Counters>,
+}
+
+impl Reconciler {
+    /// A reconciler over the given adapters and store.
+    pub fn new(
+        wg: Arc<dyn WgDevice>,
+        nl: Arc<dyn Netlink>,
+        store: Arc<dyn Store>,
+        settings: Settings,
+    ) -> Self {
+        Self {
+            wg,
+            nl,
+            store,
+            settings,
+            snapshot: None,
+            cache: Observed::default(),
+            since: HashMap::new(),
+            wg_interval: MIN_WG_INTERVAL,
+            installed: watch::channel(Arc::new(Installed::default())).0,
+            counters: Arc::default(),
+        }
+    }
+
+    /// What is installed, updated after every pass.
+    pub fn installed(&self) -> watch::Receiver<Arc<Installed>> {
+        self.installed.subscribe()
+    }
+
+    /// The loop's counters.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
+    /// The view the API uses to wait for peers and read their stats.
+    pub fn view(&self) -> Arc<dyn DataplaneView> {
+        Arc::new(View {
+            wg: self.wg.clone(),
+            installed: self.installed.subscribe(),
+        })
+    }
+
+    /// Runs until `shutdown` turns true. The interface and everything on it
+    /// stay when it returns: a restarted daemon picks them up unchanged.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let span = info_span!("reconcile", interface = %self.settings.interface);
+        async move {
+            let mut feed = self.store.subscribe();
+            let mut restarts = self.wg.restarts();
+            let mut events = match self.nl.subscribe() {
+                Ok(rx) => Some(rx),
+                Err(e) => {
+                    warn!(error = %e, "no netlink events; drift is found by periodic resync only");
+                    None
+                }
+            };
+            let mut need = Need::ALL;
+            let mut backoff = Duration::from_millis(100);
+            let mut retry_at: Option<Instant> = None;
+            let mut next_wg = Instant::now() + self.wg_interval;
+            let mut next_full = Instant::now() + FULL_RESYNC;
+            loop {
+                if need.any() {
+                    let ok = self.pass(need).await;
+                    need = Need {
+                        snapshot: false,
+                        wg: false,
+                        net: false,
+                    };
+                    if ok {
+                        backoff = Duration::from_millis(100);
+                        retry_at = None;
+                    } else {
+                        retry_at = Some(Instant::now() + backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    next_wg = next_wg.min(Instant::now() + self.wg_interval);
+                }
+                let wake =
+                    retry_at.map_or(next_wg.min(next_full), |r| r.min(next_wg).min(next_full));
+                tokio::select! {
+                    _ = shutdown.changed() => {
+                        if *shutdown.borrow() { return; }
+                    }
+                    r = feed.changed() => {
+                        if r.is_err() {
+                            warn!("store change feed closed; relying on periodic resync");
+                            feed = self.store.subscribe();
+                        }
+                        need.snapshot = true;
+                    }
+                    _ = restarts.changed() => {
+                        warn!(backend = self.wg.backend_name(),
+                            "WireGuard device was restarted; full resync");
+                        need = Need::ALL;
+                    }
+                    Some(ev) = next_event(&mut events) => {
+                        debug!(?ev, "netlink event");
+                        tokio::time::sleep(EVENT_SETTLE).await;
+                        if let Some(rx) = events.as_mut() {
+                            while rx.try_recv().is_ok() {}
+                        }
+                        need.net = true;
+                    }
+                    _ = tokio::time::sleep_until(wake) => {
+                        let now = Instant::now();
+                        if now >= next_wg {
+                            need.wg = true;
+                            next_wg = now + self.wg_interval;
+                        }
+                        if now >= next_full {
+                            need = Need::ALL;
+                            next_full = now + FULL_RESYNC;
+                        }
+                        if retry_at.is_some_and(|r| now >= r) {
+                            need = Need::ALL;
+                        }
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// One observe → plan → apply pass. Returns false if anything failed.
+    pub async fn pass_all(&mut self) -> bool {
+        self.pass(Need::ALL).await
+    }
+
+    async fn pass(&mut self, need: Need) -> bool {
+        self.counters.passes.fetch_add(1, Ordering::Relaxed);
+        let store_changed = need.snapshot;
+        if need.snapshot {
+            match self.store.snapshot().await {
+                Ok(s) => self.snapshot = Some(s),
+                Err(e) => warn!(error = %e, "store unreadable; keeping the last applied state"),
+            }
+        }
+        let result = self.observe_plan_apply(need, store_changed).await;
+        match result {
+            Ok(()) => true,
+            Err(errors) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                for e in &errors {
+                    warn!(error = %e, errno = e.errno, "kernel change failed; will retry");
+                }
+                // Don't trust the cache after a failure: re-read next time.
+                self.cache = Observed::default();
+                false
+            }
+        }
+    }
+
+    async fn observe(&mut self, need: Need) -> Result<(), Vec<KernelError>> {
+        if need.wg || self.cache.device.is_none() {
+            let t0 = std::time::Instant::now();
+            self.cache.device = self.wg.get().await.map_err(|e| vec![e])?;
+            let took = t0.elapsed();
+            self.wg_interval = (took * WG_READ_SHARE).clamp(MIN_WG_INTERVAL, MAX_WG_INTERVAL);
+        }
+        if need.net || self.cache.link.is_none() {
+            let name = self.settings.interface.as_str();
+            self.cache.link = self.nl.link(name).await.map_err(|e| vec![e])?;
+            if let Some(link) = self.cache.link {
+                self.cache.addresses = self
+                    .nl
+                    .addresses(link.index)
+                    .await
+                    .map_err(|e| vec![e])?
+                    .into_iter()
+                    .collect();
+                self.cache.routes = self
+                    .nl
+                    .routes(link.index)
+                    .await
+                    .map_err(|e| vec![e])?
+                    .into_iter()
+                    .collect();
+            }
+            if self.nl.ensure_forwarding().await.map_err(|e| vec![e])? {
+                warn!("IPv6 forwarding was off; turned it on (net.ipv6.conf.all.forwarding=1)");
+            }
+        }
+        Ok(())
+    }
+
+    async fn observe_plan_apply(
+        &mut self,
+        need: Need,
+        store_changed: bool,
+    ) -> Result<(), Vec<KernelError>> {
+        self.observe(need).await?;
+        let desired = self
+            .snapshot
+            .as_ref()
+            .map(|s| Desired::from_snapshot(s, &self.settings.gateway));
+        let me = self.settings.identity;
+        let mut plan = plan::plan(desired.as_ref(), &self.cache, &me);
+        if plan.create_interface {
+            info!(
+                backend = self.wg.backend_name(),
+                "creating the WireGuard interface"
+            );
+            self.wg.ensure().await.map_err(|e| vec![e])?;
+            self.observe(Need::ALL).await?;
+            plan = plan::plan(desired.as_ref(), &self.cache, &me);
+            if plan.create_interface {
+                return Err(vec![KernelError::new(
+                    format!("create interface {}", self.settings.interface),
+                    "the interface is still missing after creating it",
+                )]);
+            }
+        }
+        if !plan.is_empty() {
+            let n = plan.len() as u64;
+            self.counters.changes.fetch_add(n, Ordering::Relaxed);
+            if !store_changed {
+                info!(changes = n, "repairing drift");
+                self.counters.drift_repairs.fetch_add(n, Ordering::Relaxed);
+            }
+            let errors = self.apply(&plan, desired.as_ref()).await;
+            if !errors.is_empty() {
+                return Err(errors);
+            }
+            plan::apply_to(&mut self.cache, &plan, &me);
+        }
+        self.publish(desired.as_ref());
+        Ok(())
+    }
+
+    /// Carries out `plan`. One failed item doesn't stop the others.
+    async fn apply(&self, plan: &Plan, desired: Option<&Desired>) -> Vec<KernelError> {
+        let mut errors = Vec::new();
+        let Some(link) = self.cache.link else {
+            return vec![KernelError::new("apply", "interface vanished")];
+        };
+        let index = link.index;
+        if plan.link_up {
+            match self.nl.set_link_up(index, MTU).await {
+                Ok(()) => info!(mtu = MTU, "interface up"),
+                Err(e) => errors.push(e),
+            }
+        }
+        if plan.configure_device {
+            match self
+                .wg
+                .configure(
+                    &self.settings.private_key,
+                    self.settings.identity.listen_port,
+                )
+                .await
+            {
+                Ok(()) => info!(
+                    listen_port = self.settings.identity.listen_port,
+                    public_key = %self.settings.identity.public_key,
+                    "WireGuard device configured"
+                ),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !plan.upsert_peers.is_empty() || !plan.remove_peers.is_empty() {
+            match self
+                .wg
+                .update_peers(&plan.upsert_peers, &plan.remove_peers)
+                .await
+            {
+                Ok(()) => {
+                    for u in &plan.upsert_peers {
+                        match desired.and_then(|d| d.installed.get(&u.public_key)) {
+                            Some(p) => info!(org = %p.org, peer = %p.name, net = %u.net,
+                                "peer installed"),
+                            None => info!(key = %u.public_key, net = %u.net, "peer installed"),
+                        }
+                    }
+                    for k in &plan.remove_peers {
+                        info!(key = %k, "peer removed");
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        for a in &plan.add_addresses {
+            match self.nl.add_address(index, *a).await {
+                Ok(()) => info!(address = %a, "org DNS address added"),
+                Err(e) => errors.push(e),
+            }
+        }
+        for (a, len) in &plan.remove_addresses {
+            match self.nl.del_address(index, *a, *len).await {
+                Ok(()) => info!(address = %a, "org DNS address removed"),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !plan.add_routes.is_empty() {
+            let results = self.nl.add_routes(index, &plan.add_routes).await;
+            let mut ok = 0usize;
+            for r in results {
+                match r {
+                    Ok(()) => ok += 1,
+                    Err(e) => errors.push(e),
+                }
+            }
+            info!(routes = ok, "peer routes added");
+        }
+        if !plan.remove_routes.is_empty() {
+            let results = self.nl.del_routes(index, &plan.remove_routes).await;
+            let mut ok = 0usize;
+            for r in results {
+                match r {
+                    Ok(()) => ok += 1,
+                    Err(e) => errors.push(e),
+                }
+            }
+            info!(routes = ok, "peer routes removed");
+        }
+        errors
+    }
+
+    fn publish(&mut self, desired: Option<&Desired>) {
+        let Some(desired) = desired else { return };
+        let Some(device) = self.cache.device.as_ref() else {
+            return;
+        };
+        let now = SystemTime::now();
+        let mut peers = HashMap::with_capacity(desired.installed.len());
+        for (k, want) in &desired.installed {
+            let live = device
+                .peers
+                .get(k)
+                .is_some_and(|p| p.allowed_ips == [crate::dataplane::AllowedIp::from(want.net)]);
+            if live {
+                let since = *self.since.entry(*k).or_insert(now);
+                peers.insert(*k, since);
+            }
+        }
+        self.since.retain(|k, _| peers.contains_key(k));
+        let complete = peers.len() == desired.installed.len();
+        let last_sync = if complete {
+            Some(now)
+        } else {
+            self.installed.borrow().last_sync
+        };
+        self.installed.send_replace(Arc::new(Installed {
+            peers,
+            registered: desired.registered,
+            last_sync,
+        }));
+    }
+}
+
+async fn next_event(
+    events: &mut Option<tokio::sync::mpsc::Receiver<NetEvent>>,
+) -> Option<NetEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The API's window onto the dataplane.
+struct View {
+    wg: Arc<dyn WgDevice>,
+    installed: watch::Receiver<Arc<Installed>>,
+}
+
+#[async_trait]
+impl DataplaneView for View {
+    async fn wait_installed(&self, key: &PublicKey, timeout: Duration) -> bool {
+        let mut rx = self.installed.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|i| i.peers.contains_key(key)))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    async fn peer_stats(&self, key: &PublicKey) -> Option<PeerStats> {
+        let since = *self.installed.borrow().peers.get(key)?;
+        let device = self.wg.get().await.ok()??;
+        let p = device.peers.get(key)?;
+        let unix = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs())
+        };
+        Some(PeerStats {
+            endpoint: p.endpoint.map(|e| e.to_string()),
+            latest_handshake: p.last_handshake.and_then(unix),
+            rx_bytes: p.rx_bytes,
+            tx_bytes: p.tx_bytes,
+            installed_since: unix(since),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::fake::{peer_ips, FakeKernel};
+    use crate::model::PeerName;
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::{Gateway, NewPeer};
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        kernel: FakeKernel,
+        store: Arc<SqliteStore>,
+        rec: Reconciler,
+    }
+
+    async fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path().join("s.db")).unwrap());
+        let key = PrivateKey::generate();
+        let host = "a7b:d6b".parse().unwrap();
+        store
+            .register_gateway(&Gateway {
+                name: "lhr-1".parse().unwrap(),
+                region: "lhr".parse().unwrap(),
+                host_id: host,
+                endpoint: "gw:51820".parse().unwrap(),
+                public_key: key.public_key(),
+            })
+            .await
+            .unwrap();
+        store.create_org(&"acme".parse().unwrap()).await.unwrap();
+        let kernel = FakeKernel::new();
+        let rec = Reconciler::new(
+            Arc::new(kernel.clone()),
+            Arc::new(kernel.clone()),
+            store.clone(),
+            Settings {
+                gateway: "lhr-1".parse().unwrap(),
+                interface: "sixpn0".parse().unwrap(),
+                identity: Identity {
+                    public_key: key.public_key(),
+                    listen_port: 51820,
+                    host_id: host,
+                },
+                private_key: key,
+            },
+        );
+        Rig {
+            _dir: dir,
+            kernel,
+            store,
+            rec,
+        }
+    }
+
+    async fn add_peer(store: &SqliteStore, name: &str) -> PublicKey {
+        let k = PrivateKey::generate().public_key();
+        store
+            .create_peer(&NewPeer {
+                org: "acme".parse().unwrap(),
+                name: name.parse().unwrap(),
+                region: "lhr".parse().unwrap(),
+                public_key: k,
+            })
+            .await
+            .unwrap();
+        k
+    }
+
+    #[tokio::test]
+    async fn first_pass_builds_everything_and_second_changes_nothing() {
+        let mut r = rig().await;
+        let a = add_peer(&r.store, "a").await;
+        assert!(r.rec.pass_all().await);
+        let calls = r.kernel.take_calls();
+        assert!(calls.contains(&"create interface".to_string()));
+        assert!(calls.contains(&"link up mtu 1420".to_string()));
+        assert!(calls.contains(&"configure port 51820".to_string()));
+        assert!(calls.contains(&"add address fdaa:0:1::3/128".to_string()));
+        assert!(calls.contains(&"add route fdaa:0:1:a7b:d6b:0:a:0/120".to_string()));
+        assert!(r.kernel.state().forwarding);
+        assert_eq!(peer_ips(&r.kernel).len(), 1);
+        assert!(r.rec.installed().borrow().peers.contains_key(&a));
+
+        assert!(r.rec.pass_all().await);
+        assert_eq!(r.kernel.take_calls(), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn drift_is_repaired_and_counted() {
+        let mut r = rig().await;
+        let a = add_peer(&r.store, "a").await;
+        r.rec.pass_all().await;
+        r.kernel.take_calls();
+        {
+            let mut s = r.kernel.state();
+            s.device.peers.remove(&a);
+            s.routes.clear();
+            s.addresses.clear();
+        }
+        assert!(
+            r.rec
+                .pass(Need {
+                    snapshot: false,
+                    wg: true,
+                    net: true
+                })
+                .await
+        );
+        let calls = r.kernel.take_calls();
+        assert_eq!(calls.len(), 3, "{calls:?}");
+        assert_eq!(r.rec.counters.drift_repairs.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_failed_item_does_not_stop_the_others_and_is_retried() {
+        let mut r = rig().await;
+        add_peer(&r.store, "a").await;
+        add_peer(&r.store, "b").await;
+        r.kernel.state().fail_route_adds = 1;
+        assert!(!r.rec.pass_all().await);
+        assert_eq!(r.kernel.state().routes.len(), 1, "the other route went in");
+        assert_eq!(peer_ips(&r.kernel).len(), 2, "peers went in");
+        assert!(r.rec.pass_all().await);
+        assert_eq!(r.kernel.state().routes.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn restart_of_the_device_is_rebuilt() {
+        let mut r = rig().await;
+        add_peer(&r.store, "a").await;
+        r.rec.pass_all().await;
+        r.kernel.restart_device();
+        assert!(r.rec.pass_all().await);
+        let s = r.kernel.state();
+        assert!(s.link.unwrap().up);
+        assert_eq!(s.device.peers.len(), 1);
+        assert_eq!(s.routes.len(), 1);
+        assert_eq!(s.addresses.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_loop_follows_the_store_and_the_api_can_wait() {
+        let r = rig().await;
+        let view = r.rec.view();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let store = r.store.clone();
+        let kernel = r.kernel.clone();
+        let task = tokio::spawn(r.rec.run(stop_rx));
+        let k = add_peer(&store, "live").await;
+        assert!(view.wait_installed(&k, Duration::from_secs(2)).await);
+        assert!(view.peer_stats(&k).await.is_some());
+        store
+            .remove_peer(
+                &"acme".parse().unwrap(),
+                &"live".parse::<PeerName>().unwrap(),
+            )
+            .await
+            .unwrap();
+        for _ in 0..100 {
+            if kernel.state().device.peers.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(kernel.state().device.peers.is_empty());
+        assert!(kernel.state().routes.is_empty());
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+    }
+}
