@@ -1,4 +1,4 @@
-//! The real kernel adapters: `LinuxWg` (wireguard-control: the kernel
+//! The real kernel adapters: [`LinuxWg`] (wireguard-control: the kernel
 //! module, or a wireguard-go we start, supervise and adopt) and
 //! [`LinuxNetlink`] (rtnetlink: links, IPv6 addresses, our routes, events).
 //!
@@ -6,7 +6,7 @@
 //! instructions. What they own:
 //! - the WireGuard interface and, in userspace mode, its wireguard-go
 //!   process, which deliberately outlives the daemon (a restart or a
-//!   `kill -9` of sixpn must not drop sessions; see `LinuxWg`);
+//!   `kill -9` of sixpn must not drop sessions; see [`LinuxWg`]);
 //! - routes carrying [`super::ROUTE_PROTOCOL`] on that interface in the main
 //!   table; nothing else is ever listed as ours.
 //!
@@ -15,11 +15,13 @@
 //! the root tests give each test thread its own (see `testns`).
 
 mod netlink;
+mod wg;
 
 #[cfg(test)]
 mod testns;
 
 pub use netlink::LinuxNetlink;
+pub use wg::{forbid_userspace_autospawn, LinuxWg};
 
 use super::KernelError;
 

@@ -3,9 +3,14 @@
 //! current-thread tokio runtime, so every socket, link, `/proc/sys/net`
 //! access and child process (all inherit the thread's netns) lands there.
 //! No `ip netns`, nothing left behind when the thread ends.
+//!
+//! The wireguard-go UAPI socket path is global, so interface names are
+//! unique per test and process ([`iface`]).
 
 use std::future::Future;
 use std::process::Command;
+
+use crate::model::InterfaceName;
 
 /// Whether the test may run: root, else `SKIPPED` on stderr — or a panic
 /// when `CI` is set, so root tests can't silently pass there.
@@ -44,6 +49,13 @@ where
     }
 }
 
+/// An interface name unique to this test process: `sx<pid%10000><tag>`.
+pub fn iface(tag: &str) -> InterfaceName {
+    format!("sx{}{tag}", std::process::id() % 10_000)
+        .parse()
+        .expect("interface name")
+}
+
 /// Runs `ip ARGS` (in the calling thread's netns); panics on failure.
 pub fn run(args: &[&str]) -> String {
     let out = Command::new("ip").args(args).output().expect("run ip");
@@ -54,4 +66,12 @@ pub fn run(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether a process with this pid exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+    })
 }
