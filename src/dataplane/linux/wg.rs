@@ -369,20 +369,41 @@ fn device_state(d: wgc::Device) -> Result<DeviceState, KernelError> {
 
 // ---- kernel backend -------------------------------------------------------
 
+/// Whether `name` is a kernel WireGuard link, asked of the `wireguard`
+/// genetlink family by name. No: no such link (ENODEV), no WireGuard in the
+/// kernel (ENOENT: no such family), a link of another kind (EOPNOTSUPP).
+/// (Not `Device::list`: it dumps every link through wireguard-control's older
+/// netlink-packet-route, which logs warnings about newer kernels' attributes.)
 fn kernel_link_exists(name: wgc::InterfaceName) -> Result<bool, io::Error> {
-    Ok(wgc::Device::list(wgc::Backend::Kernel)?.contains(&name))
+    match wgc::Device::get(&name, wgc::Backend::Kernel) {
+        Ok(_) => Ok(true),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENODEV | libc::ENOENT | libc::EOPNOTSUPP)
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
-/// Creates the kernel link (an empty apply only sends `RTM_NEWLINK`) and
-/// checks that what carries the name now is a WireGuard link: the EEXIST
-/// that wireguard-control ignores could come from a link of another kind.
+/// Makes sure the kernel link exists. An empty apply only sends
+/// `RTM_NEWLINK` (which also autoloads the module); the check after it is
+/// needed because wireguard-control ignores EEXIST, which a link of another
+/// kind with our name would give.
 fn kernel_create(name: wgc::InterfaceName) -> Result<(), KernelError> {
     let iface = name.as_str_lossy().into_owned();
     let op = || format!("create kernel WireGuard link {iface}");
+    let exists = || kernel_link_exists(name).map_err(|e| KernelError::io(op(), &e));
+    if exists()? {
+        return Ok(());
+    }
     wgc::DeviceUpdate::new()
         .apply(&name, wgc::Backend::Kernel)
         .map_err(|e| KernelError::io(op(), &e))?;
-    if !kernel_link_exists(name).map_err(|e| KernelError::io(op(), &e))? {
+    if !exists()? {
         return Err(KernelError::new(
             op(),
             "a link of that name exists and is not a WireGuard link",
