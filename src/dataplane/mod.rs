@@ -11,6 +11,7 @@
 //! (see [`crate::plan`]).
 
 pub mod fake;
+pub mod linux;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};

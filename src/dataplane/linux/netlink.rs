@@ -1,0 +1,576 @@
+//! [`LinuxNetlink`]: links, IPv6 addresses, our routes and change events
+//! through rtnetlink. Netlink types are named only through
+//! `rtnetlink::packet_route` (wireguard-control pulls an older
+//! netlink-packet-route whose types are not interchangeable).
+//!
+//! Our routes: IPv6, in the main table, out of our interface, carrying
+//! [`ROUTE_PROTOCOL`]. Adds use `NLM_F_REPLACE` (idempotent); deletes name
+//! the protocol, which IPv6 route deletion matches on, so a foreign route to
+//! the same prefix survives them.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
+use rtnetlink::packet_core::NetlinkPayload;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol,
+};
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::{Handle, LinkUnspec, MulticastGroup, RouteMessageBuilder};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::super::{KernelError, LinkState, NetEvent, Netlink, ROUTE_PROTOCOL};
+use super::{rtnl_errno, rtnl_error};
+
+/// How many route requests are in flight at once in `add_routes` /
+/// `del_routes`: enough to hide the round trip, few enough to keep the
+/// socket's receive buffer from overflowing with acks.
+const PIPELINE: usize = 64;
+/// Capacity of a subscriber's event queue. When full, events are dropped:
+/// any event already queued makes the reconciler look anyway.
+const EVENT_QUEUE: usize = 256;
+/// Receive buffer of the event socket (bursts: 10k routes at once).
+const EVENT_RCVBUF: usize = 4 << 20;
+const FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+
+/// rtnetlink in the network namespace of the thread that created it.
+pub struct LinuxNetlink {
+    handle: Handle,
+    connection: JoinHandle<()>,
+}
+
+impl LinuxNetlink {
+    /// Opens the netlink socket and spawns its connection task on the
+    /// current tokio runtime (so call it inside one).
+    pub fn new() -> Result<Self, KernelError> {
+        let op = "open rtnetlink";
+        tokio::runtime::Handle::try_current()
+            .map_err(|e| KernelError::new(op, format!("needs a tokio runtime: {e}")))?;
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| KernelError::io(op, &e))?;
+        Ok(Self {
+            handle,
+            connection: tokio::spawn(conn),
+        })
+    }
+}
+
+impl Drop for LinuxNetlink {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+fn route_message(index: u32, addr: Ipv6Addr, len: u8) -> RouteMessage {
+    RouteMessageBuilder::<Ipv6Addr>::new()
+        .destination_prefix(addr, len)
+        .output_interface(index)
+        .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
+        .build()
+}
+
+/// The route's table: the header's u8, or RTA_TABLE for ids above 255.
+fn route_table(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table))
+}
+
+fn route_oif(r: &RouteMessage) -> Option<u32> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
+fn route_destination(r: &RouteMessage) -> (Ipv6Addr, u8) {
+    let addr = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(*ip),
+            _ => None,
+        })
+        .unwrap_or(Ipv6Addr::UNSPECIFIED);
+    (addr, r.header.destination_prefix_length)
+}
+
+/// Runs one request per net, `PIPELINE` at a time, results in order.
+async fn pipelined<F, Fut>(nets: &[(Ipv6Addr, u8)], f: F) -> Vec<Result<(), KernelError>>
+where
+    F: Fn(Ipv6Addr, u8) -> Fut,
+    Fut: std::future::Future<Output = Result<(), KernelError>>,
+{
+    // Owned items: a closure over `&(Ipv6Addr, u8)` trips async_trait's
+    // higher-ranked Send check.
+    futures::stream::iter(nets.to_vec())
+        .map(|(a, l)| f(a, l))
+        .buffered(PIPELINE)
+        .collect()
+        .await
+}
+
+#[async_trait]
+impl Netlink for LinuxNetlink {
+    async fn link(&self, name: &str) -> Result<Option<LinkState>, KernelError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        let msg = match links.try_next().await {
+            Ok(m) => m,
+            Err(e) if rtnl_errno(&e) == Some(libc::ENODEV) => None,
+            Err(e) => return Err(rtnl_error(format!("get link {name}"), &e)),
+        };
+        Ok(msg.map(|m| LinkState {
+            index: m.header.index,
+            up: m.header.flags.contains(LinkFlags::Up),
+            mtu: m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::Mtu(mtu) => Some(*mtu),
+                    _ => None,
+                })
+                .unwrap_or(0),
+        }))
+    }
+
+    async fn set_link_up(&self, index: u32, mtu: u32) -> Result<(), KernelError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(|e| rtnl_error(format!("set link {index} up, mtu {mtu}"), &e))
+    }
+
+    async fn addresses(&self, index: u32) -> Result<Vec<(Ipv6Addr, u8)>, KernelError> {
+        let op = || format!("list addresses of link {index}");
+        let mut req = self.handle.address().get().set_link_index_filter(index);
+        // Ask the kernel for IPv6 only; the index filter is applied here.
+        req.message_mut().header.family = AddressFamily::Inet6;
+        let mut msgs = req.execute();
+        let mut out = Vec::new();
+        while let Some(m) = msgs.try_next().await.map_err(|e| rtnl_error(op(), &e))? {
+            // IPv6 addresses come as IFA_ADDRESS (IFA_LOCAL only with a peer).
+            let addr = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V6(ip)) => Some(*ip),
+                _ => None,
+            });
+            if let Some(ip) = addr {
+                out.push((ip, m.header.prefix_len));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn add_address(&self, index: u32, addr: Ipv6Addr) -> Result<(), KernelError> {
+        let mut req = self
+            .handle
+            .address()
+            .add(index, IpAddr::V6(addr), 128)
+            .replace();
+        // IFA_F_NODAD: usable at once, no duplicate address detection.
+        req.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        req.execute()
+            .await
+            .map_err(|e| rtnl_error(format!("add address {addr}/128 to link {index}"), &e))
+    }
+
+    async fn del_address(&self, index: u32, addr: Ipv6Addr, len: u8) -> Result<(), KernelError> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet6;
+        msg.header.prefix_len = len;
+        msg.header.index = index;
+        msg.attributes
+            .push(AddressAttribute::Address(IpAddr::V6(addr)));
+        match self.handle.address().del(msg).execute().await {
+            // Not there, or the link itself is gone: absent either way.
+            Err(e) if matches!(rtnl_errno(&e), Some(libc::EADDRNOTAVAIL | libc::ENODEV)) => Ok(()),
+            r => r.map_err(|e| {
+                rtnl_error(format!("delete address {addr}/{len} from link {index}"), &e)
+            }),
+        }
+    }
+
+    async fn routes(&self, index: u32) -> Result<Vec<(Ipv6Addr, u8)>, KernelError> {
+        // Without strict checking the dump returns every table; filter here.
+        let all: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| rtnl_error(format!("list routes of link {index}"), &e))?;
+        let mut ours: Vec<(Ipv6Addr, u8)> = all
+            .iter()
+            .filter(|r| {
+                r.header.address_family == AddressFamily::Inet6
+                    && r.header.protocol == RouteProtocol::from(ROUTE_PROTOCOL)
+                    && route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN)
+                    && route_oif(r) == Some(index)
+            })
+            .map(route_destination)
+            .collect();
+        ours.sort();
+        Ok(ours)
+    }
+
+    async fn add_routes(
+        &self,
+        index: u32,
+        nets: &[(Ipv6Addr, u8)],
+    ) -> Vec<Result<(), KernelError>> {
+        pipelined(nets, |addr, len| {
+            let req = self
+                .handle
+                .route()
+                .add(route_message(index, addr, len))
+                .replace();
+            async move {
+                req.execute()
+                    .await
+                    .map_err(|e| rtnl_error(format!("add route {addr}/{len} dev {index}"), &e))
+            }
+        })
+        .await
+    }
+
+    async fn del_routes(
+        &self,
+        index: u32,
+        nets: &[(Ipv6Addr, u8)],
+    ) -> Vec<Result<(), KernelError>> {
+        pipelined(nets, |addr, len| {
+            let req = self.handle.route().del(route_message(index, addr, len));
+            async move {
+                match req.execute().await {
+                    // Not there, or the link is gone (and its routes with it).
+                    Err(e) if matches!(rtnl_errno(&e), Some(libc::ESRCH | libc::ENODEV)) => Ok(()),
+                    r => r.map_err(|e| {
+                        rtnl_error(format!("delete route {addr}/{len} dev {index}"), &e)
+                    }),
+                }
+            }
+        })
+        .await
+    }
+
+    async fn ensure_forwarding(&self) -> Result<bool, KernelError> {
+        // Per netns: /proc/sys/net follows the calling thread's namespace.
+        // Two tiny procfs operations; not worth a blocking-pool hop.
+        let on = std::fs::read_to_string(FORWARDING)
+            .map_err(|e| KernelError::io(format!("read {FORWARDING}"), &e))?;
+        if on.trim() == "1" {
+            return Ok(false);
+        }
+        std::fs::write(FORWARDING, "1")
+            .map_err(|e| KernelError::io(format!("write {FORWARDING}"), &e))?;
+        Ok(true)
+    }
+
+    fn subscribe(&self) -> Result<mpsc::Receiver<NetEvent>, KernelError> {
+        let op = "subscribe to rtnetlink events";
+        let (mut conn, _handle, mut events) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Link,
+            MulticastGroup::Ipv6Ifaddr,
+            MulticastGroup::Ipv6Route,
+        ])
+        .map_err(|e| KernelError::io(op, &e))?;
+        {
+            use rtnetlink::sys::AsyncSocket as _;
+            // Best effort: a bigger buffer makes overruns rarer; they are
+            // handled either way.
+            let _ = conn.socket_mut().socket_mut().set_rx_buf_sz(EVENT_RCVBUF);
+        }
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let connection = tokio::spawn(conn);
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    _ = tx.closed() => break,
+                    item = events.next() => item,
+                };
+                let Some((msg, _)) = item else { break };
+                let ev = match msg.payload {
+                    NetlinkPayload::InnerMessage(m) => match m {
+                        RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => {
+                            NetEvent::Changed(l.header.index)
+                        }
+                        RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
+                            NetEvent::Changed(a.header.index)
+                        }
+                        RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
+                            // 0: a route without a single output interface.
+                            NetEvent::Changed(route_oif(&r).unwrap_or(0))
+                        }
+                        _ => continue,
+                    },
+                    NetlinkPayload::Overrun(_) => NetEvent::Overrun,
+                    _ => continue,
+                };
+                match tx.try_send(ev) {
+                    // Full: an event already waits, which triggers a look.
+                    Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => break,
+                }
+            }
+            // Ends on unsubscribe (receiver dropped) or a dead socket; the
+            // receiver then sees the channel close.
+            connection.abort();
+        });
+        Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::dataplane::linux::testns::{in_netns, need_root, run};
+    use crate::dataplane::MTU;
+
+    /// A veth pair (no dummy driver everywhere); returns the up end's index.
+    async fn veth(nl: &LinuxNetlink) -> u32 {
+        run(&[
+            "link", "add", "sxv0", "type", "veth", "peer", "name", "sxv1",
+        ]);
+        let l = nl.link("sxv0").await.unwrap().expect("veth");
+        assert!(!l.up);
+        // IPv6 refuses routes via a link that is down (ENETDOWN).
+        nl.set_link_up(l.index, MTU).await.unwrap();
+        l.index
+    }
+
+    fn a(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn links_addresses_and_forwarding() {
+        if !need_root("links_addresses_and_forwarding") {
+            return;
+        }
+        in_netns(|| async {
+            let nl = LinuxNetlink::new().unwrap();
+            assert_eq!(nl.link("sxnope0").await.unwrap(), None);
+            let idx = veth(&nl).await;
+            let l = nl.link("sxv0").await.unwrap().unwrap();
+            assert_eq!((l.index, l.up, l.mtu), (idx, true, MTU));
+            let e = nl.set_link_up(999_999, MTU).await.unwrap_err();
+            assert_eq!(e.errno, Some(libc::ENODEV), "{e}");
+
+            let dns = a("fdaa:0:18::3");
+            nl.add_address(idx, dns).await.unwrap();
+            nl.add_address(idx, dns).await.unwrap(); // idempotent
+            assert!(nl.addresses(idx).await.unwrap().contains(&(dns, 128)));
+            let shown = run(&["-6", "addr", "show", "dev", "sxv0"]);
+            let line = shown
+                .lines()
+                .find(|l| l.contains("fdaa:0:18::3/128"))
+                .unwrap();
+            assert!(line.contains("nodad"), "{line}");
+            // Another link's and IPv4 addresses are not listed.
+            run(&["addr", "add", "10.9.9.9/32", "dev", "sxv0"]);
+            run(&["-6", "addr", "add", "fd00::9/128", "dev", "lo"]);
+            assert!(nl
+                .addresses(idx)
+                .await
+                .unwrap()
+                .iter()
+                .all(|(ip, _)| *ip != a("fd00::9") && ip.segments()[0] != 0));
+            nl.del_address(idx, dns, 128).await.unwrap();
+            nl.del_address(idx, dns, 128).await.unwrap(); // absent is fine
+            assert!(!nl.addresses(idx).await.unwrap().contains(&(dns, 128)));
+
+            // A fresh netns starts with forwarding off.
+            assert!(nl.ensure_forwarding().await.unwrap());
+            assert!(!nl.ensure_forwarding().await.unwrap());
+            let on = std::fs::read_to_string(FORWARDING).unwrap();
+            assert_eq!(on.trim(), "1");
+        });
+    }
+
+    #[test]
+    fn routes_lists_and_deletes_only_ours() {
+        if !need_root("routes_lists_and_deletes_only_ours") {
+            return;
+        }
+        in_netns(|| async {
+            let nl = LinuxNetlink::new().unwrap();
+            let idx = veth(&nl).await;
+            let ours = vec![
+                (a("fdaa:0:18:0:1:0:a:0"), 120),
+                (a("fdaa:0:18:0:1:0:a:100"), 120),
+                (a("fdaa:0:19:0:1:0:a:0"), 120),
+            ];
+            assert!(nl.add_routes(idx, &ours).await.iter().all(Result::is_ok));
+            assert!(nl.add_routes(idx, &ours).await.iter().all(Result::is_ok));
+            // Foreign: another protocol; ours but in another table; ours on
+            // another link.
+            run(&[
+                "-6",
+                "route",
+                "add",
+                "fd00:99::/120",
+                "dev",
+                "sxv0",
+                "proto",
+                "static",
+            ]);
+            run(&[
+                "-6",
+                "route",
+                "add",
+                "fd00:98::/120",
+                "dev",
+                "sxv0",
+                "proto",
+                "110",
+                "table",
+                "100",
+            ]);
+            run(&[
+                "-6",
+                "route",
+                "add",
+                "fd00:97::/120",
+                "dev",
+                "lo",
+                "proto",
+                "110",
+            ]);
+            assert_eq!(nl.routes(idx).await.unwrap(), ours);
+            let shown = run(&["-6", "route", "show", "dev", "sxv0"]);
+            assert!(
+                shown.contains("fdaa:0:18:0:1:0:a:0/120 proto 110"),
+                "{shown}"
+            );
+
+            let gone = [ours[0], ours[0]];
+            assert!(nl.del_routes(idx, &gone).await.iter().all(Result::is_ok));
+            assert_eq!(nl.routes(idx).await.unwrap(), ours[1..]);
+            // Deleting a foreign route's prefix leaves it alone: the delete
+            // names our protocol.
+            let r = nl.del_routes(idx, &[(a("fd00:99::"), 120)]).await;
+            assert!(r[0].is_ok(), "{r:?}");
+            let shown = run(&["-6", "route", "show", "proto", "static"]);
+            assert!(shown.contains("fd00:99::/120"), "{shown}");
+            // A route via a missing link fails with its errno, in place.
+            let r = nl.add_routes(999_999, &ours[..1]).await;
+            assert_eq!(r[0].as_ref().unwrap_err().errno, Some(libc::ENODEV));
+        });
+    }
+
+    #[test]
+    fn ten_thousand_routes() {
+        if !need_root("ten_thousand_routes") {
+            return;
+        }
+        in_netns(|| async {
+            let nl = LinuxNetlink::new().unwrap();
+            let idx = veth(&nl).await;
+            let nets: Vec<(Ipv6Addr, u8)> = (0..10_000u32)
+                .map(|i| {
+                    let g = 0xa + (i / 256) as u16;
+                    (
+                        Ipv6Addr::new(0xfdaa, 0, 0x18, 0, 1, 0, g, ((i % 256) << 8) as u16),
+                        120,
+                    )
+                })
+                .collect();
+            let t = Instant::now();
+            let r = nl.add_routes(idx, &nets).await;
+            let add = t.elapsed();
+            assert!(r.iter().all(Result::is_ok));
+            let t = Instant::now();
+            let listed = nl.routes(idx).await.unwrap();
+            let list = t.elapsed();
+            let mut want = nets.clone();
+            want.sort();
+            assert_eq!(listed, want);
+            let t = Instant::now();
+            let again = nl.add_routes(idx, &nets).await;
+            let readd = t.elapsed();
+            assert!(again.iter().all(Result::is_ok));
+            let t = Instant::now();
+            let r = nl.del_routes(idx, &nets).await;
+            let del = t.elapsed();
+            assert!(r.iter().all(Result::is_ok));
+            assert!(nl.routes(idx).await.unwrap().is_empty());
+            eprintln!(
+                "10k routes: add {add:?}, list {list:?}, re-add (replace) {readd:?}, delete {del:?}"
+            );
+            assert!(add < Duration::from_secs(10), "{add:?}");
+        });
+    }
+
+    #[test]
+    fn subscribe_reports_changes_on_the_link() {
+        if !need_root("subscribe_reports_changes_on_the_link") {
+            return;
+        }
+        in_netns(|| async {
+            let nl = LinuxNetlink::new().unwrap();
+            let idx = veth(&nl).await;
+            let mut rx = nl.subscribe().unwrap();
+            // Let the link-up burst pass, then make one change.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while rx.try_recv().is_ok() {}
+            run(&[
+                "-6",
+                "addr",
+                "add",
+                "fdaa:0:18::3/128",
+                "dev",
+                "sxv0",
+                "nodad",
+            ]);
+            let got = tokio::time::timeout(Duration::from_secs(2), async {
+                while let Some(ev) = rx.recv().await {
+                    if ev == NetEvent::Changed(idx) {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
+            assert_eq!(got, Ok(true), "an event for link {idx}");
+            // Route events carry the route's output link.
+            run(&[
+                "-6",
+                "route",
+                "add",
+                "fd00:1::/120",
+                "dev",
+                "sxv0",
+                "proto",
+                "110",
+            ]);
+            let ev = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await;
+            assert!(
+                matches!(ev, Ok(Some(NetEvent::Changed(i))) if i == idx),
+                "{ev:?}"
+            );
+            // Dropping the receiver ends the forwarder (no leak, no panic).
+            drop(rx);
+            run(&["link", "del", "sxv0"]);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        });
+    }
+}
