@@ -10,9 +10,12 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::api::server::{self, ApiState, DataplaneView};
+use crate::api::server::{self, ApiState};
 use crate::config::{Config, StoreKind};
+use crate::dataplane::{KernelError, Netlink, WgDevice};
 use crate::model::PrivateKey;
+use crate::plan::Identity;
+use crate::reconcile::{Reconciler, Settings};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Gateway, Store, StoreError};
 
@@ -33,6 +36,9 @@ pub enum GatewayError {
     /// An API listener failed.
     #[error(transparent)]
     Listen(#[from] server::ListenError),
+    /// The kernel adapters could not start.
+    #[error("dataplane: {0}")]
+    Kernel(#[from] KernelError),
     /// Something else at start.
     #[error("{0}")]
     Other(String),
@@ -146,17 +152,35 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
         None => None,
     };
 
-    let dataplane: Option<Arc<dyn DataplaneView>> = None;
+    let (wg, nl) = linux_dataplane(&config)?;
+    tracing::info!(backend = wg.backend_name(), interface = %config.gateway.interface,
+        "WireGuard backend chosen");
+    let reconciler = Reconciler::new(
+        wg,
+        nl,
+        store.clone(),
+        Settings {
+            gateway: me.name.clone(),
+            interface: config.gateway.interface.clone(),
+            identity: Identity {
+                public_key: key.public_key(),
+                listen_port: config.gateway.listen_port,
+                host_id: config.gateway.host_id,
+            },
+            private_key: key,
+        },
+    );
     let state = Arc::new(ApiState {
         store: store.clone(),
         gateway: me.name.clone(),
         region: me.region.clone(),
         admin_token_sha256,
-        dataplane,
+        dataplane: Some(reconciler.view()),
     });
     let router = server::router(state);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let reconcile_task = tokio::spawn(reconciler.run(stop_rx.clone()));
     let stopped = move || {
         let mut rx = stop_rx.clone();
         async move {
@@ -199,7 +223,23 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
         while tasks.join_next().await.is_some() {}
     })
     .await;
+    let _ = reconcile_task.await;
     let _ = std::fs::remove_file(&config.api.socket);
+    // The interface, its peers, addresses and routes stay: a restarted
+    // daemon adopts them and live sessions continue.
     tracing::info!("stopped");
     result
+}
+
+/// The two kernel adapters the reconciler drives.
+type Adapters = (Arc<dyn WgDevice>, Arc<dyn Netlink>);
+
+/// The Linux adapters for the configured interface and backend.
+fn linux_dataplane(config: &Config) -> Result<Adapters, GatewayError> {
+    let wg = crate::dataplane::linux::LinuxWg::new(
+        config.gateway.interface.clone(),
+        config.gateway.backend,
+    )?;
+    let nl = crate::dataplane::linux::LinuxNetlink::new()?;
+    Ok((Arc::new(wg), Arc::new(nl)))
 }

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::api::server::{DataplaneView, PeerStats};
+use crate::api::server::{DataplaneHealth, DataplaneView, PeerStats};
 use crate::dataplane::{KernelError, NetEvent, Netlink, WgDevice, MTU};
 use crate::model::{GatewayName, InterfaceName, PrivateKey, PublicKey};
 use crate::plan::{self, Desired, Identity, Observed, Plan};
@@ -501,6 +501,20 @@ impl DataplaneView for View {
             tx_bytes: p.tx_bytes,
             installed_since: unix(since),
         })
+    }
+
+    fn health(&self) -> DataplaneHealth {
+        let i = self.installed.borrow();
+        DataplaneHealth {
+            backend: self.wg.backend_name().to_owned(),
+            installed_peers: i.peers.len(),
+            registered_peers: i.registered,
+            last_sync: i.last_sync.and_then(|t| {
+                t.duration_since(SystemTime::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs())
+            }),
+        }
     }
 }
 

@@ -51,8 +51,8 @@ pub struct Health {
     pub region: RegionName,
     /// The store revision last seen.
     pub revision: u64,
-    /// Whether a kernel dataplane runs in this daemon.
-    pub dataplane: bool,
+    /// The kernel dataplane's state, if this daemon runs one.
+    pub dataplane: Option<server::DataplaneHealth>,
 }
 
 /// One region with gateways.

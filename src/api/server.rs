@@ -56,6 +56,21 @@ pub trait DataplaneView: Send + Sync {
     async fn wait_installed(&self, key: &PublicKey, timeout: Duration) -> bool;
     /// The peer's kernel state, if it is installed here.
     async fn peer_stats(&self, key: &PublicKey) -> Option<PeerStats>;
+    /// Installed and registered peer counts and the last full sync.
+    fn health(&self) -> DataplaneHealth;
+}
+
+/// The dataplane's part of `/v1/health`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct DataplaneHealth {
+    /// The WireGuard backend in use.
+    pub backend: String,
+    /// Peers live on the interface.
+    pub installed_peers: usize,
+    /// Peers registered on this gateway.
+    pub registered_peers: usize,
+    /// Unix seconds of the last pass after which the kernel matched the store.
+    pub last_sync: Option<u64>,
 }
 
 /// Shared state of all handlers.
@@ -289,7 +304,7 @@ async fn health(State(st): State<Arc<ApiState>>, _caller: Caller) -> ApiResult<H
         gateway: st.gateway.clone(),
         region: st.region.clone(),
         revision,
-        dataplane: st.dataplane.is_some(),
+        dataplane: st.dataplane.as_ref().map(|d| d.health()),
     }))
 }
 
