@@ -5,6 +5,7 @@
 #
 #   sixpn-demo-gw      runs `sixpn gateway` (its API socket is in $DEMO)
 #   sixpn-demo-client  a "laptop" that loads the wg-quick file sixpn wrote
+#   sixpn-demo-host    an instance host with the demo app's instance
 #
 # It stays up until Ctrl-C (or exits at once with DEMO_EXIT=1), then removes
 # everything it made.
@@ -19,13 +20,14 @@ BIN="$PWD/target/debug/sixpn"
 DEMO=${DEMO:-/tmp/sixpn-demo}
 GW=sixpn-demo-gw
 CL=sixpn-demo-client
+HOST=sixpn-demo-host
 GW_PID=
 CL_WG_PID=
 
 cleanup() {
   set +e
   for pid in $GW_PID $CL_WG_PID; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
-  for ns in $CL $GW; do
+  for ns in $CL $HOST $GW; do
     ip netns pids $ns 2>/dev/null | xargs -r kill -9 2>/dev/null
     ip netns del $ns 2>/dev/null
   done
@@ -34,16 +36,15 @@ trap cleanup EXIT
 cleanup
 rm -rf "$DEMO"; mkdir -p "$DEMO"
 
-echo "== sandbox: namespaces $GW and $CL joined by a veth pair"
-ip netns add $GW
-ip netns add $CL
-ip -n $GW link set lo up
-ip -n $CL link set lo up
-ip link add sixpn-demo-a netns $GW type veth peer name sixpn-demo-b netns $CL
-ip -n $GW addr add fd53:7078::1/64 dev sixpn-demo-a nodad
-ip -n $CL addr add fd53:7078::2/64 dev sixpn-demo-b nodad
-ip -n $GW link set sixpn-demo-a up
-ip -n $CL link set sixpn-demo-b up
+echo "== sandbox: namespaces $CL -- $GW -- $HOST joined by veth pairs"
+for ns in $GW $CL $HOST; do ip netns add $ns; ip -n $ns link set lo up; done
+ip link add to-client netns $GW type veth peer name to-gw netns $CL
+ip link add to-host netns $GW type veth peer name to-gw netns $HOST
+ip -n $GW addr add fd53:7078::1/64 dev to-client nodad
+ip -n $CL addr add fd53:7078::2/64 dev to-gw nodad
+ip -n $GW addr add fd53:7079::1/64 dev to-host nodad
+ip -n $HOST addr add fd53:7079::2/64 dev to-gw nodad
+for l in "$GW to-client" "$GW to-host" "$CL to-gw" "$HOST to-gw"; do set -- $l; ip -n $1 link set $2 up; done
 
 cat > "$DEMO/gateway.toml" <<TOML
 [gateway]
@@ -73,10 +74,14 @@ echo
 sixpn() { "$BIN" "$@"; }
 run sixpn orgs create demo
 run sixpn instances add demo hello lhr --host a7b:7d --machine f066:b83b
+INSTANCE=$("$BIN" instances list demo --json | jq -r '.[0].address')
+# The instance host: its 6PN address, routed behind the gateway.
+ip -n $HOST -6 addr add "$INSTANCE/128" dev lo
+ip -n $HOST -6 route add fdaa::/16 via fd53:7079::1
+ip -n $GW -6 route add "${INSTANCE%:*:*:*}::/80" via fd53:7079::2
 run sixpn wireguard create demo lhr laptop "$DEMO/laptop.conf"
 run cat "$DEMO/laptop.conf"
 run sixpn wireguard list demo
-run sixpn wireguard status demo laptop
 
 echo
 echo "== the client loads the file (DNS line kept away from this host's resolv.conf)"
@@ -88,7 +93,19 @@ for _ in $(seq 100); do [ -S /var/run/wireguard/sixpn-demo-c.sock ] && break; sl
 ip netns exec $CL wg setconf sixpn-demo-c "$DEMO/laptop.wg"
 ip -n $CL -6 addr add "$(awk '/^Address/ {print $3}' "$DEMO/laptop.conf")" dev sixpn-demo-c
 ip -n $CL link set sixpn-demo-c up
+DNS_ADDR=$(awk '/^DNS/ {print $3}' "$DEMO/laptop.conf")
+ip -n $CL -6 route add "$(awk '/^AllowedIPs/ {print $3}' "$DEMO/laptop.conf")" dev sixpn-demo-c
+echo
+echo "== through the tunnel: the org's DNS address and the app instance"
+run ip netns exec $CL ping -6 -c 2 -i 0.3 "$DNS_ADDR"
+run ip netns exec $CL ping -6 -c 2 -i 0.3 "$INSTANCE"
 run ip netns exec $CL wg show sixpn-demo-c
+echo
+echo "== on the gateway"
+run ip netns exec $GW wg show sixpn-demo0
+run ip -n $GW -6 route show dev sixpn-demo0
+run ip -n $GW -6 addr show dev sixpn-demo0
+run sixpn wireguard status demo laptop
 
 echo
 echo "sixpn is running in namespace $GW. Try:"
