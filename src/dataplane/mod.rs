@@ -2,12 +2,13 @@
 //!
 //! The reconciler ([`crate::reconcile`]) only ever talks to these traits:
 //! [`WgDevice`] for the WireGuard interface (wireguard-control: the kernel
-//! module, or wireguard-go over its UAPI socket) and [`Netlink`] for links,
-//! addresses, routes and change events (rtnetlink). Adapters decide nothing:
+//! module, or wireguard-go over its UAPI socket), [`Netlink`] for links,
+//! addresses, routes and change events (rtnetlink), and [`Firewall`] for
+//! sixpn's nftables table (`nft -j`, nfnetlink). Adapters decide nothing:
 //! they read state and carry out the instructions the pure planner produced.
 //!
 //! Ownership markers: the interface is ours; routes are ours when they carry
-//! [`ROUTE_PROTOCOL`]; the planner decides which peers and addresses are ours
+//! [`ROUTE_PROTOCOL`]; in nftables only `table inet sixpn` is ours; the planner decides which peers and addresses are ours
 //! (see [`crate::plan`]).
 
 pub mod fake;
@@ -20,7 +21,8 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use tokio::sync::{mpsc, watch};
 
-use crate::model::{PeerNet, PrivateKey, PublicKey};
+use crate::model::{OrgPrefix, PeerNet, PrivateKey, PublicKey};
+use crate::plan::nft::{ElementKey, ObservedTable, Ruleset};
 
 /// sixpn's route protocol number (`ip route … proto 110`); the reconciler
 /// only ever touches routes that carry it. 110 is unassigned in
@@ -202,4 +204,27 @@ pub trait Netlink: Send + Sync {
 
     /// Link, IPv6 address and IPv6 route events from now on.
     fn subscribe(&self) -> Result<mpsc::Receiver<NetEvent>, KernelError>;
+}
+
+/// sixpn's nftables table, `table inet sixpn`, and nothing else: every
+/// method names that table only (see [`crate::plan::nft`]).
+#[async_trait]
+pub trait Firewall: Send + Sync {
+    /// Our table as it is in the kernel; `None` when it does not exist.
+    async fn observe(&self) -> Result<Option<ObservedTable>, KernelError>;
+
+    /// Replaces the table whole in one transaction. On error the previous
+    /// table is still in force, unchanged.
+    async fn replace(&self, ruleset: &Ruleset) -> Result<(), KernelError>;
+
+    /// Adds and removes `same_org48` elements in one transaction.
+    async fn update_elements(
+        &self,
+        add: &[(OrgPrefix, String)],
+        remove: &[ElementKey],
+    ) -> Result<(), KernelError>;
+
+    /// One message per committed nftables transaction made by someone else
+    /// (or per lost batch of events): the table may have changed.
+    fn subscribe(&self) -> Result<mpsc::Receiver<()>, KernelError>;
 }

@@ -16,6 +16,8 @@
 //! that is every peer registered on this gateway; just-in-time peers will
 //! narrow it to the active ones.
 
+pub mod nft;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 
@@ -43,12 +45,20 @@ pub struct Desired {
     pub installed: BTreeMap<PublicKey, DesiredPeer>,
     /// `<org>::3` for each org with installed peers here.
     pub dns_addresses: BTreeSet<Ipv6Addr>,
+    /// Every org in the store, by prefix, for the isolation set: an org
+    /// with no peers here still has instances that peers of other orgs must
+    /// not reach, and its own peers may arrive at any moment.
+    pub orgs: BTreeMap<OrgPrefix, String>,
 }
 
 impl Desired {
     /// The desired state of gateway `me` in `snap`.
     pub fn from_snapshot(snap: &Snapshot, me: &GatewayName) -> Self {
         let mut d = Desired::default();
+        for o in &snap.orgs {
+            d.orgs
+                .insert(o.network_id.prefix(), o.name.as_str().to_owned());
+        }
         for p in snap.peers.iter().filter(|p| &p.gateway == me) {
             d.registered += 1;
             d.installed.insert(

@@ -1,6 +1,7 @@
 //! The real kernel adapters: [`LinuxWg`] (wireguard-control: the kernel
-//! module, or a wireguard-go we start, supervise and adopt) and
-//! [`LinuxNetlink`] (rtnetlink: links, IPv6 addresses, our routes, events).
+//! module, or a wireguard-go we start, supervise and adopt),
+//! [`LinuxNetlink`] (rtnetlink: links, IPv6 addresses, our routes, events)
+//! and [`LinuxFirewall`] (`table inet sixpn`: nft -j and nfnetlink).
 //!
 //! Like every adapter they decide nothing: they read state and carry out
 //! instructions. What they own:
@@ -8,19 +9,22 @@
 //!   process, which deliberately outlives the daemon (a restart or a
 //!   `kill -9` of sixpn must not drop sessions; see [`LinuxWg`]);
 //! - routes carrying [`super::ROUTE_PROTOCOL`] on that interface in the main
-//!   table; nothing else is ever listed as ours.
+//!   table; nothing else is ever listed as ours;
+//! - the nftables table `inet sixpn`; no other table is listed or changed.
 //!
 //! Both are per network namespace: sockets, links and `/proc/sys/net` follow
 //! the netns of the thread that opens them. The daemon lives in one netns;
 //! the root tests give each test thread its own (see `testns`).
 
 mod netlink;
+mod nft;
 mod wg;
 
 #[cfg(test)]
 mod testns;
 
 pub use netlink::LinuxNetlink;
+pub use nft::{ElementPath, LinuxFirewall};
 pub use wg::{forbid_userspace_autospawn, LinuxWg};
 
 use super::KernelError;

@@ -1,0 +1,470 @@
+//! The ruleset model: golden text, the JSON batch, the verdict tracer over
+//! the isolation matrix, listing parsing and planning.
+
+use super::*;
+
+fn org(id: u32) -> OrgPrefix {
+    crate::model::NetworkId::new(id).unwrap().prefix()
+}
+
+/// The documented example: `acme` fdaa:0:1::/48 and `globex` fdaa:0:2::/48
+/// on `sixpn0`.
+fn example() -> Ruleset {
+    Ruleset::new(
+        "sixpn0",
+        [(org(1), "acme".into()), (org(2), "globex".into())].into(),
+    )
+}
+
+const GOLDEN: &str = include_str!("../../../nft/sixpn.nft");
+
+/// The golden file less its leading `#` comment block.
+fn golden_table(file: &str) -> String {
+    file.lines()
+        .skip_while(|l| l.starts_with('#') || l.trim().is_empty())
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+#[test]
+fn golden_file_is_the_text_render_of_the_example() {
+    let text = example().to_text();
+    if std::env::var_os("SIXPN_BLESS").is_some() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/nft/sixpn.nft");
+        let header: String = GOLDEN
+            .lines()
+            .take_while(|l| l.starts_with('#') || l.trim().is_empty())
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(path, format!("{header}{text}")).unwrap();
+        return;
+    }
+    assert_eq!(
+        golden_table(GOLDEN),
+        text,
+        "nft/sixpn.nft and the renderer disagree; if the change is intended, \
+         rerun with SIXPN_BLESS=1 and review the diff"
+    );
+}
+
+#[test]
+fn the_fingerprint_covers_the_skeleton_only() {
+    let a = example();
+    let b = Ruleset::new("sixpn0", BTreeMap::new());
+    let c = Ruleset::new("other0", BTreeMap::new());
+    assert_eq!(a.fingerprint().len(), 12);
+    assert_eq!(a.fingerprint(), b.fingerprint(), "elements don't count");
+    assert_ne!(a.fingerprint(), c.fingerprint(), "the interface does");
+    assert!(a
+        .to_text()
+        .contains(&format!("[sixpn ruleset {}]", a.fingerprint())));
+}
+
+#[test]
+fn replace_batch_is_one_atomic_transaction_with_named_elements() {
+    let json = to_json(&example().replace_batch());
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let cmds = v["nftables"].as_array().unwrap();
+    // add table; delete table; add table: atomic whether or not it existed.
+    assert_eq!(cmds[0]["add"]["table"]["name"], TABLE);
+    assert_eq!(cmds[1]["delete"]["table"]["name"], TABLE);
+    assert_eq!(cmds[2]["add"]["table"]["name"], TABLE);
+    assert!(cmds.iter().all(|c| {
+        let obj = c.as_object().unwrap().values().next().unwrap();
+        let inner = obj.as_object().unwrap().values().next().unwrap();
+        inner["family"] == "inet" && (inner["table"] == TABLE || inner["name"] == TABLE)
+    }));
+    let set = cmds
+        .iter()
+        .find_map(|c| c["add"].get("set"))
+        .expect("the set");
+    assert_eq!(set["elem"][0]["elem"]["comment"], "acme");
+    assert_eq!(
+        set["elem"][1]["elem"]["val"]["concat"],
+        serde_json::json!(["fdaa:0:2::", "fdaa:0:2::"])
+    );
+    let rules = cmds
+        .iter()
+        .filter(|c| c["add"].get("rule").is_some())
+        .count();
+    assert_eq!(rules, 15);
+    assert!(
+        json.contains(r#"{"accept":null}"#),
+        "verdicts keep their null"
+    );
+    assert!(!json.contains(r#""timeout""#) && !json.contains(r#""bytes""#));
+}
+
+#[test]
+fn update_batch_touches_set_elements_only() {
+    let add = vec![(org(3), "initech".to_string())];
+    let remove = vec![element_key(org(1))];
+    let v: serde_json::Value =
+        serde_json::from_str(&to_json(&update_batch(&add, &remove))).unwrap();
+    let cmds = v["nftables"].as_array().unwrap();
+    assert_eq!(cmds.len(), 2);
+    assert_eq!(cmds[0]["delete"]["element"]["name"], SET);
+    assert_eq!(
+        cmds[0]["delete"]["element"]["elem"][0]["concat"],
+        serde_json::json!(["fdaa:0:1::", "fdaa:0:1::"])
+    );
+    assert_eq!(
+        cmds[1]["add"]["element"]["elem"][0]["elem"]["comment"],
+        "initech"
+    );
+}
+
+// ----- the tracer ------------------------------------------------------------
+
+const WG: &str = "sixpn0";
+const LAN: &str = "eth1";
+const UPLINK: &str = "eth0";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Src {
+    Peer,
+    Instance,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dst {
+    Instance,
+    Peer,
+    Dns,
+    OtherPort,
+    Non6pn,
+}
+
+fn peer_addr(net: u32, slot: u16) -> Ipv6Addr {
+    let p = org(net).addr().segments();
+    Ipv6Addr::new(p[0], p[1], p[2], 0xa7b, 0xd6b, 0, 0xa, (slot << 8) | 2)
+}
+
+fn instance_addr(net: u32) -> Ipv6Addr {
+    let p = org(net).addr().segments();
+    Ipv6Addr::new(p[0], p[1], p[2], 0xa7b, 0x7d, 0xf066, 0xb83b, 2)
+}
+
+/// The packets (hook and all) of one cell of the matrix.
+fn packets(src: Src, from: u32, dst: Dst, to: u32) -> Vec<(Hook, Packet)> {
+    let (iif, saddr) = match src {
+        Src::Peer => (WG, peer_addr(from, 0)),
+        Src::Instance => (LAN, instance_addr(from)),
+    };
+    let pkt = |oif: Option<&str>, d: Ipv6Addr, l4| Packet {
+        iif: iif.into(),
+        oif: oif.map(Into::into),
+        src: IpAddr::V6(saddr),
+        dst: IpAddr::V6(d),
+        l4,
+    };
+    let fwd = |oif, d| {
+        [L4::Icmpv6, L4::Tcp(80), L4::Udp(53)]
+            .into_iter()
+            .map(|l4| (Hook::Forward, pkt(Some(oif), d, l4)))
+            .collect::<Vec<_>>()
+    };
+    match dst {
+        Dst::Instance => fwd(LAN, instance_addr(to)),
+        Dst::Peer => fwd(WG, peer_addr(to, 1)),
+        Dst::Non6pn => {
+            let mut v = fwd(UPLINK, "2001:db8::1".parse().unwrap());
+            // …and the gateway's own underlay address.
+            v.push((
+                Hook::Input,
+                pkt(None, "2001:db8:1::1".parse().unwrap(), L4::Tcp(22)),
+            ));
+            v
+        }
+        Dst::Dns => [L4::Udp(53), L4::Tcp(53), L4::Icmpv6]
+            .into_iter()
+            .map(|l4| (Hook::Input, pkt(None, org(to).dns_addr(), l4)))
+            .collect(),
+        Dst::OtherPort => [L4::Tcp(22), L4::Udp(123), L4::Tcp(80)]
+            .into_iter()
+            .map(|l4| (Hook::Input, pkt(None, org(to).dns_addr(), l4)))
+            .collect(),
+    }
+}
+
+#[test]
+fn only_same_org_traffic_to_allowed_destinations_passes() {
+    let rs = example();
+    // 1 = acme, 2 = globex, 9 = an org this gateway doesn't know.
+    let orgs = [1, 2, 9];
+    let mut checked = 0;
+    for src in [Src::Peer, Src::Instance] {
+        for from in orgs {
+            for dst in [
+                Dst::Instance,
+                Dst::Peer,
+                Dst::Dns,
+                Dst::OtherPort,
+                Dst::Non6pn,
+            ] {
+                for to in orgs {
+                    let allowed = from == to
+                        && from != 9
+                        && matches!(dst, Dst::Instance | Dst::Peer | Dst::Dns);
+                    for (hook, p) in packets(src, from, dst, to) {
+                        let t = rs.trace(hook, &p);
+                        let want = if allowed {
+                            Decision::Accept
+                        } else {
+                            Decision::Drop
+                        };
+                        assert_eq!(
+                            t.decision, want,
+                            "{src:?} of org {from} -> {dst:?} of org {to}: {p:?} {hook:?} {t:?}"
+                        );
+                        if want == Decision::Drop {
+                            let counter = match hook {
+                                Hook::Forward => FORWARD_DROPPED,
+                                Hook::Input => INPUT_DROPPED,
+                            };
+                            assert_eq!(t.counter, Some(counter), "drops are counted: {t:?}");
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 200, "{checked}");
+}
+
+#[test]
+fn an_empty_set_forwards_no_6pn_at_all() {
+    let rs = Ruleset::new(WG, BTreeMap::new());
+    for (hook, p) in packets(Src::Peer, 1, Dst::Instance, 1)
+        .into_iter()
+        .chain(packets(Src::Peer, 1, Dst::Dns, 1))
+        .chain(packets(Src::Instance, 1, Dst::Peer, 1))
+    {
+        assert_eq!(rs.trace(hook, &p).decision, Decision::Drop, "{p:?}");
+    }
+}
+
+#[test]
+fn ipv4_from_a_peer_is_dropped_and_foreign_traffic_left_alone() {
+    let rs = example();
+    let v4 = |iif: &str, oif: Option<&str>, l4| Packet {
+        iif: iif.into(),
+        oif: oif.map(Into::into),
+        src: "10.0.0.2".parse().unwrap(),
+        dst: "10.0.0.1".parse().unwrap(),
+        l4,
+    };
+    let t = rs.trace(Hook::Input, &v4(WG, None, L4::Udp(53)));
+    assert_eq!(
+        (t.decision, t.counter),
+        (Decision::Drop, Some(INPUT_DROPPED))
+    );
+    let t = rs.trace(Hook::Forward, &v4(WG, Some(UPLINK), L4::Tcp(80)));
+    assert_eq!(t.decision, Decision::Drop);
+    // Not 6PN and not the WireGuard interface: not ours to judge.
+    let t = rs.trace(Hook::Forward, &v4(UPLINK, Some(LAN), L4::Tcp(80)));
+    assert_eq!((t.decision, t.rule), (Decision::Accept, None));
+    let other = Packet {
+        iif: UPLINK.into(),
+        oif: Some(LAN.into()),
+        src: "2001:db8::1".parse().unwrap(),
+        dst: "2001:db8:2::1".parse().unwrap(),
+        l4: L4::Tcp(443),
+    };
+    assert_eq!(rs.trace(Hook::Forward, &other).rule, None);
+    let to_host = Packet {
+        oif: None,
+        dst: "2001:db8:1::1".parse().unwrap(),
+        ..other
+    };
+    assert_eq!(rs.trace(Hook::Input, &to_host).rule, None);
+}
+
+#[test]
+fn a_source_spoofing_another_org_never_gets_the_org_pair() {
+    // What WireGuard's allowed-ips already stops, the set stops too: a peer
+    // of acme claiming a globex source reaches only globex, and only what
+    // globex's own peers could.
+    let rs = example();
+    let p = Packet {
+        iif: WG.into(),
+        oif: Some(LAN.into()),
+        src: IpAddr::V6(peer_addr(2, 7)),
+        dst: IpAddr::V6(instance_addr(1)),
+        l4: L4::Icmpv6,
+    };
+    assert_eq!(rs.trace(Hook::Forward, &p).decision, Decision::Drop);
+}
+
+// ----- listing and planning ----------------------------------------------------
+
+fn listing(rs: &Ruleset, extra_elems: &[serde_json::Value]) -> String {
+    let mut items = vec![serde_json::json!({"metainfo": {"version": "1.0.6"}})];
+    items.push(serde_json::json!({"table": {"family": "inet", "name": TABLE, "handle": 1}}));
+    let mut elems: Vec<serde_json::Value> = rs
+        .orgs
+        .iter()
+        .map(|(p, n)| {
+            serde_json::json!({"elem": {"val": {"concat": [p.addr().to_string(), p.addr().to_string()]}, "comment": n}})
+        })
+        .collect();
+    elems.extend_from_slice(extra_elems);
+    items.push(
+        serde_json::json!({"set": {"family": "inet", "name": SET, "table": TABLE,
+        "type": ["ipv6_addr", "ipv6_addr"], "elem": elems}}),
+    );
+    for c in &rs.chains {
+        items
+            .push(serde_json::json!({"chain": {"family": "inet", "table": TABLE, "name": c.name}}));
+        for r in &c.rules {
+            items.push(
+                serde_json::json!({"rule": {"family": "inet", "table": TABLE,
+                "chain": c.name, "comment": r.comment, "expr": []}}),
+            );
+        }
+    }
+    items.push(
+        serde_json::json!({"counter": {"family": "inet", "name": FORWARD_DROPPED,
+        "table": TABLE, "packets": 7, "bytes": 700}}),
+    );
+    serde_json::json!({ "nftables": items }).to_string()
+}
+
+#[test]
+fn a_listing_parses_to_what_the_ruleset_says() {
+    let rs = example();
+    let o = parse_listing(&listing(&rs, &[])).unwrap();
+    assert_eq!(o, rs.as_observed());
+    assert!(o.skeleton_matches(&rs));
+    assert_eq!(
+        counter_packets(&listing(&rs, &[]), FORWARD_DROPPED),
+        Some(7)
+    );
+    assert_eq!(counter_packets(&listing(&rs, &[]), INPUT_DROPPED), None);
+    let bad = serde_json::json!({"elem": {"val": "fdaa:0:1::"}});
+    assert!(parse_listing(&listing(&rs, &[bad])).is_err());
+}
+
+fn orgs(ids: &[u32]) -> BTreeMap<OrgPrefix, String> {
+    ids.iter().map(|i| (org(*i), format!("org{i}"))).collect()
+}
+
+#[test]
+fn plan_replaces_a_missing_table_then_plans_nothing() {
+    let want = orgs(&[1, 2]);
+    let p = plan_firewall(WG, Some(&want), None, false);
+    let FirewallPlan::Replace { ruleset, .. } = &p else {
+        panic!("{p:?}")
+    };
+    assert_eq!(ruleset.orgs, want);
+    let mut seen = None;
+    apply_firewall_to(&mut seen, &p);
+    assert_eq!(
+        plan_firewall(WG, Some(&want), seen.as_ref(), false),
+        FirewallPlan::Nothing
+    );
+}
+
+#[test]
+fn adding_or_removing_an_org_changes_elements_only() {
+    let mut seen = Some(Ruleset::new(WG, orgs(&[1, 2])).as_observed());
+    let p = plan_firewall(WG, Some(&orgs(&[1, 2, 3])), seen.as_ref(), false);
+    assert_eq!(
+        p,
+        FirewallPlan::Update {
+            add: vec![(org(3), "org3".into())],
+            remove: vec![]
+        }
+    );
+    apply_firewall_to(&mut seen, &p);
+    let p = plan_firewall(WG, Some(&orgs(&[2, 3])), seen.as_ref(), false);
+    assert_eq!(
+        p,
+        FirewallPlan::Update {
+            add: vec![],
+            remove: vec![element_key(org(1))]
+        }
+    );
+    apply_firewall_to(&mut seen, &p);
+    assert_eq!(
+        plan_firewall(WG, Some(&orgs(&[2, 3])), seen.as_ref(), false),
+        FirewallPlan::Nothing
+    );
+}
+
+#[test]
+fn a_cross_org_element_is_removed() {
+    let mut seen = Ruleset::new(WG, orgs(&[1, 2])).as_observed();
+    let bridge = (org(1).addr(), org(2).addr());
+    seen.elements.insert(bridge, Some("org1".into()));
+    let p = plan_firewall(WG, Some(&orgs(&[1, 2])), Some(&seen), false);
+    assert_eq!(
+        p,
+        FirewallPlan::Update {
+            add: vec![],
+            remove: vec![bridge]
+        }
+    );
+    // Even before the store loads.
+    let p = plan_firewall(WG, None, Some(&seen), false);
+    assert!(
+        matches!(p, FirewallPlan::Update { ref remove, .. } if remove == &[bridge]),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn flushed_rules_or_a_failed_change_force_a_replace() {
+    let want = orgs(&[1]);
+    let mut seen = Ruleset::new(WG, want.clone()).as_observed();
+    assert_eq!(
+        plan_firewall(WG, Some(&want), Some(&seen), false),
+        FirewallPlan::Nothing
+    );
+    assert!(matches!(
+        plan_firewall(WG, Some(&want), Some(&seen), true),
+        FirewallPlan::Replace {
+            reason: "the last change failed",
+            ..
+        }
+    ));
+    // `nft flush table inet sixpn` keeps chains and set, drops the rules.
+    for n in seen.rules.values_mut() {
+        n.clear();
+    }
+    assert!(matches!(
+        plan_firewall(WG, Some(&want), Some(&seen), false),
+        FirewallPlan::Replace { .. }
+    ));
+    // A skeleton for another interface is not ours either.
+    let other = Ruleset::new("wg9", want.clone()).as_observed();
+    assert!(matches!(
+        plan_firewall(WG, Some(&want), Some(&other), false),
+        FirewallPlan::Replace { .. }
+    ));
+}
+
+#[test]
+fn before_the_store_loads_nothing_is_added_or_removed() {
+    // Absent: installed empty, so nothing 6PN is forwarded meanwhile.
+    let p = plan_firewall(WG, None, None, false);
+    assert!(
+        matches!(&p, FirewallPlan::Replace { ruleset, .. } if ruleset.orgs.is_empty()),
+        "{p:?}"
+    );
+    // Present and right: left as it is.
+    let seen = Ruleset::new(WG, orgs(&[1, 2])).as_observed();
+    assert_eq!(
+        plan_firewall(WG, None, Some(&seen), false),
+        FirewallPlan::Nothing
+    );
+    // Broken: replaced, keeping the orgs it had.
+    let mut broken = seen.clone();
+    broken.rules.clear();
+    let p = plan_firewall(WG, None, Some(&broken), false);
+    assert!(
+        matches!(&p, FirewallPlan::Replace { ruleset, .. } if ruleset.orgs == orgs(&[1, 2])),
+        "{p:?}"
+    );
+}
