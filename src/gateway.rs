@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::api::server::{self, ApiState};
 use crate::config::{Config, StoreKind};
-use crate::dataplane::{KernelError, Netlink, WgDevice};
+use crate::dataplane::{Firewall, KernelError, Netlink, WgDevice};
 use crate::model::PrivateKey;
 use crate::plan::Identity;
 use crate::reconcile::{Reconciler, Settings};
@@ -152,12 +152,13 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
         None => None,
     };
 
-    let (wg, nl) = linux_dataplane(&config)?;
+    let (wg, nl, fw) = linux_dataplane(&config)?;
     tracing::info!(backend = wg.backend_name(), interface = %config.gateway.interface,
         "WireGuard backend chosen");
     let reconciler = Reconciler::new(
         wg,
         nl,
+        fw,
         store.clone(),
         Settings {
             gateway: me.name.clone(),
@@ -231,15 +232,17 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
     result
 }
 
-/// The two kernel adapters the reconciler drives.
-type Adapters = (Arc<dyn WgDevice>, Arc<dyn Netlink>);
+/// The kernel adapters the reconciler drives.
+type Adapters = (Arc<dyn WgDevice>, Arc<dyn Netlink>, Arc<dyn Firewall>);
 
-/// The Linux adapters for the configured interface and backend.
+/// The Linux adapters for the configured interface and backend, all in the
+/// daemon's network namespace (nftables events are per namespace too).
 fn linux_dataplane(config: &Config) -> Result<Adapters, GatewayError> {
     let wg = crate::dataplane::linux::LinuxWg::new(
         config.gateway.interface.clone(),
         config.gateway.backend,
     )?;
     let nl = crate::dataplane::linux::LinuxNetlink::new()?;
-    Ok((Arc::new(wg), Arc::new(nl)))
+    let fw = crate::dataplane::linux::LinuxFirewall::new()?;
+    Ok((Arc::new(wg), Arc::new(nl), Arc::new(fw)))
 }

@@ -12,6 +12,12 @@
 //! dropped so the next pass re-reads the kernel, and the pass is retried.
 //! If the store can't be read the last snapshot stays in force; before the
 //! first snapshot nothing is deleted (see [`crate::plan`]).
+//!
+//! The isolation firewall ([`crate::plan::nft`]) comes first in every pass,
+//! before the interface is created or a peer installed: if it can't be put
+//! in place the pass stops there (fail closed). An nftables change made by
+//! anyone else (an `nft flush ruleset`) triggers a firewall-only pass at
+//! once; a failed firewall change makes the next one a full replace.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,8 +30,9 @@ use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::api::server::{DataplaneHealth, DataplaneView, PeerStats};
-use crate::dataplane::{KernelError, NetEvent, Netlink, WgDevice, MTU};
+use crate::dataplane::{Firewall, KernelError, NetEvent, Netlink, WgDevice, MTU};
 use crate::model::{GatewayName, InterfaceName, PrivateKey, PublicKey};
+use crate::plan::nft::{self, FirewallPlan, ObservedTable};
 use crate::plan::{self, Desired, Identity, Observed, Plan};
 use crate::store::{Snapshot, Store};
 
@@ -41,6 +48,11 @@ const FULL_RESYNC: Duration = Duration::from_secs(30);
 /// Netlink events arrive in bursts (one per route we add): wait this long
 /// for the burst to end before looking.
 const EVENT_SETTLE: Duration = Duration::from_millis(20);
+/// The slowest the firewall table is re-read for drift the events missed.
+const MAX_FW_INTERVAL: Duration = Duration::from_secs(300);
+/// How long listing the table may take relative to the interval (listing
+/// 100k elements takes ~3 s: then it is re-read every minute, not every 30 s).
+const FW_READ_SHARE: u32 = 20;
 
 /// What is live on the interface right now, published after every pass.
 #[derive(Debug, Clone, Default)]
@@ -64,6 +76,8 @@ pub struct Counters {
     pub drift_repairs: AtomicU64,
     /// Kernel changes made.
     pub changes: AtomicU64,
+    /// Firewall transactions committed (replaces and element batches).
+    pub firewall_changes: AtomicU64,
 }
 
 /// Settings of one reconciler.
@@ -85,6 +99,7 @@ struct Need {
     snapshot: bool,
     wg: bool,
     net: bool,
+    fw: bool,
 }
 
 impl Need {
@@ -92,9 +107,16 @@ impl Need {
         snapshot: true,
         wg: true,
         net: true,
+        fw: true,
+    };
+    const NONE: Need = Need {
+        snapshot: false,
+        wg: false,
+        net: false,
+        fw: false,
     };
     fn any(self) -> bool {
-        self.snapshot || self.wg || self.net
+        self.snapshot || self.wg || self.net || self.fw
     }
 }
 
@@ -102,10 +124,16 @@ impl Need {
 pub struct Reconciler {
     wg: Arc<dyn WgDevice>,
     nl: Arc<dyn Netlink>,
+    fw: Arc<dyn Firewall>,
     store: Arc<dyn Store>,
     settings: Settings,
     snapshot: Option<Arc<Snapshot>>,
     cache: Observed,
+    /// The table as last observed and changed; `None`: must be re-read.
+    fw_cache: Option<Option<ObservedTable>>,
+    /// The last firewall change failed: replace the table whole next time.
+    fw_force_replace: bool,
+    fw_interval: Duration,
     since: HashMap<PublicKey, SystemTime>,
     wg_interval: Duration,
     installed: watch::Sender<Arc<Installed>>,
@@ -117,16 +145,21 @@ impl Reconciler {
     pub fn new(
         wg: Arc<dyn WgDevice>,
         nl: Arc<dyn Netlink>,
+        fw: Arc<dyn Firewall>,
         store: Arc<dyn Store>,
         settings: Settings,
     ) -> Self {
         Self {
             wg,
             nl,
+            fw,
             store,
             settings,
             snapshot: None,
             cache: Observed::default(),
+            fw_cache: None,
+            fw_force_replace: false,
+            fw_interval: FULL_RESYNC,
             since: HashMap::new(),
             wg_interval: MIN_WG_INTERVAL,
             installed: watch::channel(Arc::new(Installed::default())).0,
@@ -166,19 +199,23 @@ impl Reconciler {
                     None
                 }
             };
+            let mut fw_events = match self.fw.subscribe() {
+                Ok(rx) => Some(rx),
+                Err(e) => {
+                    warn!(error = %e, "no nftables events; a flushed table is found by periodic resync only");
+                    None
+                }
+            };
             let mut need = Need::ALL;
             let mut backoff = Duration::from_millis(100);
             let mut retry_at: Option<Instant> = None;
             let mut next_wg = Instant::now() + self.wg_interval;
             let mut next_full = Instant::now() + FULL_RESYNC;
+            let mut next_fw = Instant::now() + self.fw_interval;
             loop {
                 if need.any() {
                     let ok = self.pass(need).await;
-                    need = Need {
-                        snapshot: false,
-                        wg: false,
-                        net: false,
-                    };
+                    need = Need::NONE;
                     if ok {
                         backoff = Duration::from_millis(100);
                         retry_at = None;
@@ -187,9 +224,10 @@ impl Reconciler {
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                     next_wg = next_wg.min(Instant::now() + self.wg_interval);
+                    next_fw = next_fw.min(Instant::now() + self.fw_interval);
                 }
-                let wake =
-                    retry_at.map_or(next_wg.min(next_full), |r| r.min(next_wg).min(next_full));
+                let periodic = next_wg.min(next_full).min(next_fw);
+                let wake = retry_at.map_or(periodic, |r| r.min(periodic));
                 tokio::select! {
                     _ = shutdown.changed() => {
                         if *shutdown.borrow() { return; }
@@ -214,6 +252,14 @@ impl Reconciler {
                         }
                         need.net = true;
                     }
+                    Some(()) = next_fw_event(&mut fw_events) => {
+                        tokio::time::sleep(EVENT_SETTLE).await;
+                        if let Some(rx) = fw_events.as_mut() {
+                            while rx.try_recv().is_ok() {}
+                        }
+                        info!("nftables changed by someone else; checking our table");
+                        need.fw = true;
+                    }
                     _ = tokio::time::sleep_until(wake) => {
                         let now = Instant::now();
                         if now >= next_wg {
@@ -221,8 +267,13 @@ impl Reconciler {
                             next_wg = now + self.wg_interval;
                         }
                         if now >= next_full {
-                            need = Need::ALL;
+                            // The firewall has its own, slower, period.
+                            need = Need { fw: need.fw, ..Need::ALL };
                             next_full = now + FULL_RESYNC;
+                        }
+                        if now >= next_fw {
+                            need.fw = true;
+                            next_fw = now + self.fw_interval;
                         }
                         if retry_at.is_some_and(|r| now >= r) {
                             need = Need::ALL;
@@ -297,16 +348,98 @@ impl Reconciler {
         Ok(())
     }
 
+    /// The firewall step: observe (if stale) → plan → apply. On failure the
+    /// previous table is still in force (each change is one transaction),
+    /// and the next step replaces the table whole.
+    async fn firewall(
+        &mut self,
+        desired: Option<&Desired>,
+        fresh: bool,
+        store_changed: bool,
+    ) -> Result<(), Vec<KernelError>> {
+        if fresh || self.fw_cache.is_none() {
+            let t0 = std::time::Instant::now();
+            self.fw_cache = Some(self.fw.observe().await.map_err(|e| vec![e])?);
+            self.fw_interval = (t0.elapsed() * FW_READ_SHARE).clamp(FULL_RESYNC, MAX_FW_INTERVAL);
+        }
+        let seen = self.fw_cache.as_ref().and_then(Option::as_ref);
+        let plan = nft::plan_firewall(
+            self.settings.interface.as_str(),
+            desired.map(|d| &d.orgs),
+            seen,
+            self.fw_force_replace,
+        );
+        let result = match &plan {
+            FirewallPlan::Nothing => return Ok(()),
+            FirewallPlan::Replace { ruleset, reason } => {
+                let r = self.fw.replace(ruleset).await;
+                if r.is_ok() {
+                    info!(
+                        reason,
+                        orgs = ruleset.orgs.len(),
+                        "isolation ruleset installed (table inet sixpn)"
+                    );
+                }
+                r
+            }
+            FirewallPlan::Update { add, remove } => {
+                let r = self.fw.update_elements(add, remove).await;
+                if r.is_ok() {
+                    if add.len() + remove.len() <= 8 {
+                        for (p, org) in add {
+                            info!(%org, prefix = %p, "org added to the isolation set");
+                        }
+                        for (a, _) in remove {
+                            info!(prefix = %a, "element removed from the isolation set");
+                        }
+                    } else {
+                        info!(
+                            added = add.len(),
+                            removed = remove.len(),
+                            "isolation set updated"
+                        );
+                    }
+                }
+                r
+            }
+        };
+        match result {
+            Ok(()) => {
+                self.counters
+                    .firewall_changes
+                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.changes.fetch_add(1, Ordering::Relaxed);
+                if !store_changed {
+                    info!("repaired the isolation firewall");
+                    self.counters.drift_repairs.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(cached) = self.fw_cache.as_mut() {
+                    nft::apply_firewall_to(cached, &plan);
+                }
+                self.fw_force_replace = false;
+                Ok(())
+            }
+            Err(e) => {
+                self.fw_cache = None;
+                self.fw_force_replace = true;
+                Err(vec![e])
+            }
+        }
+    }
+
     async fn observe_plan_apply(
         &mut self,
         need: Need,
         store_changed: bool,
     ) -> Result<(), Vec<KernelError>> {
-        self.observe(need).await?;
         let desired = self
             .snapshot
             .as_ref()
             .map(|s| Desired::from_snapshot(s, &self.settings.gateway));
+        // First, and nothing else until it is in: fail closed.
+        self.firewall(desired.as_ref(), need.fw, store_changed)
+            .await?;
+        self.observe(need).await?;
         let me = self.settings.identity;
         let mut plan = plan::plan(desired.as_ref(), &self.cache, &me);
         if plan.create_interface {
@@ -461,6 +594,13 @@ impl Reconciler {
     }
 }
 
+async fn next_fw_event(events: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> Option<()> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn next_event(
     events: &mut Option<tokio::sync::mpsc::Receiver<NetEvent>>,
 ) -> Option<NetEvent> {
@@ -553,6 +693,7 @@ mod tests {
         let rec = Reconciler::new(
             Arc::new(kernel.clone()),
             Arc::new(kernel.clone()),
+            Arc::new(kernel.clone()),
             store.clone(),
             Settings {
                 gateway: "lhr-1".parse().unwrap(),
@@ -621,9 +762,9 @@ mod tests {
         assert!(
             r.rec
                 .pass(Need {
-                    snapshot: false,
                     wg: true,
-                    net: true
+                    net: true,
+                    ..Need::NONE
                 })
                 .await
         );
@@ -657,6 +798,126 @@ mod tests {
         assert_eq!(s.device.peers.len(), 1);
         assert_eq!(s.routes.len(), 1);
         assert_eq!(s.addresses.len(), 1);
+    }
+
+    fn position(calls: &[String], prefix: &str) -> usize {
+        calls
+            .iter()
+            .position(|c| c.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in {calls:?}"))
+    }
+
+    #[tokio::test]
+    async fn the_firewall_goes_in_before_the_interface() {
+        let mut r = rig().await;
+        add_peer(&r.store, "a").await;
+        assert!(r.rec.pass_all().await);
+        let calls = r.kernel.take_calls();
+        assert_eq!(calls[0], "firewall replace (1 orgs)", "{calls:?}");
+        assert!(position(&calls, "firewall") < position(&calls, "create interface"));
+        let table = r.kernel.state().firewall.clone().unwrap();
+        assert_eq!(table.elements.len(), 1, "acme's element");
+        assert!(r.rec.pass_all().await);
+        assert_eq!(r.kernel.take_calls(), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn no_firewall_no_interface() {
+        let mut r = rig().await;
+        add_peer(&r.store, "a").await;
+        r.kernel.state().fail_firewall = 1;
+        assert!(!r.rec.pass_all().await);
+        let calls = r.kernel.take_calls();
+        assert!(
+            calls.is_empty(),
+            "nothing may happen without the firewall: {calls:?}"
+        );
+        assert!(r.kernel.state().link.is_none());
+        assert!(r.rec.pass_all().await);
+        let calls = r.kernel.take_calls();
+        assert_eq!(calls[0], "firewall replace (1 orgs)");
+        assert!(calls.contains(&"create interface".to_string()));
+    }
+
+    #[tokio::test]
+    async fn a_new_org_is_one_element_update_and_a_failure_forces_a_replace() {
+        let mut r = rig().await;
+        assert!(r.rec.pass_all().await);
+        r.kernel.take_calls();
+        r.store
+            .create_org(&"globex".parse().unwrap())
+            .await
+            .unwrap();
+        let store_only = Need {
+            snapshot: true,
+            ..Need::NONE
+        };
+        assert!(r.rec.pass(store_only).await);
+        assert_eq!(r.kernel.take_calls(), vec!["firewall update +1 -0"]);
+        assert_eq!(
+            r.kernel.state().firewall.as_ref().unwrap().elements.len(),
+            2
+        );
+
+        // A rejected transaction: the table stays, the next change is a
+        // full replace.
+        r.store
+            .create_org(&"initech".parse().unwrap())
+            .await
+            .unwrap();
+        r.kernel.state().fail_firewall = 1;
+        assert!(!r.rec.pass(store_only).await);
+        assert_eq!(
+            r.kernel.state().firewall.as_ref().unwrap().elements.len(),
+            2
+        );
+        assert!(r.rec.pass(store_only).await);
+        assert_eq!(r.kernel.take_calls(), vec!["firewall replace (3 orgs)"]);
+    }
+
+    #[tokio::test]
+    async fn a_flushed_ruleset_is_replaced_and_counted_as_drift() {
+        let mut r = rig().await;
+        add_peer(&r.store, "a").await;
+        assert!(r.rec.pass_all().await);
+        r.kernel.take_calls();
+        r.kernel.flush_ruleset();
+        let fw_only = Need {
+            fw: true,
+            ..Need::NONE
+        };
+        assert!(r.rec.pass(fw_only).await);
+        assert_eq!(r.kernel.take_calls(), vec!["firewall replace (1 orgs)"]);
+        assert_eq!(r.rec.counters.drift_repairs.load(Ordering::Relaxed), 1);
+        // Someone flushed the rules only: same.
+        r.kernel.state().firewall.as_mut().unwrap().rules.clear();
+        assert!(r.rec.pass(fw_only).await);
+        assert_eq!(r.kernel.take_calls(), vec!["firewall replace (1 orgs)"]);
+    }
+
+    #[tokio::test]
+    async fn the_loop_restores_a_flushed_ruleset_on_the_event() {
+        let r = rig().await;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let kernel = r.kernel.clone();
+        let task = tokio::spawn(r.rec.run(stop_rx));
+        let present = || kernel.state().firewall.is_some();
+        for _ in 0..100 {
+            if present() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(present());
+        kernel.flush_ruleset();
+        let t0 = std::time::Instant::now();
+        while !present() && t0.elapsed() < Duration::from_secs(2) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(present(), "not restored");
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
     }
 
     #[tokio::test]

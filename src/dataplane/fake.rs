@@ -1,6 +1,7 @@
-//! An in-memory kernel implementing [`WgDevice`] and [`Netlink`], for tests
-//! of the reconciler: it records every mutating call, can inject failures,
-//! and lets a test "drift" the state behind the reconciler's back.
+//! An in-memory kernel implementing [`WgDevice`], [`Netlink`] and
+//! [`Firewall`], for tests of the reconciler: it records every mutating call
+//! (in one log, so tests can check their order), can inject failures, and
+//! lets a test "drift" the state behind the reconciler's back.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv6Addr;
@@ -10,10 +11,11 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    AllowedIp, DeviceState, KernelError, LinkState, NetEvent, Netlink, ObservedPeer, PeerUpsert,
-    WgDevice,
+    AllowedIp, DeviceState, Firewall, KernelError, LinkState, NetEvent, Netlink, ObservedPeer,
+    PeerUpsert, WgDevice,
 };
-use crate::model::{PrivateKey, PublicKey};
+use crate::model::{OrgPrefix, PrivateKey, PublicKey};
+use crate::plan::nft::{element_key, ElementKey, ObservedTable, Ruleset};
 
 /// The fake kernel's state; tests may read and change it directly.
 #[derive(Debug, Default)]
@@ -36,6 +38,10 @@ pub struct FakeState {
     pub fail_route_adds: usize,
     /// Make every peer update fail while set.
     pub fail_peer_updates: bool,
+    /// `table inet sixpn` as `nft list` would show it (None: absent).
+    pub firewall: Option<ObservedTable>,
+    /// Make the next N firewall changes fail (the table stays as it was).
+    pub fail_firewall: usize,
 }
 
 /// A shared fake kernel.
@@ -44,6 +50,7 @@ pub struct FakeKernel {
     state: Arc<Mutex<FakeState>>,
     restarts: Arc<watch::Sender<u64>>,
     events: Arc<Mutex<Vec<mpsc::Sender<NetEvent>>>>,
+    fw_events: Arc<Mutex<Vec<mpsc::Sender<()>>>>,
 }
 
 impl Default for FakeKernel {
@@ -59,6 +66,18 @@ impl FakeKernel {
             state: Arc::default(),
             restarts: Arc::new(watch::channel(0).0),
             events: Arc::default(),
+            fw_events: Arc::default(),
+        }
+    }
+
+    /// `nft flush ruleset` by hand: the table is gone and the nftables
+    /// event goes out.
+    pub fn flush_ruleset(&self) {
+        self.state().firewall = None;
+        if let Ok(subs) = self.fw_events.lock() {
+            for s in subs.iter() {
+                let _ = s.try_send(());
+            }
         }
     }
 
@@ -288,4 +307,63 @@ pub fn peer_ips(k: &FakeKernel) -> BTreeMap<PublicKey, Vec<AllowedIp>> {
         .iter()
         .map(|(k, p)| (*k, p.allowed_ips.clone()))
         .collect()
+}
+
+#[async_trait]
+impl Firewall for FakeKernel {
+    async fn observe(&self) -> Result<Option<ObservedTable>, KernelError> {
+        Ok(self.state().firewall.clone())
+    }
+
+    async fn replace(&self, ruleset: &Ruleset) -> Result<(), KernelError> {
+        let mut s = self.state();
+        if s.fail_firewall > 0 {
+            s.fail_firewall -= 1;
+            return Err(KernelError::new("replace table", "injected failure"));
+        }
+        s.firewall = Some(ruleset.as_observed());
+        s.calls
+            .push(format!("firewall replace ({} orgs)", ruleset.orgs.len()));
+        Ok(())
+    }
+
+    async fn update_elements(
+        &self,
+        add: &[(OrgPrefix, String)],
+        remove: &[ElementKey],
+    ) -> Result<(), KernelError> {
+        let mut s = self.state();
+        if s.fail_firewall > 0 {
+            s.fail_firewall -= 1;
+            return Err(KernelError::new("update elements", "injected failure"));
+        }
+        let Some(t) = s.firewall.as_mut() else {
+            return Err(KernelError::new("update elements", "no such table"));
+        };
+        // As in the kernel: removing an absent element fails the batch.
+        if remove.iter().any(|k| !t.elements.contains_key(k)) {
+            return Err(KernelError {
+                op: "update elements".into(),
+                message: "No such file or directory".into(),
+                errno: Some(libc::ENOENT),
+            });
+        }
+        for k in remove {
+            t.elements.remove(k);
+        }
+        for (p, n) in add {
+            t.elements.insert(element_key(*p), Some(n.clone()));
+        }
+        s.calls
+            .push(format!("firewall update +{} -{}", add.len(), remove.len()));
+        Ok(())
+    }
+
+    fn subscribe(&self) -> Result<mpsc::Receiver<()>, KernelError> {
+        let (tx, rx) = mpsc::channel(8);
+        if let Ok(mut subs) = self.fw_events.lock() {
+            subs.push(tx);
+        }
+        Ok(rx)
+    }
 }
