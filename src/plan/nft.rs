@@ -30,7 +30,7 @@
 //! - The interface is matched by name (`iifname`), not index: the ruleset
 //!   goes in before the interface exists and survives its re-creation.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv6Addr};
 
@@ -860,33 +860,60 @@ pub fn plan_firewall(
         return replace(orgs.cloned().unwrap_or_default(), "the table is missing");
     };
     // Before the store loads, keep the orgs that are there (the valid ones).
+    let kept;
     let orgs = match orgs {
-        Some(o) => o.clone(),
-        None => kept_orgs(seen),
+        Some(o) => o,
+        None => {
+            kept = kept_orgs(seen);
+            &kept
+        }
     };
     let want = Ruleset::new(interface, BTreeMap::new());
     if force_replace {
-        return replace(orgs, "the last change failed");
+        return replace(orgs.clone(), "the last change failed");
     }
     if !seen.skeleton_matches(&want) {
-        return replace(orgs, "the chains or rules differ from sixpn's");
+        return replace(orgs.clone(), "the chains or rules differ from sixpn's");
     }
-    let desired: BTreeSet<ElementKey> = orgs.keys().map(|p| element_key(*p)).collect();
-    let add: Vec<(OrgPrefix, String)> = orgs
-        .into_iter()
-        .filter(|(p, _)| !seen.elements.contains_key(&element_key(*p)))
-        .collect();
-    let remove: Vec<ElementKey> = seen
-        .elements
-        .keys()
-        .filter(|k| !desired.contains(k))
-        .copied()
-        .collect();
+    let (add, remove) = diff(orgs, &seen.elements);
     if add.is_empty() && remove.is_empty() {
         FirewallPlan::Nothing
     } else {
         FirewallPlan::Update { add, remove }
     }
+}
+
+/// The orgs to add and the elements to remove, by one merge walk over both
+/// sorted maps: this runs on every store change, at 100k orgs too.
+/// [`element_key`] grows with the prefix, so both walk in the same order.
+fn diff(
+    want: &BTreeMap<OrgPrefix, String>,
+    seen: &BTreeMap<ElementKey, Option<String>>,
+) -> (Vec<(OrgPrefix, String)>, Vec<ElementKey>) {
+    use std::cmp::Ordering;
+    let (mut add, mut remove) = (Vec::new(), Vec::new());
+    let mut w = want.iter().peekable();
+    let mut s = seen.keys().peekable();
+    loop {
+        let order = match (w.peek(), s.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((p, _)), Some(k)) => element_key(**p).cmp(k),
+        };
+        match order {
+            Ordering::Less => {
+                let (p, n) = w.next().expect("peeked");
+                add.push((*p, n.clone()));
+            }
+            Ordering::Greater => remove.push(*s.next().expect("peeked")),
+            Ordering::Equal => {
+                w.next();
+                s.next();
+            }
+        }
+    }
+    (add, remove)
 }
 
 /// The orgs of a table's valid elements (`{P . P}` for a 6PN /48 `P`),
