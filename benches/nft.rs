@@ -390,20 +390,54 @@ fn forward() {
     sh(
         "ip",
         &[
-            "-n", &src.0, "link", "add", "a", "type", "veth", "peer", "name", "a", "netns", &fwd.0,
+            "-n", &src.0, "link", "add", "sxa", "type", "veth", "peer", "name", "sxa", "netns",
+            &fwd.0,
         ],
     );
     sh(
         "ip",
         &[
-            "-n", &dst.0, "link", "add", "b", "type", "veth", "peer", "name", "b", "netns", &fwd.0,
+            "-n", &dst.0, "link", "add", "sxb", "type", "veth", "peer", "name", "sxb", "netns",
+            &fwd.0,
         ],
     );
-    src.ip(&["-6", "addr", "add", "fdaa:0:1:1::2/64", "dev", "a", "nodad"]);
-    fwd.ip(&["-6", "addr", "add", "fdaa:0:1:1::1/64", "dev", "a", "nodad"]);
-    fwd.ip(&["-6", "addr", "add", "fdaa:0:1:2::1/64", "dev", "b", "nodad"]);
-    dst.ip(&["-6", "addr", "add", "fdaa:0:1:2::2/64", "dev", "b", "nodad"]);
-    for (ns, dev) in [(&src, "a"), (&fwd, "a"), (&fwd, "b"), (&dst, "b")] {
+    src.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fdaa:0:1:1::2/64",
+        "dev",
+        "sxa",
+        "nodad",
+    ]);
+    fwd.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fdaa:0:1:1::1/64",
+        "dev",
+        "sxa",
+        "nodad",
+    ]);
+    fwd.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fdaa:0:1:2::1/64",
+        "dev",
+        "sxb",
+        "nodad",
+    ]);
+    dst.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fdaa:0:1:2::2/64",
+        "dev",
+        "sxb",
+        "nodad",
+    ]);
+    for (ns, dev) in [(&src, "sxa"), (&fwd, "sxa"), (&fwd, "sxb"), (&dst, "sxb")] {
         ns.ip(&["link", "set", dev, "up"]);
     }
     src.ip(&[

@@ -35,7 +35,7 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv6Addr};
 
 use nftables::expr::{BinaryOperation, Elem, Expression, Meta, MetaKey, NamedExpression};
-use nftables::expr::{Payload, PayloadField, Prefix};
+use nftables::expr::{Payload, PayloadField, Prefix, SetItem};
 use nftables::schema::{self, NfListObject, Nftables};
 use nftables::stmt::{self, JumpTarget, Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
@@ -115,7 +115,17 @@ pub enum Cond {
     TcpDport(u16),
     /// `meta l4proto ipv6-icmp`.
     Icmpv6,
+    /// `icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert }`: address
+    /// resolution, which a link neighbour may send from its 6PN address.
+    NeighborDiscovery,
 }
+
+/// ICMPv6 echo request.
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+/// ICMPv6 neighbor solicitation.
+pub const ICMPV6_NEIGHBOR_SOLICIT: u8 = 135;
+/// ICMPv6 neighbor advertisement.
+pub const ICMPV6_NEIGHBOR_ADVERT: u8 = 136;
 
 /// What a rule does when it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,8 +205,8 @@ pub enum L4 {
     Udp(u16),
     /// TCP to this port.
     Tcp(u16),
-    /// ICMPv6.
-    Icmpv6,
+    /// ICMPv6 of this type.
+    Icmpv6(u8),
 }
 
 /// A packet's fate.
@@ -274,6 +284,13 @@ impl Ruleset {
             }),
             rules: vec![
                 jump(vec![Cond::IifName(iface.clone())], "from a peer"),
+                // Linux solicits a neighbour from the address of the packet
+                // that needs it: an instance host on a 6PN-addressed link
+                // must still resolve the gateway (peers never get here).
+                accept(
+                    vec![Cond::NeighborDiscovery],
+                    "neighbor discovery on the other links",
+                ),
                 jump(vec![Cond::SaddrIn(SIXPN_NET.0, SIXPN_NET.1)], "from 6PN"),
                 jump(vec![six()], "to a 6PN address here: the org DNS servers"),
             ],
@@ -527,7 +544,14 @@ impl Ruleset {
             }
             Cond::UdpDport(p) => pkt.l4 == L4::Udp(*p),
             Cond::TcpDport(p) => pkt.l4 == L4::Tcp(*p),
-            Cond::Icmpv6 => v6.is_some() && pkt.l4 == L4::Icmpv6,
+            Cond::Icmpv6 => v6.is_some() && matches!(pkt.l4, L4::Icmpv6(_)),
+            Cond::NeighborDiscovery => {
+                v6.is_some()
+                    && matches!(
+                        pkt.l4,
+                        L4::Icmpv6(ICMPV6_NEIGHBOR_SOLICIT | ICMPV6_NEIGHBOR_ADVERT)
+                    )
+            }
         }
     }
 }
@@ -573,6 +597,9 @@ impl Cond {
             Cond::UdpDport(p) => format!("udp dport {p}"),
             Cond::TcpDport(p) => format!("tcp dport {p}"),
             Cond::Icmpv6 => "meta l4proto ipv6-icmp".into(),
+            Cond::NeighborDiscovery => {
+                "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert }".into()
+            }
         }
     }
 
@@ -609,6 +636,14 @@ impl Cond {
                 Expression::Number(u32::from(*p)),
             ),
             Cond::Icmpv6 => m(meta(MetaKey::L4proto), Operator::EQ, s("ipv6-icmp".into())),
+            Cond::NeighborDiscovery => m(
+                payload("icmpv6", "type"),
+                Operator::EQ,
+                Expression::Named(NamedExpression::Set(vec![
+                    SetItem::Element(s("nd-neighbor-solicit".into())),
+                    SetItem::Element(s("nd-neighbor-advert".into())),
+                ])),
+            ),
         }
     }
 }

@@ -87,7 +87,7 @@ fn replace_batch_is_one_atomic_transaction_with_named_elements() {
         .iter()
         .filter(|c| c["add"].get("rule").is_some())
         .count();
-    assert_eq!(rules, 15);
+    assert_eq!(rules, 16);
     assert!(
         json.contains(r#"{"accept":null}"#),
         "verdicts keep their null"
@@ -159,7 +159,7 @@ fn packets(src: Src, from: u32, dst: Dst, to: u32) -> Vec<(Hook, Packet)> {
         l4,
     };
     let fwd = |oif, d| {
-        [L4::Icmpv6, L4::Tcp(80), L4::Udp(53)]
+        [L4::Icmpv6(ICMPV6_ECHO_REQUEST), L4::Tcp(80), L4::Udp(53)]
             .into_iter()
             .map(|l4| (Hook::Forward, pkt(Some(oif), d, l4)))
             .collect::<Vec<_>>()
@@ -176,7 +176,7 @@ fn packets(src: Src, from: u32, dst: Dst, to: u32) -> Vec<(Hook, Packet)> {
             ));
             v
         }
-        Dst::Dns => [L4::Udp(53), L4::Tcp(53), L4::Icmpv6]
+        Dst::Dns => [L4::Udp(53), L4::Tcp(53), L4::Icmpv6(ICMPV6_ECHO_REQUEST)]
             .into_iter()
             .map(|l4| (Hook::Input, pkt(None, org(to).dns_addr(), l4)))
             .collect(),
@@ -292,7 +292,7 @@ fn a_source_spoofing_another_org_never_gets_the_org_pair() {
         oif: Some(LAN.into()),
         src: IpAddr::V6(peer_addr(2, 7)),
         dst: IpAddr::V6(instance_addr(1)),
-        l4: L4::Icmpv6,
+        l4: L4::Icmpv6(ICMPV6_ECHO_REQUEST),
     };
     assert_eq!(rs.trace(Hook::Forward, &p).decision, Decision::Drop);
 }
@@ -467,4 +467,28 @@ fn before_the_store_loads_nothing_is_added_or_removed() {
         matches!(&p, FirewallPlan::Replace { ruleset, .. } if ruleset.orgs == orgs(&[1, 2])),
         "{p:?}"
     );
+}
+
+#[test]
+fn link_neighbors_resolve_the_gateway_but_peers_get_no_exception() {
+    let rs = example();
+    let ns = |iif: &str, src: Ipv6Addr, dst: Ipv6Addr| Packet {
+        iif: iif.into(),
+        oif: None,
+        src: IpAddr::V6(src),
+        dst: IpAddr::V6(dst),
+        l4: L4::Icmpv6(ICMPV6_NEIGHBOR_SOLICIT),
+    };
+    let solicited: Ipv6Addr = "ff02::1:ff00:1".parse().unwrap();
+    let gw_link: Ipv6Addr = "fdaa:0:1:1::1".parse().unwrap();
+    for dst in [solicited, gw_link] {
+        let t = rs.trace(Hook::Input, &ns(LAN, instance_addr(1), dst));
+        assert_eq!(t.decision, Decision::Accept, "{dst}: {t:?}");
+        let t = rs.trace(Hook::Input, &ns(WG, peer_addr(1, 0), dst));
+        assert_eq!(t.decision, Decision::Drop, "from a peer {dst}: {t:?}");
+    }
+    // Other ICMPv6 from a 6PN neighbour to a non-DNS address: dropped.
+    let mut echo = ns(LAN, instance_addr(1), gw_link);
+    echo.l4 = L4::Icmpv6(ICMPV6_ECHO_REQUEST);
+    assert_eq!(rs.trace(Hook::Input, &echo).decision, Decision::Drop);
 }
