@@ -171,6 +171,9 @@ impl Reconciler {
             let mut retry_at: Option<Instant> = None;
             let mut next_wg = Instant::now() + self.wg_interval;
             let mut next_full = Instant::now() + FULL_RESYNC;
+            // Netlink events are debounced without blocking the loop: a store
+            // change arriving meanwhile is served at once.
+            let mut net_due: Option<Instant> = None;
             loop {
                 if need.any() {
                     let ok = self.pass(need).await;
@@ -188,8 +191,10 @@ impl Reconciler {
                     }
                     next_wg = next_wg.min(Instant::now() + self.wg_interval);
                 }
-                let wake =
-                    retry_at.map_or(next_wg.min(next_full), |r| r.min(next_wg).min(next_full));
+                let wake = [retry_at, net_due]
+                    .into_iter()
+                    .flatten()
+                    .fold(next_wg.min(next_full), Instant::min);
                 tokio::select! {
                     _ = shutdown.changed() => {
                         if *shutdown.borrow() { return; }
@@ -208,11 +213,10 @@ impl Reconciler {
                     }
                     Some(ev) = next_event(&mut events) => {
                         debug!(?ev, "netlink event");
-                        tokio::time::sleep(EVENT_SETTLE).await;
                         if let Some(rx) = events.as_mut() {
                             while rx.try_recv().is_ok() {}
                         }
-                        need.net = true;
+                        net_due.get_or_insert_with(|| Instant::now() + EVENT_SETTLE);
                     }
                     _ = tokio::time::sleep_until(wake) => {
                         let now = Instant::now();
@@ -226,6 +230,10 @@ impl Reconciler {
                         }
                         if retry_at.is_some_and(|r| now >= r) {
                             need = Need::ALL;
+                        }
+                        if net_due.is_some_and(|d| now >= d) {
+                            need.net = true;
+                            net_due = None;
                         }
                     }
                 }
