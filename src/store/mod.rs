@@ -93,7 +93,8 @@ pub struct Instance {
     pub address: Ipv6Addr,
     /// Its process group, if the app has several.
     pub process_group: Option<ProcessGroup>,
-    /// Whether it is started (stopped instances are in `all.*` names only).
+    /// Whether it is started (stopped instances are in `all.*` names and
+    /// `<id>.vm.<app>.internal` only; see `dns::zone`).
     pub started: bool,
 }
 
