@@ -109,6 +109,7 @@ pub struct Reconciler {
     since: HashMap<PublicKey, SystemTime>,
     wg_interval: Duration,
     installed: watch::Sender<Arc<Installed>>,
+    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
     counters: Arc<Counters>,
 }
 
@@ -130,6 +131,7 @@ impl Reconciler {
             since: HashMap::new(),
             wg_interval: MIN_WG_INTERVAL,
             installed: watch::channel(Arc::new(Installed::default())).0,
+            snapshots: watch::channel(None).0,
             counters: Arc::default(),
         }
     }
@@ -137,6 +139,12 @@ impl Reconciler {
     /// What is installed, updated after every pass.
     pub fn installed(&self) -> watch::Receiver<Arc<Installed>> {
         self.installed.subscribe()
+    }
+
+    /// The snapshot each pass worked from, for the DNS side: it follows the
+    /// same store state the kernel does, read once.
+    pub fn snapshots(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
+        self.snapshots.subscribe()
     }
 
     /// The loop's counters.
@@ -253,7 +261,16 @@ impl Reconciler {
         let store_changed = need.snapshot;
         if need.snapshot {
             match self.store.snapshot().await {
-                Ok(s) => self.snapshot = Some(s),
+                Ok(s) => {
+                    let newer = self
+                        .snapshot
+                        .as_ref()
+                        .is_none_or(|old| old.revision != s.revision);
+                    if newer {
+                        self.snapshots.send_replace(Some(s.clone()));
+                    }
+                    self.snapshot = Some(s);
+                }
                 Err(e) => warn!(error = %e, "store unreadable; keeping the last applied state"),
             }
         }
