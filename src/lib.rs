@@ -6,6 +6,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod doctor;
 pub mod dns;
 pub mod gateway;
 pub mod model;

@@ -247,6 +247,16 @@ fn peer_is_live_through_a_real_tunnel_and_removal_takes_it_down() {
     ]);
     assert!(back.status.success(), "instance can't reach the peer");
 
+    // `sixpn doctor` on the gateway host agrees.
+    let mut doctor = t.gw_ns.cmd(env!("CARGO_BIN_EXE_sixpn"));
+    doctor.args(["doctor", "--config", path(&t.gw.config_path)]);
+    let out = common::run(&mut doctor);
+    let text = common::stdout_of(&out);
+    assert!(out.status.success(), "doctor failed:\n{text}{}", common::stderr_of(&out));
+    for want in ["[ok  ] API", "1 of 1 peers installed", "[ok  ] DNS addresses", "[ok  ] IPv6 forwarding"] {
+        assert!(text.contains(want), "doctor lacks {want:?}:\n{text}");
+    }
+
     let status = t.gw.cli_json(&["wireguard", "status", "acme", "laptop"]);
     assert!(status["latest_handshake"].as_u64().is_some(), "{status}");
     assert!(status["rx_bytes"].as_u64().unwrap() > 0, "{status}");
