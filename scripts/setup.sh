@@ -10,6 +10,7 @@ pkgs=(
   nftables                                          # nft
   dnsutils                                          # dig
   sqlite3 jq                                        # inspecting state in tests and the demo
+  systemd ruby                                      # systemd-analyze verify; ruby -c on the Vagrantfile
 )
 
 missing=()

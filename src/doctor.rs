@@ -86,10 +86,12 @@ fn wireguard(config: Option<&Config>) -> Check {
             Status::Ok,
             format!("userspace backend: {}", p.display()),
         ),
-        (Backend::Userspace, _, None) => {
-            check("WireGuard", Status::Fail, "backend = \"userspace\" but no wireguard-go")
-                .fix("apt-get install wireguard-go")
-        }
+        (Backend::Userspace, _, None) => check(
+            "WireGuard",
+            Status::Fail,
+            "backend = \"userspace\" but no wireguard-go",
+        )
+        .fix("apt-get install wireguard-go"),
         (_, Ok(how), _) => check("WireGuard", Status::Ok, format!("kernel module {how}")),
         (Backend::Kernel, Err(e), _) => check("WireGuard", Status::Fail, e).fix(
             "install a kernel with the WireGuard module (Linux >= 5.6), or set backend = \"auto\"",
@@ -140,8 +142,12 @@ fn forwarding() -> Check {
             "off (the gateway turns it on when it starts)",
         )
         .fix("sysctl -w net.ipv6.conf.all.forwarding=1 to make it permanent in /etc/sysctl.d"),
-        Err(e) => check("IPv6 forwarding", Status::Fail, format!("IPv6 is unavailable: {e}"))
-            .fix("boot with IPv6 enabled (no ipv6.disable=1)"),
+        Err(e) => check(
+            "IPv6 forwarding",
+            Status::Fail,
+            format!("IPv6 is unavailable: {e}"),
+        )
+        .fix("boot with IPv6 enabled (no ipv6.disable=1)"),
     }
 }
 
@@ -272,7 +278,14 @@ async fn dns_addresses(config: &Config, socket: &str) -> Check {
         }
     }
     let have = std::process::Command::new("ip")
-        .args(["-6", "-o", "addr", "show", "dev", config.gateway.interface.as_str()])
+        .args([
+            "-6",
+            "-o",
+            "addr",
+            "show",
+            "dev",
+            config.gateway.interface.as_str(),
+        ])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
@@ -285,13 +298,21 @@ async fn dns_addresses(config: &Config, socket: &str) -> Check {
         check(
             "DNS addresses",
             Status::Ok,
-            format!("{} org DNS addresses on {}", want.len(), config.gateway.interface),
+            format!(
+                "{} org DNS addresses on {}",
+                want.len(),
+                config.gateway.interface
+            ),
         )
     } else {
         check(
             "DNS addresses",
             Status::Fail,
-            format!("missing on {}: {}", config.gateway.interface, missing.join(", ")),
+            format!(
+                "missing on {}: {}",
+                config.gateway.interface,
+                missing.join(", ")
+            ),
         )
         .fix("the reconciler restores them within a second; if not, read the gateway's log")
     }

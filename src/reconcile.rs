@@ -64,6 +64,8 @@ pub struct Counters {
     pub drift_repairs: AtomicU64,
     /// Kernel changes made.
     pub changes: AtomicU64,
+    /// Total time spent in passes, in microseconds.
+    pub pass_micros: AtomicU64,
 }
 
 /// Settings of one reconciler.
@@ -150,6 +152,16 @@ impl Reconciler {
     /// The loop's counters.
     pub fn counters(&self) -> Arc<Counters> {
         self.counters.clone()
+    }
+
+    /// The reconciler's part of `/metrics`.
+    pub fn metrics(&self) -> Arc<dyn crate::api::metrics::MetricsSource> {
+        Arc::new(Metrics {
+            wg: self.wg.clone(),
+            installed: self.installed.subscribe(),
+            snapshots: self.snapshots.subscribe(),
+            counters: self.counters.clone(),
+        })
     }
 
     /// The view the API uses to wait for peers and read their stats.
@@ -257,7 +269,17 @@ impl Reconciler {
     }
 
     async fn pass(&mut self, need: Need) -> bool {
+        let t0 = std::time::Instant::now();
+        let ok = self.pass_inner(need).await;
+        let micros = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.counters
+            .pass_micros
+            .fetch_add(micros, Ordering::Relaxed);
         self.counters.passes.fetch_add(1, Ordering::Relaxed);
+        ok
+    }
+
+    async fn pass_inner(&mut self, need: Need) -> bool {
         let store_changed = need.snapshot;
         if need.snapshot {
             match self.store.snapshot().await {
@@ -483,6 +505,173 @@ impl Reconciler {
             registered: desired.registered,
             last_sync,
         }));
+    }
+}
+
+/// Reconcile counters and per-org peer figures for Prometheus.
+struct Metrics {
+    wg: Arc<dyn WgDevice>,
+    installed: watch::Receiver<Arc<Installed>>,
+    snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    counters: Arc<Counters>,
+}
+
+#[async_trait]
+impl crate::api::metrics::MetricsSource for Metrics {
+    async fn render(&self, out: &mut String) {
+        use crate::api::metrics::{family, header, sample};
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        family(
+            out,
+            "sixpn_reconcile_passes_total",
+            "counter",
+            "Reconcile passes run.",
+            load(&c.passes),
+        );
+        family(
+            out,
+            "sixpn_reconcile_errors_total",
+            "counter",
+            "Reconcile passes in which a kernel change failed.",
+            load(&c.errors),
+        );
+        family(
+            out,
+            "sixpn_reconcile_duration_seconds_total",
+            "counter",
+            "Time spent in reconcile passes.",
+            load(&c.pass_micros) as f64 / 1e6,
+        );
+        family(
+            out,
+            "sixpn_kernel_changes_total",
+            "counter",
+            "Kernel changes made (peers, addresses, routes, link).",
+            load(&c.changes),
+        );
+        family(
+            out,
+            "sixpn_drift_repairs_total",
+            "counter",
+            "Kernel changes made that the store did not ask for.",
+            load(&c.drift_repairs),
+        );
+        let installed = self.installed.borrow().clone();
+        family(
+            out,
+            "sixpn_peers_registered",
+            "gauge",
+            "Peers registered on this gateway.",
+            installed.registered,
+        );
+        family(
+            out,
+            "sixpn_peers_installed",
+            "gauge",
+            "Peers live on this gateway's interface.",
+            installed.peers.len(),
+        );
+        if let Some(t) = installed.last_sync {
+            let secs = t
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            family(
+                out,
+                "sixpn_last_sync_timestamp_seconds",
+                "gauge",
+                "When the kernel last matched the store.",
+                secs,
+            );
+        }
+        // Per org: handshakes and traffic, from one read of the device.
+        let snapshot = self.snapshots.borrow().clone();
+        let (Some(snap), Ok(Some(device))) = (snapshot, self.wg.get().await) else {
+            return;
+        };
+        let now = SystemTime::now();
+        let mut by_org: std::collections::BTreeMap<&str, (u64, u64, u64, u64)> = Default::default();
+        let buckets = [60u64, 180, 600, 3600];
+        let mut hist = [0u64; 5];
+        let mut never = 0u64;
+        for p in &snap.peers {
+            let Some(k) = device.peers.get(&p.public_key) else {
+                continue;
+            };
+            let e = by_org.entry(p.org.as_str()).or_default();
+            e.0 += 1;
+            e.1 += k.rx_bytes;
+            e.2 += k.tx_bytes;
+            match k.last_handshake.and_then(|t| now.duration_since(t).ok()) {
+                Some(age) => {
+                    e.3 += 1;
+                    let i = buckets
+                        .iter()
+                        .position(|b| age.as_secs() <= *b)
+                        .unwrap_or(4);
+                    hist[i] += 1;
+                }
+                None => never += 1,
+            }
+        }
+        header(
+            out,
+            "sixpn_org_peers_installed",
+            "gauge",
+            "Installed peers per org.",
+        );
+        for (org, v) in &by_org {
+            sample(out, "sixpn_org_peers_installed", &[("org", org)], v.0);
+        }
+        header(
+            out,
+            "sixpn_org_rx_bytes_total",
+            "counter",
+            "Bytes received from an org's peers.",
+        );
+        for (org, v) in &by_org {
+            sample(out, "sixpn_org_rx_bytes_total", &[("org", org)], v.1);
+        }
+        header(
+            out,
+            "sixpn_org_tx_bytes_total",
+            "counter",
+            "Bytes sent to an org's peers.",
+        );
+        for (org, v) in &by_org {
+            sample(out, "sixpn_org_tx_bytes_total", &[("org", org)], v.2);
+        }
+        header(
+            out,
+            "sixpn_peer_handshake_age_seconds",
+            "histogram",
+            "Age of installed peers' latest handshake.",
+        );
+        let mut cum = 0;
+        for (i, b) in buckets.iter().enumerate() {
+            cum += hist[i];
+            sample(
+                out,
+                "sixpn_peer_handshake_age_seconds_bucket",
+                &[("le", &b.to_string())],
+                cum,
+            );
+        }
+        cum += hist[4];
+        sample(
+            out,
+            "sixpn_peer_handshake_age_seconds_bucket",
+            &[("le", "+Inf")],
+            cum,
+        );
+        sample(out, "sixpn_peer_handshake_age_seconds_count", &[], cum);
+        family(
+            out,
+            "sixpn_peers_never_handshaked",
+            "gauge",
+            "Installed peers that never completed a handshake.",
+            never,
+        );
     }
 }
 

@@ -252,8 +252,17 @@ fn peer_is_live_through_a_real_tunnel_and_removal_takes_it_down() {
     doctor.args(["doctor", "--config", path(&t.gw.config_path)]);
     let out = common::run(&mut doctor);
     let text = common::stdout_of(&out);
-    assert!(out.status.success(), "doctor failed:\n{text}{}", common::stderr_of(&out));
-    for want in ["[ok  ] API", "1 of 1 peers installed", "[ok  ] DNS addresses", "[ok  ] IPv6 forwarding"] {
+    assert!(
+        out.status.success(),
+        "doctor failed:\n{text}{}",
+        common::stderr_of(&out)
+    );
+    for want in [
+        "[ok  ] API",
+        "1 of 1 peers installed",
+        "[ok  ] DNS addresses",
+        "[ok  ] IPv6 forwarding",
+    ] {
         assert!(text.contains(want), "doctor lacks {want:?}:\n{text}");
     }
 

@@ -98,7 +98,9 @@ mod tests {
         let q = qr("[Interface]\nPrivateKey = x\n").unwrap();
         let lines: Vec<&str> = q.lines().collect();
         assert!(lines.len() > 10);
-        assert!(lines.iter().all(|l| l.chars().count() == lines[0].chars().count()));
+        assert!(lines
+            .iter()
+            .all(|l| l.chars().count() == lines[0].chars().count()));
         assert!(q.contains('▀') || q.contains('▄'));
     }
 }
