@@ -50,6 +50,22 @@ pub const WG_SOCKET_DIR: &str = "/var/run/wireguard";
 /// How long a daemon may take to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How much slower everything is here: 1 natively, 8 inside the emulated
+/// real-kernel VM (`scripts/vm-run.sh` sets `SIXPN_IN_VM=1`), where software
+/// emulation runs some 35x slower.
+pub fn slowdown() -> u32 {
+    if std::env::var_os("SIXPN_IN_VM").is_some() {
+        8
+    } else {
+        1
+    }
+}
+
+/// A timeout scaled by [`slowdown`].
+pub fn scaled(d: Duration) -> Duration {
+    d * slowdown()
+}
+
 // ---------------------------------------------------------------------------
 // Prerequisites and skipping
 
@@ -588,7 +604,7 @@ pub fn start_wireguard_go(ns: &Netns, iface: &str) -> WireguardGo {
         iface: iface.to_owned(),
         log,
     };
-    let ready = wait_for(READY_TIMEOUT, || {
+    let ready = wait_for(scaled(READY_TIMEOUT), || {
         if let Ok(Some(status)) = wg.child.as_mut().unwrap().try_wait() {
             panic!(
                 "wireguard-go -f {iface} exited ({status}) before it was ready:\n{}",
@@ -599,8 +615,9 @@ pub fn start_wireguard_go(ns: &Netns, iface: &str) -> WireguardGo {
     });
     if ready.is_none() {
         panic!(
-            "wireguard-go -f {iface}: {} did not accept connections within {READY_TIMEOUT:?}:\n{}",
+            "wireguard-go -f {iface}: {} did not accept connections within {:?}:\n{}",
             sock.display(),
+            scaled(READY_TIMEOUT),
             wg.log.text()
         );
     }
@@ -975,7 +992,7 @@ impl Gateway {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", cmdline(&cmd)));
         self.child = Some(child);
-        let ready = wait_for(READY_TIMEOUT, || {
+        let ready = wait_for(scaled(READY_TIMEOUT), || {
             if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
                 panic!(
                     "sixpn gateway exited ({status}) before it was ready.\nconfig:\n{}\nlog:\n{}",
@@ -987,8 +1004,9 @@ impl Gateway {
         });
         if ready.is_none() {
             panic!(
-                "sixpn gateway: API at {} did not answer within {READY_TIMEOUT:?}; log:\n{}",
+                "sixpn gateway: API at {} did not answer within {:?}; log:\n{}",
                 self.socket.display(),
+                scaled(READY_TIMEOUT),
                 self.log()
             );
         }
