@@ -268,6 +268,17 @@ impl Reconciler {
         self.pass(Need::ALL).await
     }
 
+    /// The pass the loop runs on a store change: a new snapshot, planned
+    /// against what it already knows of the kernel (no re-read).
+    pub async fn pass_store_change(&mut self) -> bool {
+        self.pass(Need {
+            snapshot: true,
+            wg: false,
+            net: false,
+        })
+        .await
+    }
+
     async fn pass(&mut self, need: Need) -> bool {
         let t0 = std::time::Instant::now();
         let ok = self.pass_inner(need).await;
