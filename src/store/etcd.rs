@@ -1,0 +1,900 @@
+//! The fleet store: an etcd cluster (the `etcd-client` crate) shared by many
+//! gateways in many regions.
+//!
+//! # Key schema
+//!
+//! Everything lives under one configurable prefix (`/sixpn/` by default;
+//! written `P` below). Values are JSON unless noted; names are validated
+//! labels, so they never contain `/`.
+//!
+//! | key | value | why |
+//! | --- | --- | --- |
+//! | `P orgs/<org>` | [`Org`] | the org and its network id |
+//! | `P netids/<id, 10 digits>` | org name | network-id uniqueness |
+//! | `P gateways/<gateway>` | [`Gateway`] | registration: region, host id, endpoint, key |
+//! | `P hostids/<host id, 8 hex>` | gateway name | host-id uniqueness |
+//! | `P peers/<org>/<peer>` | [`PeerRecord`] | the peer: gateway, slot, key, time |
+//! | `P slots/<org>/<gateway>/<slot>` | peer name | address uniqueness: one key per /120 |
+//! | `P keys/<public key, hex>` | `<org>/<peer>` | public-key uniqueness |
+//! | `P instances/<org>/<app>/<id>` | [`InstanceRecord`] | an app instance |
+//! | `P addrs/<address>` | `<org>/<app>/<id>` | instance-address uniqueness |
+//! | `P tokens/<sha256, hex>` | org name | org-scoped API tokens |
+//!
+//! A peer's region and /120 are not stored: they follow from its gateway and
+//! org, exactly as in the SQLite schema.
+//!
+//! # Invariants and how they hold
+//!
+//! - Every write is one etcd transaction. Uniqueness keys are created under
+//!   a `create_revision == 0` compare (the key must not exist), so two
+//!   writers racing for the same name, key, address or slot can't both win,
+//!   whatever gateway they run on. Records being replaced or removed are
+//!   guarded by `mod_revision ==` what was read.
+//! - Writes are optimistic: read, decide, commit with compares; when a
+//!   compare fails someone else committed in between, so we read again and
+//!   retry (bounded, with jitter). A retry that now finds the name taken
+//!   reports [`StoreError::Conflict`]; one that finds the slot taken moves on.
+//! - Allocation takes the lowest free slot of (org, gateway). Under
+//!   contention a retry picks at random among the lowest few free slots so
+//!   that N concurrent creators don't all chase the same one; the holes that
+//!   leaves are the lowest free slots for the next creates.
+//! - A snapshot is one range read of the prefix; its revision is the
+//!   response header's, so it is consistent at that revision.
+//! - The change feed follows an etcd watch over the prefix from the last
+//!   revision seen + 1. Events only bump the feed: consumers re-read a whole
+//!   snapshot, so nothing is lost when the watched revision was compacted —
+//!   then we take the current revision (a full reload for the consumers) and
+//!   watch again from there. A broken watch reconnects with backoff
+//!   ([`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`]).
+//! - Every request is bounded by [`REQUEST_TIMEOUT`]; connection failures
+//!   and timeouts are [`StoreError::Unavailable`] (HTTP 503), so the API fails
+//!   fast while the daemon keeps its last applied state.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv6Addr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp, WatchOptions,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{
+    default_instance_id, Gateway, Instance, InstanceAddress, NewInstance, NewPeer, Org, Peer,
+    Revision, Snapshot, Store, StoreError,
+};
+use crate::model::{
+    self, AppName, GatewayName, InstanceId, NetworkId, OrgName, PeerName, PeerSlot, ProcessGroup,
+    PublicKey, RegionName,
+};
+
+/// The bound on every request: past it the store counts as unavailable.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// The first wait before re-establishing a broken watch.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest wait between watch reconnection attempts.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How many times a write is retried after losing a compare-and-swap race.
+const MAX_ATTEMPTS: u32 = 64;
+
+/// A peer as stored under `peers/<org>/<name>`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerRecord {
+    /// The gateway that holds it.
+    pub gateway: GatewayName,
+    /// Its slot among that gateway's peers of the org.
+    pub slot: u32,
+    /// The peer's public key.
+    pub public_key: PublicKey,
+    /// Unix seconds when it was registered.
+    pub created_at: u64,
+}
+
+/// An instance as stored under `instances/<org>/<app>/<id>`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    /// The region it runs in.
+    pub region: RegionName,
+    /// Its 6PN address.
+    pub address: Ipv6Addr,
+    /// Its process group.
+    pub process_group: Option<ProcessGroup>,
+    /// Started or stopped.
+    pub started: bool,
+}
+
+/// A store in an etcd cluster.
+pub struct EtcdStore {
+    kv: Client,
+    keys: Keys,
+    feed: watch::Sender<Revision>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("prefix", &self.keys.prefix)
+            .finish()
+    }
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+/// Builds the keys of the schema above.
+#[derive(Clone, Debug)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        let mut prefix = prefix.to_owned();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Self { prefix }
+    }
+    fn k(&self, rest: impl std::fmt::Display) -> String {
+        format!("{}{rest}", self.prefix)
+    }
+    fn org(&self, org: &OrgName) -> String {
+        self.k(format_args!("orgs/{org}"))
+    }
+    fn netid(&self, id: NetworkId) -> String {
+        self.k(format_args!("netids/{:010}", id.get()))
+    }
+    fn netids(&self) -> String {
+        self.k("netids/")
+    }
+    fn gateway(&self, gw: &GatewayName) -> String {
+        self.k(format_args!("gateways/{gw}"))
+    }
+    fn gateways(&self) -> String {
+        self.k("gateways/")
+    }
+    fn hostid(&self, host: model::HostId) -> String {
+        self.k(format_args!("hostids/{:08x}", host.get()))
+    }
+    fn peer(&self, org: &OrgName, name: &PeerName) -> String {
+        self.k(format_args!("peers/{org}/{name}"))
+    }
+    fn slot(&self, org: &OrgName, gw: &GatewayName, slot: u32) -> String {
+        self.k(format_args!("slots/{org}/{gw}/{slot}"))
+    }
+    fn slots(&self) -> String {
+        self.k("slots/")
+    }
+    fn key(&self, key: &PublicKey) -> String {
+        self.k(format_args!("keys/{}", hex(key.as_bytes())))
+    }
+    fn instance(&self, org: &OrgName, app: &AppName, id: &InstanceId) -> String {
+        self.k(format_args!("instances/{org}/{app}/{id}"))
+    }
+    fn addr(&self, addr: Ipv6Addr) -> String {
+        self.k(format_args!("addrs/{addr}"))
+    }
+    fn token(&self, sha: &[u8; 32]) -> String {
+        self.k(format_args!("tokens/{}", hex(sha)))
+    }
+    /// The key relative to the prefix, split on `/`.
+    fn parts<'a>(&self, key: &'a [u8]) -> Option<Vec<&'a str>> {
+        let key = std::str::from_utf8(key).ok()?;
+        Some(key.strip_prefix(&self.prefix)?.split('/').collect())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Maps a client error: the network and the cluster's health are
+/// `Unavailable` (retry later, HTTP 503); anything else is a bug or bad data.
+fn etcd_err(e: etcd_client::Error) -> StoreError {
+    use etcd_client::Error as E;
+    match &e {
+        E::TransportError(_) | E::IoError(_) | E::WatchError(_) | E::EndpointError(_) => {
+            StoreError::Unavailable(format!("etcd: {e}"))
+        }
+        E::GRpcStatus(s) => match s.code() {
+            tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Aborted => StoreError::Unavailable(format!("etcd: {}", s.message())),
+            _ => StoreError::Internal(format!("etcd: {e}")),
+        },
+        _ => StoreError::Internal(format!("etcd: {e}")),
+    }
+}
+
+fn corrupt<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> StoreError + '_ {
+    move |e| StoreError::Internal(format!("corrupt {what} in etcd: {e}"))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(kv: &KeyValue, what: &str) -> Result<T, StoreError> {
+    serde_json::from_slice(kv.value()).map_err(corrupt(what))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Internal(format!("encoding: {e}")))
+}
+
+fn text(kv: &KeyValue, what: &str) -> Result<String, StoreError> {
+    kv.value_str().map(str::to_owned).map_err(corrupt(what))
+}
+
+fn not_exists(key: &str) -> Compare {
+    Compare::create_revision(key, CompareOp::Equal, 0)
+}
+
+fn unchanged(kv: &KeyValue) -> Compare {
+    Compare::mod_revision(kv.key(), CompareOp::Equal, kv.mod_revision())
+}
+
+fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> TxnOp {
+    TxnOp::put(key, value, None)
+}
+
+/// Bounds a request by [`REQUEST_TIMEOUT`].
+async fn bounded<T>(
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+        Ok(r) => r.map_err(etcd_err),
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "etcd did not answer within {REQUEST_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// Sleeps a little before retrying a lost race, so racers spread out.
+async fn jitter(attempt: u32) {
+    let ms = rand::random::<u64>() % (u64::from(attempt.min(10)) * 2 + 1);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+fn contention(what: &str) -> StoreError {
+    StoreError::Unavailable(format!(
+        "{what}: lost {MAX_ATTEMPTS} compare-and-swap races in a row; retry"
+    ))
+}
+
+/// Raises the feed to `revision` if it is newer.
+fn publish(feed: &watch::Sender<Revision>, revision: i64) {
+    let revision = u64::try_from(revision).unwrap_or(0);
+    feed.send_if_modified(|r| {
+        let newer = revision > *r;
+        if newer {
+            *r = revision;
+        }
+        newer
+    });
+}
+
+impl EtcdStore {
+    /// Connects to the cluster at `endpoints` and starts following changes
+    /// under `prefix`. The connection is lazy: an unreachable cluster doesn't
+    /// fail here but in the first request, as `Unavailable`.
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, StoreError> {
+        if endpoints.is_empty() {
+            return Err(StoreError::Invalid(
+                "an etcd store needs at least one endpoint".into(),
+            ));
+        }
+        let opts = || {
+            ConnectOptions::new()
+                .with_connect_timeout(REQUEST_TIMEOUT)
+                .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+                .with_keep_alive_while_idle(true)
+        };
+        let kv = Client::connect(endpoints, Some(opts().with_timeout(REQUEST_TIMEOUT)))
+            .await
+            .map_err(etcd_err)?;
+        // The watch is a long-lived stream: its client has no request timeout;
+        // keep-alive pings detect a dead connection instead.
+        let watch_client = Client::connect(endpoints, Some(opts()))
+            .await
+            .map_err(etcd_err)?;
+        let keys = Keys::new(prefix);
+        let (feed, _) = watch::channel(0);
+        let watcher = tokio::spawn(watch_loop(watch_client, keys.clone(), feed.clone()));
+        Ok(Self {
+            kv,
+            keys,
+            feed,
+            watcher,
+        })
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let mut kv = self.kv.clone();
+        let mut resp = bounded(kv.get(key, None)).await?;
+        Ok(resp.take_kvs().into_iter().next())
+    }
+
+    async fn range(&self, prefix: &str, keys_only: bool) -> Result<Vec<KeyValue>, StoreError> {
+        let mut kv = self.kv.clone();
+        let mut opts = GetOptions::new().with_prefix();
+        if keys_only {
+            opts = opts.with_keys_only();
+        }
+        let mut resp = bounded(kv.get(prefix, Some(opts))).await?;
+        Ok(resp.take_kvs())
+    }
+
+    /// Commits `txn`; `Ok(true)` if its compares held.
+    async fn commit(&self, txn: Txn) -> Result<bool, StoreError> {
+        let mut kv = self.kv.clone();
+        let resp = bounded(kv.txn(txn)).await?;
+        if resp.succeeded() {
+            if let Some(h) = resp.header() {
+                publish(&self.feed, h.revision());
+            }
+        }
+        Ok(resp.succeeded())
+    }
+
+    async fn org(&self, org: &OrgName) -> Result<(Org, KeyValue), StoreError> {
+        let kv = self
+            .get(&self.keys.org(org))
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("org '{org}' not found")))?;
+        Ok((decode(&kv, "org")?, kv))
+    }
+
+    /// `(gateway, slot)` of every peer, from the slot keys.
+    async fn slots(&self) -> Result<Vec<(OrgName, GatewayName, u32)>, StoreError> {
+        let kvs = self.range(&self.keys.slots(), true).await?;
+        let mut out = Vec::with_capacity(kvs.len());
+        for kv in &kvs {
+            match self.keys.parts(kv.key()).as_deref() {
+                Some(["slots", org, gw, slot]) => out.push((
+                    org.parse().map_err(corrupt("slot key"))?,
+                    gw.parse().map_err(corrupt("slot key"))?,
+                    slot.parse().map_err(corrupt("slot key"))?,
+                )),
+                _ => return Err(StoreError::Internal("corrupt slot key in etcd".into())),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The full peer, from its record and the current org and gateway.
+    fn peer_of(
+        org: &Org,
+        name: PeerName,
+        rec: PeerRecord,
+        gw: &Gateway,
+    ) -> Result<Peer, StoreError> {
+        let slot = PeerSlot::new(rec.slot).map_err(corrupt("slot"))?;
+        Ok(Peer {
+            org: org.name.clone(),
+            name,
+            gateway: gw.name.clone(),
+            region: gw.region.clone(),
+            slot,
+            net: slot.net(org.prefix(), gw.host_id),
+            public_key: rec.public_key,
+            created_at: rec.created_at,
+        })
+    }
+}
+
+/// Follows the prefix and bumps the feed on every change, forever.
+async fn watch_loop(client: Client, keys: Keys, feed: watch::Sender<Revision>) {
+    let mut backoff = BACKOFF_MIN;
+    // The next revision to watch from; 0 until we've read the current one.
+    let mut next: i64 = 0;
+    loop {
+        if next == 0 {
+            // A full reload: learn the current revision; consumers re-read
+            // their snapshot when the feed moves.
+            let mut kv = client.kv_client();
+            let opts = GetOptions::new().with_prefix().with_count_only();
+            match bounded(kv.get(keys.prefix.as_str(), Some(opts))).await {
+                Ok(resp) => {
+                    let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                    publish(&feed, rev);
+                    next = rev + 1;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "etcd: cannot read revision");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            }
+        }
+        let mut wc = client.watch_client();
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(next)
+            .with_progress_notify();
+        let watched =
+            tokio::time::timeout(REQUEST_TIMEOUT, wc.watch(keys.prefix.as_str(), Some(opts)))
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+        let (_watcher, mut stream) = match watched {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "etcd: cannot watch");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    backoff = BACKOFF_MIN;
+                    if resp.compact_revision() > 0 {
+                        tracing::info!(
+                            compacted = resp.compact_revision(),
+                            wanted = next,
+                            "etcd: watched revision was compacted; reloading"
+                        );
+                        next = 0;
+                        break;
+                    }
+                    if resp.canceled() {
+                        tracing::warn!(reason = resp.cancel_reason(), "etcd: watch canceled");
+                        break;
+                    }
+                    let last = resp
+                        .events()
+                        .iter()
+                        .filter_map(|e| e.kv().map(|kv| kv.mod_revision()))
+                        .max();
+                    if let Some(rev) = last {
+                        publish(&feed, rev);
+                        next = next.max(rev + 1);
+                    }
+                }
+                Ok(None) => {
+                    tracing::warn!("etcd: watch stream ended; reconnecting");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "etcd: watch failed; reconnecting");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Parses a whole-prefix range into a snapshot.
+fn parse_snapshot(keys: &Keys, revision: i64, kvs: &[KeyValue]) -> Result<Snapshot, StoreError> {
+    let mut orgs = Vec::new();
+    let mut gateways = Vec::new();
+    let mut peers_raw = Vec::new();
+    let mut instances = Vec::new();
+    for kv in kvs {
+        let Some(parts) = keys.parts(kv.key()) else {
+            continue;
+        };
+        match parts.as_slice() {
+            ["orgs", _] => orgs.push(decode::<Org>(kv, "org")?),
+            ["gateways", _] => gateways.push(decode::<Gateway>(kv, "gateway")?),
+            ["peers", org, name] => peers_raw.push((
+                org.parse::<OrgName>().map_err(corrupt("peer key"))?,
+                name.parse::<PeerName>().map_err(corrupt("peer key"))?,
+                decode::<PeerRecord>(kv, "peer")?,
+            )),
+            ["instances", org, app, id] => {
+                let rec: InstanceRecord = decode(kv, "instance")?;
+                instances.push(Instance {
+                    org: org.parse().map_err(corrupt("instance key"))?,
+                    app: app.parse().map_err(corrupt("instance key"))?,
+                    id: id.parse().map_err(corrupt("instance key"))?,
+                    region: rec.region,
+                    address: rec.address,
+                    process_group: rec.process_group,
+                    started: rec.started,
+                });
+            }
+            _ => {}
+        }
+    }
+    let org_by: HashMap<&OrgName, &Org> = orgs.iter().map(|o| (&o.name, o)).collect();
+    let gw_by: HashMap<&GatewayName, &Gateway> = gateways.iter().map(|g| (&g.name, g)).collect();
+    let mut peers = Vec::with_capacity(peers_raw.len());
+    for (org, name, rec) in peers_raw {
+        let o = org_by
+            .get(&org)
+            .ok_or_else(|| StoreError::Internal(format!("peer {name} has no org")))?;
+        let g = gw_by
+            .get(&rec.gateway)
+            .ok_or_else(|| StoreError::Internal(format!("peer {name} has no gateway")))?;
+        peers.push(EtcdStore::peer_of(o, name, rec, g)?);
+    }
+    orgs.sort_by(|a, b| a.name.cmp(&b.name));
+    gateways.sort_by(|a, b| a.name.cmp(&b.name));
+    peers.sort_by(|a, b| (&a.org, &a.name).cmp(&(&b.org, &b.name)));
+    instances.sort_by(|a, b| (&a.org, &a.app, &a.id).cmp(&(&b.org, &b.app, &b.id)));
+    Ok(Snapshot {
+        revision: u64::try_from(revision).unwrap_or(0),
+        orgs,
+        gateways,
+        peers,
+        instances,
+    })
+}
+
+/// The slot to try: the lowest free one, or under contention one of the
+/// lowest few at random.
+fn pick_slot(used: &BTreeSet<u32>, attempt: u32) -> Option<u32> {
+    let spread = attempt.min(8) as usize + 1;
+    let free: Vec<u32> = (0..PeerSlot::COUNT)
+        .filter(|s| !used.contains(s))
+        .take(spread)
+        .collect();
+    if free.is_empty() {
+        return None;
+    }
+    let i = if attempt == 0 {
+        0
+    } else {
+        rand::random::<usize>() % free.len()
+    };
+    Some(free[i])
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
+        let mut kv = self.kv.clone();
+        let resp = bounded(kv.get(
+            self.keys.prefix.as_str(),
+            Some(GetOptions::new().with_prefix()),
+        ))
+        .await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        publish(&self.feed, revision);
+        parse_snapshot(&self.keys, revision, resp.kvs()).map(Arc::new)
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Revision> {
+        self.feed.subscribe()
+    }
+
+    async fn create_org(&self, name: &OrgName) -> Result<Org, StoreError> {
+        let key = self.keys.org(name);
+        for attempt in 0..MAX_ATTEMPTS {
+            if self.get(&key).await?.is_some() {
+                return Err(StoreError::Conflict(format!("org '{name}' already exists")));
+            }
+            let mut max = 0u32;
+            for kv in self.range(&self.keys.netids(), true).await? {
+                if let Some(["netids", id]) = self.keys.parts(kv.key()).as_deref() {
+                    max = max.max(id.parse().map_err(corrupt("network id key"))?);
+                }
+            }
+            let id = max
+                .checked_add(1)
+                .and_then(|n| NetworkId::new(n).ok())
+                .ok_or_else(|| StoreError::Exhausted("no network id left".into()))?;
+            let org = Org {
+                name: name.clone(),
+                network_id: id,
+            };
+            let idkey = self.keys.netid(id);
+            let txn = Txn::new()
+                .when([not_exists(&key), not_exists(&idkey)])
+                .and_then([put(key.as_str(), encode(&org)?), put(idkey, name.as_str())]);
+            if self.commit(txn).await? {
+                return Ok(org);
+            }
+            jitter(attempt).await;
+        }
+        Err(contention("create org"))
+    }
+
+    async fn register_gateway(&self, gw: &Gateway) -> Result<(), StoreError> {
+        let key = self.keys.gateway(&gw.name);
+        let hkey = self.keys.hostid(gw.host_id);
+        for attempt in 0..MAX_ATTEMPTS {
+            let (old, holder) = futures::try_join!(self.get(&key), self.get(&hkey))?;
+            if let Some(h) = &holder {
+                let other = text(h, "host id owner")?;
+                if other != gw.name.as_str() {
+                    return Err(StoreError::Conflict(format!(
+                        "host id {} is already used by gateway '{other}'",
+                        gw.host_id
+                    )));
+                }
+            }
+            let mut cmps = vec![match &old {
+                Some(kv) => unchanged(kv),
+                None => not_exists(&key),
+            }];
+            cmps.push(match &holder {
+                Some(kv) => unchanged(kv),
+                None => not_exists(&hkey),
+            });
+            let mut ops = vec![put(key.as_str(), encode(gw)?)];
+            if let Some(old) = &old {
+                let old: Gateway = decode(old, "gateway")?;
+                if old.host_id != gw.host_id {
+                    let peers = self
+                        .slots()
+                        .await?
+                        .iter()
+                        .filter(|(_, g, _)| g == &gw.name)
+                        .count();
+                    if peers > 0 {
+                        return Err(StoreError::Conflict(format!(
+                            "gateway '{}' holds {peers} peers addressed with its old host id; \
+                             it can't change to {}",
+                            gw.name, gw.host_id
+                        )));
+                    }
+                    ops.push(TxnOp::delete(self.keys.hostid(old.host_id), None));
+                }
+            }
+            if holder.is_none() {
+                ops.push(put(hkey.as_str(), gw.name.as_str()));
+            }
+            if self.commit(Txn::new().when(cmps).and_then(ops)).await? {
+                return Ok(());
+            }
+            jitter(attempt).await;
+        }
+        Err(contention("register gateway"))
+    }
+
+    async fn create_peer(&self, req: &NewPeer) -> Result<(Peer, Gateway), StoreError> {
+        let pkey = self.keys.peer(&req.org, &req.name);
+        let kkey = self.keys.key(&req.public_key);
+        let gwkey = self.keys.gateways();
+        for attempt in 0..MAX_ATTEMPTS {
+            let (org, existing, key_used, gws, slots) = futures::try_join!(
+                self.org(&req.org),
+                self.get(&pkey),
+                self.get(&kkey),
+                self.range(&gwkey, false),
+                self.slots(),
+            )?;
+            let (org, _) = org;
+            if existing.is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "peer '{}' already exists in org '{}'",
+                    req.name, req.org
+                )));
+            }
+            if key_used.is_some() {
+                return Err(StoreError::Conflict(
+                    "that public key is already registered for another peer".into(),
+                ));
+            }
+            // The least-loaded gateway of the region, by peer count, then name.
+            let mut load: HashMap<&GatewayName, usize> = HashMap::new();
+            for (_, g, _) in &slots {
+                *load.entry(g).or_default() += 1;
+            }
+            let mut best: Option<(usize, Gateway, &KeyValue)> = None;
+            for kv in &gws {
+                let g: Gateway = decode(kv, "gateway")?;
+                if g.region != req.region {
+                    continue;
+                }
+                let n = load.get(&g.name).copied().unwrap_or(0);
+                if best
+                    .as_ref()
+                    .is_none_or(|(bn, bg, _)| (n, &g.name) < (*bn, &bg.name))
+                {
+                    best = Some((n, g, kv));
+                }
+            }
+            let (_, gateway, gw_kv) = best.ok_or_else(|| {
+                StoreError::NotFound(format!("no gateway in region '{}'", req.region))
+            })?;
+            let used: BTreeSet<u32> = slots
+                .iter()
+                .filter(|(o, g, _)| o == &req.org && g == &gateway.name)
+                .map(|(_, _, s)| *s)
+                .collect();
+            let slot = pick_slot(&used, attempt).ok_or_else(|| {
+                StoreError::Exhausted(format!(
+                    "gateway '{}' has no free peer address left in this org ({} in use)",
+                    gateway.name,
+                    PeerSlot::COUNT
+                ))
+            })?;
+            let rec = PeerRecord {
+                gateway: gateway.name.clone(),
+                slot,
+                public_key: req.public_key.clone(),
+                created_at: now_secs(),
+            };
+            let skey = self.keys.slot(&req.org, &gateway.name, slot);
+            let txn = Txn::new()
+                .when([
+                    not_exists(&pkey),
+                    not_exists(&kkey),
+                    not_exists(&skey),
+                    // The host id in the address is the one we read.
+                    unchanged(gw_kv),
+                ])
+                .and_then([
+                    put(pkey.as_str(), encode(&rec)?),
+                    put(skey, req.name.as_str()),
+                    put(kkey.as_str(), format!("{}/{}", req.org, req.name)),
+                ]);
+            if self.commit(txn).await? {
+                let peer = Self::peer_of(&org, req.name.clone(), rec, &gateway)?;
+                return Ok((peer, gateway));
+            }
+            jitter(attempt).await;
+        }
+        Err(contention("create peer"))
+    }
+
+    async fn remove_peer(&self, org: &OrgName, name: &PeerName) -> Result<Peer, StoreError> {
+        let pkey = self.keys.peer(org, name);
+        for attempt in 0..MAX_ATTEMPTS {
+            let (o, _) = self.org(org).await?;
+            let kv = self.get(&pkey).await?.ok_or_else(|| {
+                StoreError::NotFound(format!("peer '{name}' not found in org '{org}'"))
+            })?;
+            let rec: PeerRecord = decode(&kv, "peer")?;
+            let gw_kv = self
+                .get(&self.keys.gateway(&rec.gateway))
+                .await?
+                .ok_or_else(|| StoreError::Internal(format!("peer {name} has no gateway")))?;
+            let gw: Gateway = decode(&gw_kv, "gateway")?;
+            let txn = Txn::new().when([unchanged(&kv)]).and_then([
+                TxnOp::delete(pkey.as_str(), None),
+                TxnOp::delete(self.keys.slot(org, &rec.gateway, rec.slot), None),
+                TxnOp::delete(self.keys.key(&rec.public_key), None),
+            ]);
+            if self.commit(txn).await? {
+                return Self::peer_of(&o, name.clone(), rec, &gw);
+            }
+            jitter(attempt).await;
+        }
+        Err(contention("remove peer"))
+    }
+
+    async fn add_instance(&self, req: &NewInstance) -> Result<Instance, StoreError> {
+        let (org, org_kv) = self.org(&req.org).await?;
+        let prefix = org.prefix();
+        let address: Ipv6Addr = match req.address {
+            InstanceAddress::Address(a) => a,
+            InstanceAddress::HostMachine { host, machine } => {
+                model::instance_addr(prefix, host, machine)
+            }
+        };
+        if !prefix.contains(address) {
+            return Err(StoreError::Invalid(format!(
+                "address {address} is outside org '{}' ({prefix})",
+                req.org
+            )));
+        }
+        if address == prefix.dns_addr() {
+            return Err(StoreError::Invalid(format!(
+                "address {address} is the org's DNS address"
+            )));
+        }
+        let id = req
+            .id
+            .clone()
+            .unwrap_or_else(|| default_instance_id(address));
+        let ikey = self.keys.instance(&req.org, &req.app, &id);
+        let akey = self.keys.addr(address);
+        for attempt in 0..MAX_ATTEMPTS {
+            let (taken, exists) = futures::try_join!(self.get(&akey), self.get(&ikey))?;
+            if let Some(t) = taken {
+                return Err(StoreError::Conflict(format!(
+                    "address {address} is already used by instance {}",
+                    text(&t, "address owner")?
+                )));
+            }
+            if exists.is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "instance '{id}' of app '{}' already exists",
+                    req.app
+                )));
+            }
+            let rec = InstanceRecord {
+                region: req.region.clone(),
+                address,
+                process_group: req.process_group.clone(),
+                started: req.started,
+            };
+            let txn = Txn::new()
+                .when([not_exists(&ikey), not_exists(&akey), unchanged(&org_kv)])
+                .and_then([
+                    put(ikey.as_str(), encode(&rec)?),
+                    put(akey.as_str(), format!("{}/{}/{id}", req.org, req.app)),
+                ]);
+            if self.commit(txn).await? {
+                return Ok(Instance {
+                    org: req.org.clone(),
+                    app: req.app.clone(),
+                    id,
+                    region: rec.region,
+                    address,
+                    process_group: rec.process_group,
+                    started: rec.started,
+                });
+            }
+            jitter(attempt).await;
+        }
+        Err(contention("add instance"))
+    }
+
+    async fn remove_instance(
+        &self,
+        org: &OrgName,
+        app: &AppName,
+        id: &InstanceId,
+    ) -> Result<Instance, StoreError> {
+        self.org(org).await?;
+        let ikey = self.keys.instance(org, app, id);
+        for attempt in 0..MAX_ATTEMPTS {
+            let kv = self.get(&ikey).await?.ok_or_else(|| {
+                StoreError::NotFound(format!("instance '{id}' of app '{app}' not found"))
+            })?;
+            let rec: InstanceRecord = decode(&kv, "instance")?;
+            let txn = Txn::new().when([unchanged(&kv)]).and_then([
+                TxnOp::delete(ikey.as_str(), None),
+                TxnOp::delete(self.keys.addr(rec.address), None),
+            ]);
+            if self.commit(txn).await? {
+                return Ok(Instance {
+                    org: org.clone(),
+                    app: app.clone(),
+                    id: id.clone(),
+                    region: rec.region,
+                    address: rec.address,
+                    process_group: rec.process_group,
+                    started: rec.started,
+                });
+            }
+            jitter(attempt).await;
+        }
+        Err(contention("remove instance"))
+    }
+
+    async fn add_org_token(&self, org: &OrgName, sha: [u8; 32]) -> Result<(), StoreError> {
+        let (_, org_kv) = self.org(org).await?;
+        let tkey = self.keys.token(&sha);
+        let txn = Txn::new()
+            .when([not_exists(&tkey), unchanged(&org_kv)])
+            .and_then([put(tkey.as_str(), org.as_str())]);
+        if self.commit(txn).await? {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict(
+                "that token is already registered".into(),
+            ))
+        }
+    }
+
+    async fn token_org(&self, sha: [u8; 32]) -> Result<Option<OrgName>, StoreError> {
+        self.get(&self.keys.token(&sha))
+            .await?
+            .map(|kv| text(&kv, "token org")?.parse().map_err(corrupt("org name")))
+            .transpose()
+    }
+}
