@@ -10,6 +10,7 @@ pkgs=(
   nftables                                          # nft
   dnsutils                                          # dig
   sqlite3 jq                                        # inspecting state in tests and the demo
+  etcd-server protobuf-compiler                     # the fleet store: etcd for tests, protoc for etcd-client
 )
 
 missing=()

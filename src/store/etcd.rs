@@ -313,7 +313,7 @@ impl EtcdStore {
             .map_err(etcd_err)?;
         let keys = Keys::new(prefix);
         let (feed, _) = watch::channel(0);
-        let watcher = tokio::spawn(watch_loop(watch_client, keys.clone(), feed.clone()));
+        let watcher = tokio::spawn(watch_loop(watch_client, keys.clone(), feed.clone(), 0));
         Ok(Self {
             kv,
             keys,
@@ -397,10 +397,13 @@ impl EtcdStore {
 }
 
 /// Follows the prefix and bumps the feed on every change, forever.
-async fn watch_loop(client: Client, keys: Keys, feed: watch::Sender<Revision>) {
+///
+/// `from` is the first revision to watch; 0 means "the current one", which
+/// is what a fresh store does (tests start older to meet a compaction).
+async fn watch_loop(client: Client, keys: Keys, feed: watch::Sender<Revision>, from: i64) {
     let mut backoff = BACKOFF_MIN;
     // The next revision to watch from; 0 until we've read the current one.
-    let mut next: i64 = 0;
+    let mut next: i64 = from;
     loop {
         if next == 0 {
             // A full reload: learn the current revision; consumers re-read
@@ -896,5 +899,459 @@ impl Store for EtcdStore {
             .await?
             .map(|kv| text(&kv, "token org")?.parse().map_err(corrupt("org name")))
             .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{HostId, PrivateKey};
+    use std::collections::HashSet;
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::time::Instant;
+
+    /// A single-member etcd on loopback with a temp data dir and free ports;
+    /// killed on drop.
+    struct TestEtcd {
+        child: Option<Child>,
+        dir: tempfile::TempDir,
+        client: u16,
+        peer: u16,
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port")
+    }
+
+    fn in_ci() -> bool {
+        std::env::var("CI").is_ok_and(|v| {
+            !matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "" | "0" | "false" | "no"
+            )
+        })
+    }
+
+    fn etcd_binary() -> Option<PathBuf> {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .map(|d| d.join("etcd"))
+            .find(|p| p.is_file())
+    }
+
+    impl TestEtcd {
+        /// Starts one, or returns `None` after a loud SKIPPED line when the
+        /// `etcd` binary is missing (a failure under CI).
+        async fn start(test: &str) -> Option<Self> {
+            if etcd_binary().is_none() {
+                assert!(
+                    !in_ci(),
+                    "{test}: `etcd` is not installed (apt etcd-server) and CI is set"
+                );
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "\n****\nSKIPPED {test}: `etcd` not found (apt-get install etcd-server)\n****"
+                );
+                return None;
+            }
+            let mut e = Self {
+                child: None,
+                dir: tempfile::tempdir().unwrap(),
+                client: free_port(),
+                peer: free_port(),
+            };
+            e.spawn().await;
+            Some(e)
+        }
+
+        fn url(&self) -> String {
+            format!("http://127.0.0.1:{}", self.client)
+        }
+
+        async fn spawn(&mut self) {
+            let (c, p) = (self.client, self.peer);
+            let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
+            let child = Command::new("etcd")
+                .args(["--name", "t", "--data-dir"])
+                .arg(self.dir.path().join("data"))
+                .args([
+                    &format!("--listen-client-urls=http://127.0.0.1:{c}"),
+                    &format!("--advertise-client-urls=http://127.0.0.1:{c}"),
+                    &format!("--listen-peer-urls=http://127.0.0.1:{p}"),
+                    &format!("--initial-advertise-peer-urls=http://127.0.0.1:{p}"),
+                    &format!("--initial-cluster=t=http://127.0.0.1:{p}"),
+                ])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start etcd");
+            self.child = Some(child);
+            let client = Client::connect([self.url()], None).await.unwrap();
+            let t0 = Instant::now();
+            loop {
+                let mut kv = client.kv_client();
+                if tokio::time::timeout(Duration::from_secs(1), kv.get("x", None))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                {
+                    return;
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "etcd did not come up: {}",
+                    std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+
+        fn stop(&mut self) {
+            if let Some(mut c) = self.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+
+        async fn store(&self) -> EtcdStore {
+            EtcdStore::connect(&[self.url()], "/sixpn/").await.unwrap()
+        }
+    }
+
+    impl Drop for TestEtcd {
+        fn drop(&mut self) {
+            self.stop();
+        }
+    }
+
+    macro_rules! etcd_or_skip {
+        ($test:expr) => {
+            match TestEtcd::start($test).await {
+                Some(e) => e,
+                None => return,
+            }
+        };
+    }
+
+    fn key() -> PublicKey {
+        PrivateKey::generate().public_key()
+    }
+
+    fn gateway(name: &str, region: &str, host: &str) -> Gateway {
+        Gateway {
+            name: name.parse().unwrap(),
+            region: region.parse().unwrap(),
+            host_id: host.parse().unwrap(),
+            endpoint: format!("{name}.example.net:51820").parse().unwrap(),
+            public_key: key(),
+        }
+    }
+
+    async fn with_gateway(etcd: &TestEtcd) -> EtcdStore {
+        let store = etcd.store().await;
+        store
+            .register_gateway(&gateway("lhr-1", "lhr", "a7b:d6b"))
+            .await
+            .unwrap();
+        store
+    }
+
+    fn new_peer(org: &str, name: &str) -> NewPeer {
+        NewPeer {
+            org: org.parse().unwrap(),
+            name: name.parse().unwrap(),
+            region: "lhr".parse().unwrap(),
+            public_key: key(),
+        }
+    }
+
+    #[tokio::test]
+    async fn peers_get_distinct_addresses_and_reuse_freed_slots() {
+        let etcd = etcd_or_skip!("etcd::peers_get_distinct_addresses_and_reuse_freed_slots");
+        let store = with_gateway(&etcd).await;
+        let org = store
+            .create_org(&"personal".parse().unwrap())
+            .await
+            .unwrap();
+        let mut seen = HashSet::new();
+        for i in 0..300 {
+            let (p, _) = store
+                .create_peer(&new_peer("personal", &format!("p{i}")))
+                .await
+                .unwrap();
+            assert_eq!(p.slot.index(), i);
+            assert!(org.prefix().contains(p.net.peer_addr()));
+            assert!(seen.insert(p.net));
+        }
+        let snap = store.snapshot().await.unwrap();
+        assert_eq!(snap.peers.len(), 300);
+        let p256 = snap
+            .peers
+            .iter()
+            .find(|p| p.name.as_str() == "p256")
+            .unwrap();
+        assert_eq!(p256.net.peer_addr().to_string(), "fdaa:0:1:a7b:d6b:0:b:2");
+        let gone = store
+            .remove_peer(&org.name, &"p7".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(gone.slot.index(), 7);
+        let (again, _) = store
+            .create_peer(&new_peer("personal", "again"))
+            .await
+            .unwrap();
+        assert_eq!(again.slot.index(), 7);
+    }
+
+    #[tokio::test]
+    async fn concurrent_creates_from_two_clients_never_collide() {
+        let etcd = etcd_or_skip!("etcd::concurrent_creates_from_two_clients_never_collide");
+        let a = Arc::new(with_gateway(&etcd).await);
+        let b = Arc::new(etcd.store().await);
+        b.register_gateway(&gateway("lhr-2", "lhr", "a7b:2"))
+            .await
+            .unwrap();
+        a.create_org(&"acme".parse().unwrap()).await.unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..60 {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.spawn(async move { s.create_peer(&new_peer("acme", &format!("c{i}"))).await });
+        }
+        let mut nets = HashSet::new();
+        while let Some(r) = tasks.join_next().await {
+            let (p, _) = r.unwrap().unwrap();
+            assert!(nets.insert(p.net), "duplicate {}", p.net);
+        }
+        let snap = a.snapshot().await.unwrap();
+        assert_eq!(snap.peers.len(), 60);
+        // Both gateways of the region got peers (least loaded).
+        let on_1 = snap
+            .peers
+            .iter()
+            .filter(|p| p.gateway.as_str() == "lhr-1")
+            .count();
+        assert!((20..=40).contains(&on_1), "lhr-1 got {on_1} of 60");
+    }
+
+    #[tokio::test]
+    async fn bad_writes_change_nothing() {
+        let etcd = etcd_or_skip!("etcd::bad_writes_change_nothing");
+        let store = with_gateway(&etcd).await;
+        store.create_org(&"acme".parse().unwrap()).await.unwrap();
+        let (first, _) = store
+            .create_peer(&new_peer("acme", "laptop"))
+            .await
+            .unwrap();
+        let before = store.snapshot().await.unwrap();
+
+        let dup = store
+            .create_peer(&new_peer("acme", "laptop"))
+            .await
+            .unwrap_err();
+        assert!(matches!(dup, StoreError::Conflict(_)), "{dup}");
+        let mut same_key = new_peer("acme", "other");
+        same_key.public_key = first.public_key;
+        assert!(matches!(
+            store.create_peer(&same_key).await.unwrap_err(),
+            StoreError::Conflict(_)
+        ));
+        assert!(matches!(
+            store.create_peer(&new_peer("nope", "x")).await.unwrap_err(),
+            StoreError::NotFound(_)
+        ));
+        let mut far = new_peer("acme", "far");
+        far.region = "syd".parse().unwrap();
+        let e = store.create_peer(&far).await.unwrap_err();
+        assert!(e.to_string().contains("no gateway in region 'syd'"), "{e}");
+        assert!(matches!(
+            store
+                .create_org(&"acme".parse().unwrap())
+                .await
+                .unwrap_err(),
+            StoreError::Conflict(_)
+        ));
+        let outside = NewInstance {
+            org: "acme".parse().unwrap(),
+            app: "web".parse().unwrap(),
+            id: None,
+            region: "lhr".parse().unwrap(),
+            address: InstanceAddress::Address("fdaa:0:99::2".parse().unwrap()),
+            process_group: None,
+            started: true,
+        };
+        assert!(matches!(
+            store.add_instance(&outside).await.unwrap_err(),
+            StoreError::Invalid(_)
+        ));
+        assert_eq!(*store.snapshot().await.unwrap(), *before);
+    }
+
+    #[tokio::test]
+    async fn instances_and_tokens() {
+        let etcd = etcd_or_skip!("etcd::instances_and_tokens");
+        let store = with_gateway(&etcd).await;
+        for i in 0..0x18 {
+            store
+                .create_org(&format!("o{i}").parse().unwrap())
+                .await
+                .unwrap();
+        }
+        let req = NewInstance {
+            org: "o23".parse().unwrap(),
+            app: "paulgra-ham".parse().unwrap(),
+            id: None,
+            region: "iad".parse().unwrap(),
+            address: InstanceAddress::HostMachine {
+                host: "a7b:7d".parse().unwrap(),
+                machine: "f066:b83b".parse().unwrap(),
+            },
+            process_group: Some("web".parse().unwrap()),
+            started: true,
+        };
+        let inst = store.add_instance(&req).await.unwrap();
+        assert_eq!(inst.address.to_string(), "fdaa:0:18:a7b:7d:f066:b83b:2");
+        assert_eq!(inst.id.as_str(), "f066b83b");
+        let mut again = req.clone();
+        again.id = Some("other".parse().unwrap());
+        let e = store.add_instance(&again).await.unwrap_err();
+        assert!(e.to_string().contains("already used by instance"), "{e}");
+        assert_eq!(
+            store.snapshot().await.unwrap().instances,
+            vec![inst.clone()]
+        );
+        let gone = store
+            .remove_instance(&inst.org, &inst.app, &inst.id)
+            .await
+            .unwrap();
+        assert_eq!(gone, inst);
+        assert!(store.add_instance(&req).await.is_ok(), "address freed");
+
+        let sha = [7u8; 32];
+        assert_eq!(store.token_org(sha).await.unwrap(), None);
+        store
+            .add_org_token(&"o3".parse().unwrap(), sha)
+            .await
+            .unwrap();
+        assert_eq!(store.token_org(sha).await.unwrap().unwrap().as_str(), "o3");
+    }
+
+    #[tokio::test]
+    async fn gateway_host_ids_are_unique_and_stable() {
+        let etcd = etcd_or_skip!("etcd::gateway_host_ids_are_unique_and_stable");
+        let store = with_gateway(&etcd).await;
+        let mut other = gateway("lhr-2", "lhr", "a7b:d6b");
+        let e = store.register_gateway(&other).await.unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+        other.host_id = HostId::from_u32(2);
+        store.register_gateway(&other).await.unwrap();
+        // Re-registering (a restart) is fine.
+        store.register_gateway(&other).await.unwrap();
+        store.create_org(&"a".parse().unwrap()).await.unwrap();
+        let (a, _) = store.create_peer(&new_peer("a", "one")).await.unwrap();
+        let (b, _) = store.create_peer(&new_peer("a", "two")).await.unwrap();
+        assert_ne!(a.gateway, b.gateway);
+        other.host_id = HostId::from_u32(3);
+        let e = store.register_gateway(&other).await.unwrap_err();
+        assert!(e.to_string().contains("old host id"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn change_feed_sees_writes_from_another_client() {
+        let etcd = etcd_or_skip!("etcd::change_feed_sees_writes_from_another_client");
+        let a = with_gateway(&etcd).await;
+        let b = etcd.store().await;
+        let mut feed = b.subscribe();
+        // Let b's watch get established.
+        tokio::time::timeout(Duration::from_secs(5), feed.wait_for(|r| *r > 0))
+            .await
+            .unwrap()
+            .unwrap();
+        for i in 0..20 {
+            let before = *feed.borrow_and_update();
+            let t0 = Instant::now();
+            a.create_org(&format!("x{i}").parse().unwrap())
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_millis(100), feed.changed())
+                .await
+                .expect("change seen within 100 ms")
+                .unwrap();
+            assert!(*feed.borrow() > before);
+            if i == 0 {
+                eprintln!("cross-client change seen after {:?}", t0.elapsed());
+            }
+        }
+        let snap = b.snapshot().await.unwrap();
+        assert_eq!(snap.revision, *feed.borrow());
+    }
+
+    #[tokio::test]
+    async fn a_compacted_watch_reloads_and_follows_on() {
+        let etcd = etcd_or_skip!("etcd::a_compacted_watch_reloads_and_follows_on");
+        let store = with_gateway(&etcd).await;
+        for i in 0..5 {
+            store
+                .create_org(&format!("c{i}").parse().unwrap())
+                .await
+                .unwrap();
+        }
+        let rev = store.snapshot().await.unwrap().revision as i64;
+        let mut kv = store.kv.clone();
+        kv.compact(rev, None).await.unwrap();
+        // A watcher that last saw revision 1: its next revision is compacted.
+        let (feed, mut rx) = watch::channel(0);
+        let client = Client::connect([etcd.url()], None).await.unwrap();
+        let task = tokio::spawn(watch_loop(client, store.keys.clone(), feed, 2));
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|r| *r as i64 >= rev))
+            .await
+            .expect("reloaded to the compacted revision")
+            .unwrap();
+        store.create_org(&"after".parse().unwrap()).await.unwrap();
+        tokio::time::timeout(Duration::from_millis(500), rx.wait_for(|r| *r as i64 > rev))
+            .await
+            .expect("follows on after the reload")
+            .unwrap();
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn outage_is_unavailable_fast_and_the_feed_reconnects() {
+        let mut etcd = etcd_or_skip!("etcd::outage_is_unavailable_fast_and_the_feed_reconnects");
+        let a = with_gateway(&etcd).await;
+        let b = etcd.store().await;
+        let mut feed = b.subscribe();
+        tokio::time::timeout(Duration::from_secs(5), feed.wait_for(|r| *r > 0))
+            .await
+            .unwrap()
+            .unwrap();
+        etcd.stop();
+        let t0 = Instant::now();
+        let e = a.create_org(&"down".parse().unwrap()).await.unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+        let e = a.snapshot().await.unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+        etcd.spawn().await;
+        let before = *feed.borrow_and_update();
+        // The writer's client reconnects on its own; the first request may
+        // still find the old connection broken.
+        let t0 = Instant::now();
+        loop {
+            match a.create_org(&"back".parse().unwrap()).await {
+                Ok(_) => break,
+                Err(StoreError::Unavailable(_)) if t0.elapsed() < Duration::from_secs(10) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(10), feed.wait_for(|r| *r > before))
+            .await
+            .expect("the feed follows again after the outage")
+            .unwrap();
     }
 }
