@@ -77,6 +77,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// The longest wait between watch reconnection attempts.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// HTTP/2 ping interval on etcd connections (etcd's minimum is 5 s).
+const KEEPALIVE: Duration = Duration::from_secs(10);
 /// How many times a write is retried after losing a compare-and-swap race.
 const MAX_ATTEMPTS: u32 = 64;
 
@@ -263,6 +265,38 @@ async fn bounded<T>(
     }
 }
 
+/// Runs a read (safe to repeat) until it succeeds, fails for a reason other
+/// than availability, or [`REQUEST_TIMEOUT`] has passed. After an outage
+/// the client's balanced channel answers the first request on each
+/// endpoint with the stale connect error; one of those must not make a
+/// healthy cluster look down.
+async fn read_retrying<T, F, Fut>(mut op: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let err = match tokio::time::timeout(left, op()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => etcd_err(e),
+            Err(_) => {
+                StoreError::Unavailable(format!("etcd did not answer within {REQUEST_TIMEOUT:?}"))
+            }
+        };
+        match err {
+            StoreError::Unavailable(_)
+                if deadline.saturating_duration_since(tokio::time::Instant::now())
+                    > Duration::from_millis(100) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            e => return Err(e),
+        }
+    }
+}
+
 /// Sleeps a little before retrying a lost race, so racers spread out.
 async fn jitter(attempt: u32) {
     let ms = rand::random::<u64>() % (u64::from(attempt.min(10)) * 2 + 1);
@@ -300,8 +334,10 @@ impl EtcdStore {
         let opts = || {
             ConnectOptions::new()
                 .with_connect_timeout(REQUEST_TIMEOUT)
-                .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
-                .with_keep_alive_while_idle(true)
+                // etcd answers pings more often than every 5 s
+                // (--grpc-keepalive-min-time) with GOAWAY too_many_pings,
+                // which kills the watch stream: stay above it.
+                .with_keep_alive(KEEPALIVE, REQUEST_TIMEOUT)
         };
         let kv = Client::connect(endpoints, Some(opts().with_timeout(REQUEST_TIMEOUT)))
             .await
@@ -323,18 +359,25 @@ impl EtcdStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let mut kv = self.kv.clone();
-        let mut resp = bounded(kv.get(key, None)).await?;
+        let mut resp = read_retrying(|| {
+            let mut kv = self.kv.clone();
+            async move { kv.get(key, None).await }
+        })
+        .await?;
         Ok(resp.take_kvs().into_iter().next())
     }
 
     async fn range(&self, prefix: &str, keys_only: bool) -> Result<Vec<KeyValue>, StoreError> {
-        let mut kv = self.kv.clone();
         let mut opts = GetOptions::new().with_prefix();
         if keys_only {
             opts = opts.with_keys_only();
         }
-        let mut resp = bounded(kv.get(prefix, Some(opts))).await?;
+        let mut resp = read_retrying(|| {
+            let mut kv = self.kv.clone();
+            let opts = opts.clone();
+            async move { kv.get(prefix, Some(opts)).await }
+        })
+        .await?;
         Ok(resp.take_kvs())
     }
 
@@ -565,11 +608,11 @@ fn pick_slot(used: &BTreeSet<u32>, attempt: u32) -> Option<u32> {
 #[async_trait]
 impl Store for EtcdStore {
     async fn snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
-        let mut kv = self.kv.clone();
-        let resp = bounded(kv.get(
-            self.keys.prefix.as_str(),
-            Some(GetOptions::new().with_prefix()),
-        ))
+        let resp = read_retrying(|| {
+            let mut kv = self.kv.clone();
+            let prefix = self.keys.prefix.as_str();
+            async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+        })
         .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         publish(&self.feed, revision);
