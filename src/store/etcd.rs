@@ -769,7 +769,7 @@ impl Store for EtcdStore {
             let rec = PeerRecord {
                 gateway: gateway.name.clone(),
                 slot,
-                public_key: req.public_key.clone(),
+                public_key: req.public_key,
                 created_at: now_secs(),
             };
             let skey = self.keys.slot(&req.org, &gateway.name, slot);
