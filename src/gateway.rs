@@ -16,6 +16,7 @@ use crate::dataplane::{KernelError, Netlink, WgDevice};
 use crate::model::PrivateKey;
 use crate::plan::Identity;
 use crate::reconcile::{Reconciler, Settings};
+use crate::store::etcd::EtcdStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Gateway, Store, StoreError};
 
@@ -105,11 +106,11 @@ pub fn load_or_create_key(path: &Path) -> Result<PrivateKey, GatewayError> {
 }
 
 /// Opens the configured store.
-pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, GatewayError> {
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, GatewayError> {
     match config.store.kind {
         StoreKind::Sqlite => Ok(Arc::new(SqliteStore::open(&config.store.path)?)),
-        StoreKind::Etcd => Err(GatewayError::Other(
-            "store.kind = \"etcd\" is not available in this build yet; use \"sqlite\"".into(),
+        StoreKind::Etcd => Ok(Arc::new(
+            EtcdStore::connect(&config.store.endpoints, &config.store.prefix).await?,
         )),
     }
 }
@@ -131,7 +132,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), GatewayError>
         libc::umask(0o077);
     }
     let key = load_or_create_key(&config.gateway.private_key_file)?;
-    let store = open_store(&config)?;
+    let store = open_store(&config).await?;
     let me = Gateway {
         name: config.gateway.name.clone(),
         region: config.gateway.region.clone(),

@@ -292,6 +292,10 @@ impl Reconciler {
 
     async fn pass_inner(&mut self, need: Need) -> bool {
         let store_changed = need.snapshot;
+        // An unreadable store is retried with the loop's backoff (the feed
+        // may not move again once the store is back), while the kernel
+        // keeps the last applied state.
+        let mut store_ok = true;
         if need.snapshot {
             match self.store.snapshot().await {
                 Ok(s) => {
@@ -304,12 +308,15 @@ impl Reconciler {
                     }
                     self.snapshot = Some(s);
                 }
-                Err(e) => warn!(error = %e, "store unreadable; keeping the last applied state"),
+                Err(e) => {
+                    store_ok = false;
+                    warn!(error = %e, "store unreadable; keeping the last applied state");
+                }
             }
         }
         let result = self.observe_plan_apply(need, store_changed).await;
         match result {
-            Ok(()) => true,
+            Ok(()) => store_ok,
             Err(errors) => {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 for e in &errors {

@@ -9,6 +9,7 @@
 //! The trait is async and object-safe so that an etcd backend, whose client is
 //! async and whose transactions are compare-and-swap, fits behind it.
 
+pub mod etcd;
 pub mod sqlite;
 
 use std::net::Ipv6Addr;

@@ -710,6 +710,7 @@ pub struct GatewayBuilder {
     extra_toml: String,
     netns: Option<String>,
     store_path: Option<PathBuf>,
+    store_toml: Vec<String>,
     env: Vec<(String, String)>,
 }
 
@@ -726,6 +727,7 @@ impl Default for GatewayBuilder {
             extra_toml: String::new(),
             netns: None,
             store_path: None,
+            store_toml: Vec::new(),
             env: Vec::new(),
         }
     }
@@ -803,6 +805,12 @@ impl GatewayBuilder {
         self.store_path = Some(p.into());
         self
     }
+    /// A raw `key = value` line for the `[store]` table, e.g.
+    /// `kind = "etcd"`.
+    pub fn store_toml(mut self, line: &str) -> Self {
+        self.store_toml.push(line.into());
+        self
+    }
     /// An environment variable for the daemon (e.g. `SIXPN_LOG=debug`).
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
@@ -867,8 +875,15 @@ impl GatewayBuilder {
             toml.push('\n');
         }
         toml.push_str(&format!(
-            "\n[store]\npath = {}\n\n[api]\nsocket = {}\nadmin_token_file = {}\n",
-            toml_str(&db_path.to_string_lossy()),
+            "\n[store]\npath = {}\n",
+            toml_str(&db_path.to_string_lossy())
+        ));
+        for line in &self_.store_toml {
+            toml.push_str(line);
+            toml.push('\n');
+        }
+        toml.push_str(&format!(
+            "\n[api]\nsocket = {}\nadmin_token_file = {}\n",
             toml_str(&socket.to_string_lossy()),
             toml_str(&d.join("admin.token").to_string_lossy()),
         ));
