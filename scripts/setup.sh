@@ -10,6 +10,8 @@ pkgs=(
   nftables                                          # nft
   dnsutils                                          # dig
   sqlite3 jq                                        # inspecting state in tests and the demo
+  systemd ruby                                      # systemd-analyze verify; ruby -c on the Vagrantfile
+  etcd-server protobuf-compiler                     # the fleet store: etcd for tests, protoc for etcd-client
 )
 
 missing=()

@@ -16,6 +16,7 @@ use crate::dataplane::{Firewall, KernelError, Netlink, WgDevice};
 use crate::model::PrivateKey;
 use crate::plan::Identity;
 use crate::reconcile::{Reconciler, Settings};
+use crate::store::etcd::EtcdStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Gateway, Store, StoreError};
 
@@ -105,24 +106,33 @@ pub fn load_or_create_key(path: &Path) -> Result<PrivateKey, GatewayError> {
 }
 
 /// Opens the configured store.
-pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, GatewayError> {
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, GatewayError> {
     match config.store.kind {
         StoreKind::Sqlite => Ok(Arc::new(SqliteStore::open(&config.store.path)?)),
-        StoreKind::Etcd => Err(GatewayError::Other(
-            "store.kind = \"etcd\" is not available in this build yet; use \"sqlite\"".into(),
+        StoreKind::Etcd => Ok(Arc::new(
+            EtcdStore::connect(&config.store.endpoints, &config.store.prefix).await?,
         )),
     }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), GatewayError> {
+pub async fn run(config: Config, config_path: &Path) -> Result<(), GatewayError> {
+    // Signals first, so a SIGTERM during start-up stops us cleanly too.
+    let signal = |kind, name: &str| {
+        tokio::signal::unix::signal(kind)
+            .map_err(|e| GatewayError::Other(format!("cannot watch {name}: {e}")))
+    };
+    use tokio::signal::unix::SignalKind;
+    let mut term = signal(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt(), "SIGINT")?;
+    let mut hup = signal(SignalKind::hangup(), "SIGHUP")?;
     // Everything we create (keys, tokens, sockets) is private by default.
     // SAFETY: umask only changes this process's file-creation mask.
     unsafe {
         libc::umask(0o077);
     }
     let key = load_or_create_key(&config.gateway.private_key_file)?;
-    let store = open_store(&config)?;
+    let store = open_store(&config).await?;
     let me = Gateway {
         name: config.gateway.name.clone(),
         region: config.gateway.region.clone(),
@@ -130,6 +140,10 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
         endpoint: config.gateway.endpoint.clone(),
         public_key: key.public_key(),
     };
+    // Claim the API socket before announcing ourselves: a second daemon on
+    // the same host stops here, having changed nothing.
+    let unix = server::bind_unix(&config.api.socket)?;
+    tracing::info!(socket = %config.api.socket.display(), "API listening on unix socket");
     store.register_gateway(&me).await?;
     tracing::info!(gateway = %me.name, region = %me.region, host_id = %me.host_id,
         endpoint = %me.endpoint, public_key = %me.public_key, "gateway registered");
@@ -177,11 +191,19 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
         region: me.region.clone(),
         admin_token_sha256,
         dataplane: Some(reconciler.view()),
+        metrics: vec![reconciler.metrics()],
     });
     let router = server::router(state);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let installed = reconciler.installed();
+    let counters = reconciler.counters();
     let reconcile_task = tokio::spawn(reconciler.run(stop_rx.clone()));
+    tokio::spawn(crate::notify::supervise(
+        installed,
+        counters,
+        stop_rx.clone(),
+    ));
     let stopped = move || {
         let mut rx = stop_rx.clone();
         async move {
@@ -189,8 +211,6 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
         }
     };
 
-    let unix = server::bind_unix(&config.api.socket)?;
-    tracing::info!(socket = %config.api.socket.display(), "API listening on unix socket");
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(server::serve_unix(unix, router.clone(), stopped()));
     if let Some(addr) = config.api.listen {
@@ -204,20 +224,20 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
         tasks.spawn(server::serve_tcp(tcp, router, stopped()));
     }
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| GatewayError::Other(format!("cannot watch SIGTERM: {e}")))?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| GatewayError::Other(format!("cannot watch SIGINT: {e}")))?;
-    tracing::info!("gateway ready");
-    let result = tokio::select! {
-        _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
-        _ = int.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
-        Some(done) = tasks.join_next() => match done {
-            Ok(Ok(())) => Err(GatewayError::Other("an API listener stopped unexpectedly".into())),
-            Ok(Err(e)) => Err(GatewayError::Other(format!("API listener failed: {e}"))),
-            Err(e) => Err(GatewayError::Other(format!("API task failed: {e}"))),
-        },
+    tracing::info!("gateway serving");
+    let result = loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break Ok(()) }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break Ok(()) }
+            _ = hup.recv() => reload(config_path, &config),
+            Some(done) = tasks.join_next() => break match done {
+                Ok(Ok(())) => Err(GatewayError::Other("an API listener stopped unexpectedly".into())),
+                Ok(Err(e)) => Err(GatewayError::Other(format!("API listener failed: {e}"))),
+                Err(e) => Err(GatewayError::Other(format!("API task failed: {e}"))),
+            },
+        }
     };
+    crate::notify::notify("STOPPING=1");
     let _ = stop_tx.send(true);
     // Give in-flight requests a moment to finish, then go.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
@@ -230,6 +250,56 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
     // daemon adopts them and live sessions continue.
     tracing::info!("stopped");
     result
+}
+
+/// SIGHUP (`systemctl reload`): re-reads and validates the configuration.
+/// A bad file is reported and the running configuration stays; every key
+/// sixpn has today shapes the interface, store or sockets it already holds,
+/// so a changed key is named as needing a restart rather than half-applied.
+fn reload(path: &Path, running: &Config) {
+    crate::notify::notify("RELOADING=1");
+    match Config::load(path) {
+        Err(e) => tracing::error!(error = %e, "reload: keeping the running configuration"),
+        Ok(new) => {
+            let changed = config_differences(running, &new);
+            if changed.is_empty() {
+                tracing::info!(path = %path.display(), "reload: configuration valid and unchanged");
+            } else {
+                tracing::warn!(keys = %changed.join(", "),
+                    "reload: configuration valid; these changes take effect on restart");
+            }
+        }
+    }
+    crate::notify::notify("READY=1");
+}
+
+/// The keys whose values differ between two configurations.
+fn config_differences(a: &Config, b: &Config) -> Vec<&'static str> {
+    let g = (&a.gateway, &b.gateway);
+    let mut out = Vec::new();
+    let mut cmp = |name, same: bool| {
+        if !same {
+            out.push(name);
+        }
+    };
+    cmp("gateway.name", g.0.name == g.1.name);
+    cmp("gateway.region", g.0.region == g.1.region);
+    cmp("gateway.host_id", g.0.host_id == g.1.host_id);
+    cmp("gateway.interface", g.0.interface == g.1.interface);
+    cmp("gateway.listen_port", g.0.listen_port == g.1.listen_port);
+    cmp("gateway.endpoint", g.0.endpoint == g.1.endpoint);
+    cmp(
+        "gateway.private_key_file",
+        g.0.private_key_file == g.1.private_key_file,
+    );
+    cmp("gateway.backend", g.0.backend == g.1.backend);
+    cmp(
+        "store",
+        format!("{:?}", a.store) == format!("{:?}", b.store),
+    );
+    cmp("api", format!("{:?}", a.api) == format!("{:?}", b.api));
+    cmp("dns", format!("{:?}", a.dns) == format!("{:?}", b.dns));
+    out
 }
 
 /// The kernel adapters the reconciler drives.

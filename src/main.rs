@@ -23,6 +23,11 @@ fn init_logging(json: bool) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Gateway { .. }) {
+        // Before any thread exists: wireguard-control must never start a
+        // wireguard-go of its own behind the supervisor's back.
+        sixpn::dataplane::linux::forbid_userspace_autospawn();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -37,8 +42,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Gateway { config } => {
                 init_logging(cli.log_json);
-                let config = Config::load(&config)?;
-                sixpn::gateway::run(config).await?;
+                let loaded = Config::load(&config)?;
+                sixpn::gateway::run(loaded, &config).await?;
                 Ok(())
             }
             command => Ok(cli::run(&cli.api, command).await?),

@@ -78,6 +78,8 @@ pub struct Counters {
     pub changes: AtomicU64,
     /// Firewall transactions committed (replaces and element batches).
     pub firewall_changes: AtomicU64,
+    /// Total time spent in passes, in microseconds.
+    pub pass_micros: AtomicU64,
 }
 
 /// Settings of one reconciler.
@@ -137,6 +139,7 @@ pub struct Reconciler {
     since: HashMap<PublicKey, SystemTime>,
     wg_interval: Duration,
     installed: watch::Sender<Arc<Installed>>,
+    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
     counters: Arc<Counters>,
 }
 
@@ -163,6 +166,7 @@ impl Reconciler {
             since: HashMap::new(),
             wg_interval: MIN_WG_INTERVAL,
             installed: watch::channel(Arc::new(Installed::default())).0,
+            snapshots: watch::channel(None).0,
             counters: Arc::default(),
         }
     }
@@ -172,9 +176,25 @@ impl Reconciler {
         self.installed.subscribe()
     }
 
+    /// The snapshot each pass worked from, for the DNS side: it follows the
+    /// same store state the kernel does, read once.
+    pub fn snapshots(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
+        self.snapshots.subscribe()
+    }
+
     /// The loop's counters.
     pub fn counters(&self) -> Arc<Counters> {
         self.counters.clone()
+    }
+
+    /// The reconciler's part of `/metrics`.
+    pub fn metrics(&self) -> Arc<dyn crate::api::metrics::MetricsSource> {
+        Arc::new(Metrics {
+            wg: self.wg.clone(),
+            installed: self.installed.subscribe(),
+            snapshots: self.snapshots.subscribe(),
+            counters: self.counters.clone(),
+        })
     }
 
     /// The view the API uses to wait for peers and read their stats.
@@ -212,6 +232,10 @@ impl Reconciler {
             let mut next_wg = Instant::now() + self.wg_interval;
             let mut next_full = Instant::now() + FULL_RESYNC;
             let mut next_fw = Instant::now() + self.fw_interval;
+            // Netlink events are debounced without blocking the loop: a store
+            // change arriving meanwhile is served at once.
+            let mut net_due: Option<Instant> = None;
+            let mut fw_due: Option<Instant> = None;
             loop {
                 if need.any() {
                     let ok = self.pass(need).await;
@@ -226,8 +250,10 @@ impl Reconciler {
                     next_wg = next_wg.min(Instant::now() + self.wg_interval);
                     next_fw = next_fw.min(Instant::now() + self.fw_interval);
                 }
-                let periodic = next_wg.min(next_full).min(next_fw);
-                let wake = retry_at.map_or(periodic, |r| r.min(periodic));
+                let wake = [retry_at, net_due, fw_due]
+                    .into_iter()
+                    .flatten()
+                    .fold(next_wg.min(next_full).min(next_fw), Instant::min);
                 tokio::select! {
                     _ = shutdown.changed() => {
                         if *shutdown.borrow() { return; }
@@ -246,19 +272,17 @@ impl Reconciler {
                     }
                     Some(ev) = next_event(&mut events) => {
                         debug!(?ev, "netlink event");
-                        tokio::time::sleep(EVENT_SETTLE).await;
                         if let Some(rx) = events.as_mut() {
                             while rx.try_recv().is_ok() {}
                         }
-                        need.net = true;
+                        net_due.get_or_insert_with(|| Instant::now() + EVENT_SETTLE);
                     }
                     Some(()) = next_fw_event(&mut fw_events) => {
-                        tokio::time::sleep(EVENT_SETTLE).await;
                         if let Some(rx) = fw_events.as_mut() {
                             while rx.try_recv().is_ok() {}
                         }
                         info!("nftables changed by someone else; checking our table");
-                        need.fw = true;
+                        fw_due.get_or_insert_with(|| Instant::now() + EVENT_SETTLE);
                     }
                     _ = tokio::time::sleep_until(wake) => {
                         let now = Instant::now();
@@ -278,6 +302,14 @@ impl Reconciler {
                         if retry_at.is_some_and(|r| now >= r) {
                             need = Need::ALL;
                         }
+                        if net_due.is_some_and(|d| now >= d) {
+                            need.net = true;
+                            net_due = None;
+                        }
+                        if fw_due.is_some_and(|d| now >= d) {
+                            need.fw = true;
+                            fw_due = None;
+                        }
                     }
                 }
             }
@@ -291,18 +323,54 @@ impl Reconciler {
         self.pass(Need::ALL).await
     }
 
+    /// The pass the loop runs on a store change: a new snapshot, planned
+    /// against what it already knows of the kernel (no re-read).
+    pub async fn pass_store_change(&mut self) -> bool {
+        self.pass(Need {
+            snapshot: true,
+            ..Need::NONE
+        })
+        .await
+    }
+
     async fn pass(&mut self, need: Need) -> bool {
+        let t0 = std::time::Instant::now();
+        let ok = self.pass_inner(need).await;
+        let micros = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.counters
+            .pass_micros
+            .fetch_add(micros, Ordering::Relaxed);
         self.counters.passes.fetch_add(1, Ordering::Relaxed);
+        ok
+    }
+
+    async fn pass_inner(&mut self, need: Need) -> bool {
         let store_changed = need.snapshot;
+        // An unreadable store is retried with the loop's backoff (the feed
+        // may not move again once the store is back), while the kernel
+        // keeps the last applied state.
+        let mut store_ok = true;
         if need.snapshot {
             match self.store.snapshot().await {
-                Ok(s) => self.snapshot = Some(s),
-                Err(e) => warn!(error = %e, "store unreadable; keeping the last applied state"),
+                Ok(s) => {
+                    let newer = self
+                        .snapshot
+                        .as_ref()
+                        .is_none_or(|old| old.revision != s.revision);
+                    if newer {
+                        self.snapshots.send_replace(Some(s.clone()));
+                    }
+                    self.snapshot = Some(s);
+                }
+                Err(e) => {
+                    store_ok = false;
+                    warn!(error = %e, "store unreadable; keeping the last applied state");
+                }
             }
         }
         let result = self.observe_plan_apply(need, store_changed).await;
         match result {
-            Ok(()) => true,
+            Ok(()) => store_ok,
             Err(errors) => {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 for e in &errors {
@@ -598,6 +666,180 @@ async fn next_fw_event(events: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> 
     match events {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Reconcile counters and per-org peer figures for Prometheus.
+struct Metrics {
+    wg: Arc<dyn WgDevice>,
+    installed: watch::Receiver<Arc<Installed>>,
+    snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    counters: Arc<Counters>,
+}
+
+#[async_trait]
+impl crate::api::metrics::MetricsSource for Metrics {
+    async fn render(&self, out: &mut String) {
+        use crate::api::metrics::{family, header, sample};
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        family(
+            out,
+            "sixpn_reconcile_passes_total",
+            "counter",
+            "Reconcile passes run.",
+            load(&c.passes),
+        );
+        family(
+            out,
+            "sixpn_reconcile_errors_total",
+            "counter",
+            "Reconcile passes in which a kernel change failed.",
+            load(&c.errors),
+        );
+        family(
+            out,
+            "sixpn_reconcile_duration_seconds_total",
+            "counter",
+            "Time spent in reconcile passes.",
+            load(&c.pass_micros) as f64 / 1e6,
+        );
+        family(
+            out,
+            "sixpn_kernel_changes_total",
+            "counter",
+            "Kernel changes made (peers, addresses, routes, link, firewall).",
+            load(&c.changes),
+        );
+        family(
+            out,
+            "sixpn_drift_repairs_total",
+            "counter",
+            "Kernel changes made that the store did not ask for.",
+            load(&c.drift_repairs),
+        );
+        family(
+            out,
+            "sixpn_firewall_transactions_total",
+            "counter",
+            "nftables transactions committed on table inet sixpn (replaces and set-element batches).",
+            load(&c.firewall_changes),
+        );
+        let installed = self.installed.borrow().clone();
+        family(
+            out,
+            "sixpn_peers_registered",
+            "gauge",
+            "Peers registered on this gateway.",
+            installed.registered,
+        );
+        family(
+            out,
+            "sixpn_peers_installed",
+            "gauge",
+            "Peers live on this gateway's interface.",
+            installed.peers.len(),
+        );
+        if let Some(t) = installed.last_sync {
+            let secs = t
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            family(
+                out,
+                "sixpn_last_sync_timestamp_seconds",
+                "gauge",
+                "When the kernel last matched the store.",
+                secs,
+            );
+        }
+        // Per org: handshakes and traffic, from one read of the device.
+        let snapshot = self.snapshots.borrow().clone();
+        let (Some(snap), Ok(Some(device))) = (snapshot, self.wg.get().await) else {
+            return;
+        };
+        let now = SystemTime::now();
+        let mut by_org: std::collections::BTreeMap<&str, (u64, u64, u64, u64)> = Default::default();
+        let buckets = [60u64, 180, 600, 3600];
+        let mut hist = [0u64; 5];
+        let mut never = 0u64;
+        for p in &snap.peers {
+            let Some(k) = device.peers.get(&p.public_key) else {
+                continue;
+            };
+            let e = by_org.entry(p.org.as_str()).or_default();
+            e.0 += 1;
+            e.1 += k.rx_bytes;
+            e.2 += k.tx_bytes;
+            match k.last_handshake.and_then(|t| now.duration_since(t).ok()) {
+                Some(age) => {
+                    e.3 += 1;
+                    let i = buckets
+                        .iter()
+                        .position(|b| age.as_secs() <= *b)
+                        .unwrap_or(4);
+                    hist[i] += 1;
+                }
+                None => never += 1,
+            }
+        }
+        header(
+            out,
+            "sixpn_org_peers_installed",
+            "gauge",
+            "Installed peers per org.",
+        );
+        for (org, v) in &by_org {
+            sample(out, "sixpn_org_peers_installed", &[("org", org)], v.0);
+        }
+        header(
+            out,
+            "sixpn_org_rx_bytes_total",
+            "counter",
+            "Bytes received from an org's peers.",
+        );
+        for (org, v) in &by_org {
+            sample(out, "sixpn_org_rx_bytes_total", &[("org", org)], v.1);
+        }
+        header(
+            out,
+            "sixpn_org_tx_bytes_total",
+            "counter",
+            "Bytes sent to an org's peers.",
+        );
+        for (org, v) in &by_org {
+            sample(out, "sixpn_org_tx_bytes_total", &[("org", org)], v.2);
+        }
+        header(
+            out,
+            "sixpn_peer_handshake_age_seconds",
+            "histogram",
+            "Age of installed peers' latest handshake.",
+        );
+        let mut cum = 0;
+        for (i, b) in buckets.iter().enumerate() {
+            cum += hist[i];
+            sample(
+                out,
+                "sixpn_peer_handshake_age_seconds_bucket",
+                &[("le", &b.to_string())],
+                cum,
+            );
+        }
+        cum += hist[4];
+        sample(
+            out,
+            "sixpn_peer_handshake_age_seconds_bucket",
+            &[("le", "+Inf")],
+            cum,
+        );
+        sample(out, "sixpn_peer_handshake_age_seconds_count", &[], cum);
+        family(
+            out,
+            "sixpn_peers_never_handshaked",
+            "gauge",
+            "Installed peers that never completed a handshake.",
+            never,
+        );
     }
 }
 

@@ -43,6 +43,7 @@ impl Api {
             region: "lhr".parse().unwrap(),
             admin_token_sha256: Some(server::token_sha256(&admin_token)),
             dataplane: None,
+            metrics: Vec::new(),
         });
         let router = server::router(state);
         let (stop, rx) = tokio::sync::watch::channel(false);

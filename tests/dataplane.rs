@@ -15,7 +15,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{veth, wait_for, Gateway, Netns};
+use common::{scaled, veth, wait_for, Gateway, Netns};
 
 /// The backend the gateway uses: wireguard-go here, the kernel module in
 /// the real-kernel VM.
@@ -220,8 +220,20 @@ fn peer_is_live_through_a_real_tunnel_and_removal_takes_it_down() {
         "{}",
         t.addresses()
     );
-    let link = t.gw_ns.ip(&["link", "show", t.iface()]);
+    let link = t.gw_ns.ip(&["-d", "link", "show", t.iface()]);
     assert!(link.contains("mtu 1420") && link.contains("UP"), "{link}");
+    if backend() == "kernel" {
+        // The real-kernel run: the module's link, not a TUN device.
+        assert!(
+            link.contains("wireguard"),
+            "not a kernel wireguard link:\n{link}"
+        );
+    } else {
+        assert!(
+            link.contains("tun"),
+            "not wireguard-go's TUN device:\n{link}"
+        );
+    }
     let fwd = t
         .gw_ns
         .run_ok(&["sysctl", "-n", "net.ipv6.conf.all.forwarding"]);
@@ -247,6 +259,25 @@ fn peer_is_live_through_a_real_tunnel_and_removal_takes_it_down() {
     ]);
     assert!(back.status.success(), "instance can't reach the peer");
 
+    // `sixpn doctor` on the gateway host agrees.
+    let mut doctor = t.gw_ns.cmd(env!("CARGO_BIN_EXE_sixpn"));
+    doctor.args(["doctor", "--config", path(&t.gw.config_path)]);
+    let out = common::run(&mut doctor);
+    let text = common::stdout_of(&out);
+    assert!(
+        out.status.success(),
+        "doctor failed:\n{text}{}",
+        common::stderr_of(&out)
+    );
+    for want in [
+        "[ok  ] API",
+        "1 of 1 peers installed",
+        "[ok  ] DNS addresses",
+        "[ok  ] IPv6 forwarding",
+    ] {
+        assert!(text.contains(want), "doctor lacks {want:?}:\n{text}");
+    }
+
     let status = t.gw.cli_json(&["wireguard", "status", "acme", "laptop"]);
     assert!(status["latest_handshake"].as_u64().is_some(), "{status}");
     assert!(status["rx_bytes"].as_u64().unwrap() > 0, "{status}");
@@ -254,7 +285,7 @@ fn peer_is_live_through_a_real_tunnel_and_removal_takes_it_down() {
     assert_eq!(status["peer"]["state"], "installed");
 
     t.gw.cli_ok(&["wireguard", "remove", "acme", "laptop"]);
-    let took = within(Duration::from_secs(1), || {
+    let took = within(scaled(Duration::from_secs(1)), || {
         !t.wg_show().contains(&t.peer_key) && !t.our_routes().contains(&t.peer_net)
     });
     assert!(
@@ -387,20 +418,28 @@ fn drift_is_repaired_and_foreign_state_left_alone() {
         "proto",
         "110",
     ]);
-    let took = within(Duration::from_secs(3), || {
+    let took = within(scaled(Duration::from_secs(3)), || {
         t.our_routes().contains(&t.peer_net)
     })
     .expect("route not restored");
     report.push(format!("route deleted by hand: restored in {took:?}"));
-    assert!(took <= Duration::from_secs(1), "route took {took:?}");
+    assert!(
+        took <= scaled(Duration::from_secs(1)),
+        "route took {took:?}"
+    );
 
     // 2. Our ::3 deleted by hand.
     let dns128 = format!("{}/128", t.dns);
     t.gw_ns.ip(&["-6", "addr", "del", &dns128, "dev", &iface]);
-    let took = within(Duration::from_secs(3), || t.addresses().contains(&dns128))
-        .expect("address not restored");
+    let took = within(scaled(Duration::from_secs(3)), || {
+        t.addresses().contains(&dns128)
+    })
+    .expect("address not restored");
     report.push(format!("::3 deleted by hand: restored in {took:?}"));
-    assert!(took <= Duration::from_secs(1), "address took {took:?}");
+    assert!(
+        took <= scaled(Duration::from_secs(1)),
+        "address took {took:?}"
+    );
     // The session never broke.
     assert!(t.ping(&t.dns, 2, 10));
 
@@ -409,10 +448,15 @@ fn drift_is_repaired_and_foreign_state_left_alone() {
     // what we check is that the peer is back within the second.
     t.gw_ns
         .run_ok(&["wg", "set", &iface, "peer", &t.peer_key, "remove"]);
-    let took = within(Duration::from_secs(3), || t.wg_show().contains(&t.peer_key))
-        .expect("peer not restored");
+    let took = within(scaled(Duration::from_secs(3)), || {
+        t.wg_show().contains(&t.peer_key)
+    })
+    .expect("peer not restored");
     report.push(format!("peer removed by hand: restored in {took:?}"));
-    assert!(took <= Duration::from_millis(1500), "peer took {took:?}");
+    assert!(
+        took <= scaled(Duration::from_millis(1500)),
+        "peer took {took:?}"
+    );
 
     for r in &report {
         eprintln!("drift: {r}");

@@ -18,6 +18,7 @@
 //! | DELETE | `/v1/orgs/{org}/instances/{app}/{id}` | the org |
 
 pub mod client;
+pub mod metrics;
 pub mod server;
 
 use std::net::Ipv6Addr;

@@ -85,6 +85,8 @@ pub struct ApiState {
     pub admin_token_sha256: Option<[u8; 32]>,
     /// The dataplane, when this daemon runs one.
     pub dataplane: Option<Arc<dyn DataplaneView>>,
+    /// What `/metrics` shows.
+    pub metrics: Vec<Arc<dyn super::metrics::MetricsSource>>,
 }
 
 /// How a request arrived; set by the listener, not by the client.
@@ -278,6 +280,8 @@ fn parse<T: std::str::FromStr<Err = crate::model::InvalidValue>>(s: &str) -> Res
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/v1/health", get(health))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/v1/regions", get(regions))
         .route("/v1/orgs", get(list_orgs).post(create_org))
         .route("/v1/orgs/{org}/tokens", post(create_token))
@@ -306,6 +310,42 @@ async fn health(State(st): State<Arc<ApiState>>, _caller: Caller) -> ApiResult<H
         revision,
         dataplane: st.dataplane.as_ref().map(|d| d.health()),
     }))
+}
+
+/// Liveness for load balancers and probes: no token needed, no secrets in
+/// it. 200 once the kernel has matched the store, 503 before.
+async fn healthz(State(st): State<Arc<ApiState>>) -> Response {
+    let dp = st.dataplane.as_ref().map(|d| d.health());
+    let synced = dp.as_ref().is_none_or(|d| d.last_sync.is_some());
+    let body = serde_json::json!({
+        "status": if synced { "ok" } else { "starting" },
+        "gateway": st.gateway,
+        "last_sync": dp.as_ref().and_then(|d| d.last_sync),
+        "installed_peers": dp.as_ref().map(|d| d.installed_peers),
+        "registered_peers": dp.as_ref().map(|d| d.registered_peers),
+    });
+    let code = if synced {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+/// Prometheus text exposition.
+async fn metrics(State(st): State<Arc<ApiState>>, _caller: Caller) -> Response {
+    let mut out = String::with_capacity(4096);
+    for m in &st.metrics {
+        m.render(&mut out).await;
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
 }
 
 async fn regions(State(st): State<Arc<ApiState>>, _caller: Caller) -> ApiResult<Vec<RegionInfo>> {

@@ -81,6 +81,12 @@ pub enum Command {
     /// Register app instances (what a scheduler would call).
     #[command(subcommand)]
     Instances(InstancesCmd),
+    /// Check this host for what the gateway needs.
+    Doctor {
+        /// The gateway's configuration file.
+        #[arg(long, short, default_value = "/etc/sixpn/gateway.toml")]
+        config: PathBuf,
+    },
 }
 
 /// `sixpn orgs …`.
@@ -150,6 +156,9 @@ pub struct CreateArgs {
     /// Register this existing public key instead of generating a key pair.
     #[arg(long)]
     pub public_key: Option<String>,
+    /// Also print the configuration as a QR code (for the mobile apps).
+    #[arg(long)]
+    pub qr: bool,
 }
 
 /// `sixpn instances …`.
@@ -282,6 +291,14 @@ pub async fn run(api: &str, command: Command) -> Result<(), CliError> {
     };
     match command {
         Command::Gateway { .. } => Err(CliError::Other("gateway is not a client command".into())),
+        Command::Doctor { config } => {
+            let checks = crate::doctor::run(&config, api).await;
+            if crate::doctor::print(&checks) {
+                Ok(())
+            } else {
+                Err(CliError::Other("some checks failed (see above)".into()))
+            }
+        }
         Command::Orgs(OrgsCmd::Create { name }) => {
             let name: OrgName = p.text(name, "NAME", "Name of the new organization")?;
             let org = client.create_org(&name).await?;
@@ -455,6 +472,15 @@ async fn wireguard_create(
     }
     if file != "stdout" {
         println!("Wrote WireGuard configuration to '{file}'; load in your WireGuard client");
+    }
+    if args.qr {
+        // To stderr when the file itself went to stdout, so the two don't mix.
+        let code = wgquick::qr(&text)?;
+        if file == "stdout" {
+            eprintln!("{code}");
+        } else {
+            println!("{code}");
+        }
     }
     if peer.state == PeerState::Pending {
         eprintln!(

@@ -40,6 +40,19 @@ pub fn render(peer: &PeerInfo, private_key: Option<&PrivateKey>) -> String {
     s
 }
 
+/// The configuration as a QR code drawn with Unicode half blocks, for the
+/// WireGuard mobile apps' "scan from QR code".
+pub fn qr(config: &str) -> Result<String, super::CliError> {
+    let code = qrcode::QrCode::new(config.as_bytes())
+        .map_err(|e| super::CliError::Other(format!("cannot make a QR code: {e}")))?;
+    Ok(code
+        .render::<qrcode::render::unicode::Dense1x2>()
+        .dark_color(qrcode::render::unicode::Dense1x2::Light)
+        .light_color(qrcode::render::unicode::Dense1x2::Dark)
+        .quiet_zone(true)
+        .build())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +91,16 @@ mod tests {
         let without = render(&peer, None);
         assert!(!without.contains(&key.to_base64()));
         assert!(without.contains("# PrivateKey = <the private key of"));
+    }
+
+    #[test]
+    fn qr_code_is_drawn_in_half_blocks() {
+        let q = qr("[Interface]\nPrivateKey = x\n").unwrap();
+        let lines: Vec<&str> = q.lines().collect();
+        assert!(lines.len() > 10);
+        assert!(lines
+            .iter()
+            .all(|l| l.chars().count() == lines[0].chars().count()));
+        assert!(q.contains('▀') || q.contains('▄'));
     }
 }

@@ -118,10 +118,6 @@ impl FakeKernel {
             }
         }
     }
-
-    fn index(&self) -> u32 {
-        self.state().link.map_or(0, |l| l.index)
-    }
 }
 
 #[async_trait]
@@ -294,7 +290,6 @@ impl Netlink for FakeKernel {
         if let Ok(mut subs) = self.events.lock() {
             subs.push(tx);
         }
-        let _ = self.index();
         Ok(rx)
     }
 }

@@ -9,6 +9,7 @@
 //! The trait is async and object-safe so that an etcd backend, whose client is
 //! async and whose transactions are compare-and-swap, fits behind it.
 
+pub mod etcd;
 pub mod sqlite;
 
 use std::net::Ipv6Addr;
@@ -93,7 +94,8 @@ pub struct Instance {
     pub address: Ipv6Addr,
     /// Its process group, if the app has several.
     pub process_group: Option<ProcessGroup>,
-    /// Whether it is started (stopped instances are in `all.*` names only).
+    /// Whether it is started (stopped instances are in `all.*` names and
+    /// `<id>.vm.<app>.internal` only; see `dns::zone`).
     pub started: bool,
 }
 

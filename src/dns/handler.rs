@@ -1,0 +1,1413 @@
+//! Answering one DNS query, given as bytes, from the zone index — no
+//! sockets, no allocation on the hot path (the caller lends `out`).
+//!
+//! The work per `.internal` query is: check the 12-byte header, copy the
+//! question name lower-cased into a stack buffer while checking it, walk the
+//! other sections for an EDNS0 OPT record, one hash lookup in the org's
+//! [`OrgZone`], and copy header + question + pre-encoded answers.
+//!
+//! Rules (DESIGN.md "DNS"; RFC numbers where the behaviour is subtle):
+//!
+//! - Fewer than 12 bytes, or a response (QR=1): [`Outcome::Drop`] — there is
+//!   no header to answer, and answering responses invites loops.
+//! - A source outside the listener's /48 (IPv4 and non-6PN sources
+//!   included): REFUSED, whatever the name — the listener is not an open
+//!   resolver.
+//! - OPCODE other than QUERY: NOTIMP. QDCOUNT ≠ 1, a truncated or garbled
+//!   message, a compression pointer or extended label type in the question,
+//!   more than one OPT, an OPT not owned by the root: FORMERR (header only;
+//!   RFC 6891 §6.1.1 for the OPT rules).
+//! - A name outside `.internal`: [`Outcome::Forward`], nothing written.
+//! - EDNS version ≠ 0: BADVERS (RFC 6891 §6.1.3).
+//! - Class other than IN (or ANY), or a zone transfer (AXFR, IXFR):
+//!   REFUSED — there is no such data to serve.
+//! - An unknown `.internal` name: NXDOMAIN. No SOA goes in the authority
+//!   section, so resolvers won't cache the negative answer (RFC 2308 §5);
+//!   with a 5 s TTL that costs little.
+//! - A known name asked for a type it lacks (A, MX, ANY, …): NOERROR with
+//!   no answer. ANY gets no records (RFC 8482 permits a minimal answer).
+//! - The response copies ID, OPCODE, RD and CD, and sets QR, AA (for
+//!   `.internal`) and RA (we forward the rest). The question is echoed byte
+//!   for byte, so a client's 0x20 case randomisation comes back intact and
+//!   the answers' `0xC00C` pointers name it as asked.
+//! - With an OPT in the query the response carries one, advertising
+//!   [`MAX_UDP_PAYLOAD`] and echoing the DO bit (RFC 3225). A UDP response
+//!   may be as large as the client's advertised payload, at least 512 and at
+//!   most [`MAX_UDP_PAYLOAD`] (1232, DNS Flag Day 2020: no IP
+//!   fragmentation); 512 without EDNS (RFC 1035 §4.2.1). If the answer
+//!   doesn't fit it is left out and TC is set, so the client retries over
+//!   TCP, where the limit is 65535. An answer too large even for TCP gets
+//!   SERVFAIL there.
+
+use std::net::IpAddr;
+
+use super::zone::{OrgZone, Rrs, ZoneIndex, HEADER_LEN, MAX_MESSAGE, OPT_RR_LEN};
+use crate::model::OrgPrefix;
+
+/// The largest UDP response we send, and the payload size our OPT
+/// advertises: 1232 bytes fits any IPv6 path without fragmentation.
+pub const MAX_UDP_PAYLOAD: u16 = 1232;
+
+/// What a UDP response may use without EDNS, and the floor of any
+/// advertised payload (RFC 6891 §6.2.5).
+const MIN_UDP_PAYLOAD: usize = 512;
+
+/// The longest name in wire format (RFC 1035 §2.3.4).
+const MAX_NAME: usize = 255;
+
+const FLAG_QR: u8 = 0x80;
+const FLAG_AA: u8 = 0x04;
+const FLAG_TC: u8 = 0x02;
+const FLAG_RD: u8 = 0x01;
+const FLAG_RA: u8 = 0x80;
+const FLAG_CD: u8 = 0x10;
+const OPCODE_MASK: u8 = 0x78;
+
+const TYPE_AAAA: u16 = 28;
+const TYPE_TXT: u16 = 16;
+const TYPE_OPT: u16 = 41;
+const TYPE_IXFR: u16 = 251;
+const TYPE_AXFR: u16 = 252;
+const CLASS_IN: u16 = 1;
+const CLASS_ANY: u16 = 255;
+
+/// The transport a query came on; it sets the response size limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// UDP: the limit is 512, or the client's EDNS payload up to
+    /// [`MAX_UDP_PAYLOAD`].
+    Udp,
+    /// TCP: the limit is 65535 (the caller adds the 2-byte length prefix).
+    Tcp,
+}
+
+/// A response code, extended codes included.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rcode {
+    /// 0: the answer (possibly empty, possibly truncated).
+    NoError,
+    /// 1: the query was malformed.
+    FormErr,
+    /// 2: the answer can't be sent (too large even for TCP).
+    ServFail,
+    /// 3: the `.internal` name does not exist.
+    NxDomain,
+    /// 4: an opcode other than QUERY.
+    NotImp,
+    /// 5: the source is outside the org, or a class/transfer we don't serve.
+    Refused,
+    /// 16 (extended, RFC 6891): an EDNS version other than 0.
+    BadVers,
+}
+
+impl Rcode {
+    /// The numeric code (12 bits: 4 in the header, 8 in the OPT record).
+    pub fn code(self) -> u16 {
+        match self {
+            Rcode::NoError => 0,
+            Rcode::FormErr => 1,
+            Rcode::ServFail => 2,
+            Rcode::NxDomain => 3,
+            Rcode::NotImp => 4,
+            Rcode::Refused => 5,
+            Rcode::BadVers => 16,
+        }
+    }
+}
+
+/// What to do with a query after [`answer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `out` holds the response, with this code.
+    Answered(Rcode),
+    /// The name is outside `.internal` and the source is in the org: send
+    /// the query upstream. `out` is empty.
+    Forward,
+    /// Not a query we can answer (no header, or a response): send nothing.
+    Drop,
+}
+
+/// Answers `query`, which came from `src` over `transport` to the listener
+/// of the org whose /48 is `listener`, from that org's zone in `index`.
+/// The response (if any) replaces the contents of `out`.
+///
+/// If `index` has no zone for the org (it was removed while its listener
+/// lived on), every `.internal` name is NXDOMAIN.
+pub fn answer(
+    index: &ZoneIndex,
+    listener: OrgPrefix,
+    src: IpAddr,
+    query: &[u8],
+    transport: Transport,
+    out: &mut Vec<u8>,
+) -> Outcome {
+    out.clear();
+    let Some(header) = query.get(..HEADER_LEN) else {
+        return Outcome::Drop;
+    };
+    if header[2] & FLAG_QR != 0 {
+        return Outcome::Drop;
+    }
+    let is_query = header[2] & OPCODE_MASK == 0;
+    let in_org = match src {
+        IpAddr::V6(a) => listener.contains(a),
+        IpAddr::V4(_) => false,
+    };
+    if !in_org {
+        let parsed = if is_query { parse(query).ok() } else { None };
+        let r = Response::error(Rcode::Refused).ra(false);
+        return r.write(query, parsed.as_ref(), out);
+    }
+    if !is_query {
+        return Response::error(Rcode::NotImp).write(query, None, out);
+    }
+    let Ok(p) = parse(query) else {
+        return Response::error(Rcode::FormErr).write(query, None, out);
+    };
+    if !p.internal {
+        return Outcome::Forward;
+    }
+    if p.edns.is_some_and(|e| e.version != 0) {
+        return Response::error(Rcode::BadVers).write(query, Some(&p), out);
+    }
+    let class_ok = p.qclass == CLASS_IN || p.qclass == CLASS_ANY;
+    if !class_ok || p.qtype == TYPE_AXFR || p.qtype == TYPE_IXFR {
+        return Response::error(Rcode::Refused).write(query, Some(&p), out);
+    }
+
+    let zone = index.org(listener);
+    let (rcode, rrs) = match zone.and_then(|z| resolve(z, &p)) {
+        Some(rrs) => (Rcode::NoError, rrs),
+        None => (Rcode::NxDomain, Rrs::default()),
+    };
+    let answers = zone.map(|z| z.bytes(rrs)).unwrap_or_default();
+
+    let limit = match transport {
+        Transport::Udp => p.edns.map_or(MIN_UDP_PAYLOAD, |e| {
+            usize::from(e.payload).clamp(MIN_UDP_PAYLOAD, usize::from(MAX_UDP_PAYLOAD))
+        }),
+        Transport::Tcp => MAX_MESSAGE,
+    };
+    let opt_len = if p.edns.is_some() { OPT_RR_LEN } else { 0 };
+    let fits = !rrs.oversize && p.end + answers.len() + opt_len <= limit;
+    let r = match (fits, transport) {
+        (true, _) => Response {
+            rcode,
+            aa: true,
+            tc: false,
+            ra: true,
+            answers,
+            count: rrs.count as u16,
+        },
+        (false, Transport::Udp) => Response {
+            rcode,
+            aa: true,
+            tc: true,
+            ..Response::error(rcode)
+        },
+        (false, Transport::Tcp) => Response::error(Rcode::ServFail),
+    };
+    r.write(query, Some(&p), out)
+}
+
+/// The answer records for the question, or `None` if the name doesn't
+/// exist. Empty records mean no-data.
+fn resolve(zone: &OrgZone, p: &Parsed) -> Option<Rrs> {
+    let name = p.name();
+    let pick = |rrs: Rrs| {
+        if p.qtype == TYPE_AAAA {
+            rrs
+        } else {
+            Rrs::default()
+        }
+    };
+    if let Some(e) = zone.lookup(name) {
+        return Some(match p.qtype {
+            TYPE_AAAA => e.aaaa,
+            TYPE_TXT => e.txt,
+            _ => Rrs::default(),
+        });
+    }
+    // top<N>.nearest.of.<app>.internal: N is unbounded, so it is not a
+    // stored name; its parent holds the app's instances nearest first.
+    let (first, parent) = split_first_label(name)?;
+    let n = top_n(first)?;
+    let nearest = zone.lookup(parent)?.nearest?;
+    Some(pick(nearest.first_aaaa(n)))
+}
+
+/// The first label and the rest of a wire-format name.
+fn split_first_label(name: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = usize::from(*name.first()?);
+    Some((name.get(1..1 + len)?, name.get(1 + len..)?))
+}
+
+/// N of a `top<N>` label: decimal, N ≥ 1, no leading zero (so each N has
+/// one name). Values past `usize` saturate; they all mean "every instance".
+fn top_n(label: &[u8]) -> Option<usize> {
+    let digits = label.strip_prefix(b"top")?;
+    if digits.first().is_none_or(|&d| d == b'0') || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(digits.iter().fold(0usize, |n, d| {
+        n.saturating_mul(10).saturating_add(usize::from(d - b'0'))
+    }))
+}
+
+/// The query's EDNS0 OPT record.
+#[derive(Clone, Copy, Debug)]
+struct Edns {
+    payload: u16,
+    version: u8,
+    dnssec_ok: bool,
+}
+
+/// A query that parsed.
+struct Parsed {
+    /// End of the question section: header + QNAME + QTYPE + QCLASS.
+    end: usize,
+    qtype: u16,
+    qclass: u16,
+    /// QNAME lower-cased, wire format, with the root label.
+    lname: [u8; MAX_NAME],
+    lname_len: usize,
+    /// Whether the last label is `internal`.
+    internal: bool,
+    edns: Option<Edns>,
+}
+
+impl Parsed {
+    fn name(&self) -> &[u8] {
+        &self.lname[..self.lname_len]
+    }
+}
+
+/// The query can't be parsed.
+struct Malformed;
+
+fn be16(b: &[u8], at: usize) -> Result<u16, Malformed> {
+    match b.get(at..at + 2) {
+        Some(&[hi, lo]) => Ok(u16::from_be_bytes([hi, lo])),
+        _ => Err(Malformed),
+    }
+}
+
+/// Parses question and additional sections (answer and authority are
+/// skipped; a query normally has none).
+fn parse(query: &[u8]) -> Result<Parsed, Malformed> {
+    if be16(query, 4)? != 1 {
+        return Err(Malformed);
+    }
+    let skip = usize::from(be16(query, 6)?) + usize::from(be16(query, 8)?);
+    let additional = be16(query, 10)?;
+
+    let mut p = Parsed {
+        end: 0,
+        qtype: 0,
+        qclass: 0,
+        lname: [0; MAX_NAME],
+        lname_len: 0,
+        internal: false,
+        edns: None,
+    };
+    let mut pos = HEADER_LEN;
+    let mut last_label = None;
+    loop {
+        let len = usize::from(*query.get(pos).ok_or(Malformed)?);
+        if len == 0 {
+            break;
+        }
+        // 0xC0: a compression pointer (nothing before the question to point
+        // at); 0x40, 0x80: label types no one uses (RFC 6891 §5).
+        if len > 63 || p.lname_len + 1 + len + 1 > MAX_NAME {
+            return Err(Malformed);
+        }
+        let label = query.get(pos + 1..pos + 1 + len).ok_or(Malformed)?;
+        let at = p.lname_len;
+        p.lname[at] = len as u8;
+        for (dst, src) in p.lname[at + 1..at + 1 + len].iter_mut().zip(label) {
+            *dst = src.to_ascii_lowercase();
+        }
+        last_label = Some(at);
+        p.lname_len += 1 + len;
+        pos += 1 + len;
+    }
+    p.lname[p.lname_len] = 0;
+    p.lname_len += 1;
+    pos += 1;
+    p.internal = last_label.is_some_and(|at| &p.lname[at..p.lname_len] == b"\x08internal\x00");
+    p.qtype = be16(query, pos)?;
+    p.qclass = be16(query, pos + 2)?;
+    pos += 4;
+    p.end = pos;
+
+    for _ in 0..skip {
+        pos = read_rr(query, pos)?.next;
+    }
+    for _ in 0..additional {
+        let rr = read_rr(query, pos)?;
+        if rr.rtype == TYPE_OPT {
+            if p.edns.is_some() || !rr.root_owner {
+                return Err(Malformed);
+            }
+            p.edns = Some(Edns {
+                payload: rr.class,
+                version: (rr.ttl >> 16) as u8,
+                dnssec_ok: rr.ttl & 0x8000 != 0,
+            });
+        }
+        pos = rr.next;
+    }
+    Ok(p)
+}
+
+/// The parts of a resource record the parser needs.
+struct Rr {
+    next: usize,
+    rtype: u16,
+    class: u16,
+    ttl: u32,
+    root_owner: bool,
+}
+
+fn read_rr(msg: &[u8], mut pos: usize) -> Result<Rr, Malformed> {
+    let root_owner = msg.get(pos) == Some(&0);
+    // Skip the owner name; a pointer ends it (it needn't be followed).
+    loop {
+        let len = *msg.get(pos).ok_or(Malformed)?;
+        match len & 0xC0 {
+            0x00 if len == 0 => {
+                pos += 1;
+                break;
+            }
+            0x00 => pos += 1 + usize::from(len),
+            0xC0 => {
+                pos += 2;
+                break;
+            }
+            _ => return Err(Malformed),
+        }
+    }
+    let rtype = be16(msg, pos)?;
+    let class = be16(msg, pos + 2)?;
+    let ttl = (u32::from(be16(msg, pos + 4)?) << 16) | u32::from(be16(msg, pos + 6)?);
+    let rdlen = usize::from(be16(msg, pos + 8)?);
+    let next = pos + 10 + rdlen;
+    if next > msg.len() {
+        return Err(Malformed);
+    }
+    Ok(Rr {
+        next,
+        rtype,
+        class,
+        ttl,
+        root_owner,
+    })
+}
+
+/// A response about to be written.
+struct Response<'a> {
+    rcode: Rcode,
+    aa: bool,
+    tc: bool,
+    ra: bool,
+    answers: &'a [u8],
+    count: u16,
+}
+
+impl Response<'_> {
+    /// No answers, not authoritative.
+    fn error(rcode: Rcode) -> Self {
+        Response {
+            rcode,
+            aa: false,
+            tc: false,
+            ra: true,
+            answers: &[],
+            count: 0,
+        }
+    }
+
+    fn ra(self, ra: bool) -> Self {
+        Self { ra, ..self }
+    }
+
+    /// Writes header, the question (if it parsed), answers and an OPT (if
+    /// the query had one) into `out`.
+    fn write(&self, query: &[u8], parsed: Option<&Parsed>, out: &mut Vec<u8>) -> Outcome {
+        let code = self.rcode.code();
+        let edns = parsed.and_then(|p| p.edns);
+        out.clear();
+        out.extend_from_slice(&query[..2]);
+        out.push(
+            FLAG_QR
+                | (query[2] & (OPCODE_MASK | FLAG_RD))
+                | if self.aa { FLAG_AA } else { 0 }
+                | if self.tc { FLAG_TC } else { 0 },
+        );
+        out.push(if self.ra { FLAG_RA } else { 0 } | (query[3] & FLAG_CD) | (code & 0xF) as u8);
+        out.extend_from_slice(&u16::from(parsed.is_some()).to_be_bytes());
+        out.extend_from_slice(&self.count.to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&u16::from(edns.is_some()).to_be_bytes());
+        if let Some(p) = parsed {
+            out.extend_from_slice(&query[HEADER_LEN..p.end]);
+        }
+        out.extend_from_slice(self.answers);
+        if let Some(e) = edns {
+            out.push(0); // owner: the root
+            out.extend_from_slice(&TYPE_OPT.to_be_bytes());
+            out.extend_from_slice(&MAX_UDP_PAYLOAD.to_be_bytes());
+            // TTL field: extended rcode, version 0, DO, Z.
+            out.extend_from_slice(&[(code >> 4) as u8, 0, u8::from(e.dnssec_ok) << 7, 0]);
+            out.extend_from_slice(&[0, 0]); // no options
+        }
+        Outcome::Answered(self.rcode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::time::Instant;
+
+    use hickory_proto::op::{Edns, Message, MessageType, Query, ResponseCode};
+    use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::dns::zone::{RegionDistances, ZoneIndex, TTL};
+    use crate::dns::SharedZones;
+    use crate::model::{HostId, NetworkId, PeerSlot, PrivateKey, RegionName};
+    use crate::store::{Gateway, Instance, Org, Peer, Snapshot};
+
+    const ACME: u32 = 0x18;
+    const OTHER: u32 = 0x19;
+
+    fn r(s: &str) -> RegionName {
+        s.parse().unwrap()
+    }
+
+    fn prefix(net: u32) -> OrgPrefix {
+        NetworkId::new(net).unwrap().prefix()
+    }
+
+    fn addr(net: u32, machine: u32) -> Ipv6Addr {
+        let (hi, lo) = ((machine >> 16) as u16, machine as u16);
+        Ipv6Addr::new(
+            0xfdaa,
+            (net >> 16) as u16,
+            net as u16,
+            0xa7b,
+            0x7d,
+            hi,
+            lo,
+            2,
+        )
+    }
+
+    fn org(s: &mut Snapshot, name: &str, net: u32) {
+        s.orgs.push(Org {
+            name: name.parse().unwrap(),
+            network_id: NetworkId::new(net).unwrap(),
+        });
+    }
+
+    fn gateway(s: &mut Snapshot, name: &str, region: &str, host: u32) {
+        s.gateways.push(Gateway {
+            name: name.parse().unwrap(),
+            region: r(region),
+            host_id: HostId::from_u32(host),
+            endpoint: "gw.example.net:51820".parse().unwrap(),
+            public_key: PrivateKey::generate().public_key(),
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn instance(
+        s: &mut Snapshot,
+        (org, net): (&str, u32),
+        app: &str,
+        id: &str,
+        region: &str,
+        machine: u32,
+        group: Option<&str>,
+        started: bool,
+    ) {
+        s.instances.push(Instance {
+            org: org.parse().unwrap(),
+            app: app.parse().unwrap(),
+            id: id.parse().unwrap(),
+            region: r(region),
+            address: addr(net, machine),
+            process_group: group.map(|g| g.parse().unwrap()),
+            started,
+        });
+    }
+
+    fn peer(s: &mut Snapshot, (org, net): (&str, u32), name: &str, gw: &str, slot: u32) {
+        let g = s.gateways.iter().find(|g| g.name.as_str() == gw).unwrap();
+        let slot = PeerSlot::new(slot).unwrap();
+        let p = Peer {
+            org: org.parse().unwrap(),
+            name: name.parse().unwrap(),
+            gateway: g.name.clone(),
+            region: g.region.clone(),
+            slot,
+            net: slot.net(prefix(net), g.host_id),
+            public_key: PrivateKey::generate().public_key(),
+            created_at: 0,
+        };
+        s.peers.push(p);
+    }
+
+    const A: (&str, u32) = ("acme", ACME);
+    const O: (&str, u32) = ("other", OTHER);
+
+    /// acme: app `web` in lhr, iad, ams, syd (stopped) and an unknown
+    /// region; app `db` with one stopped instance; peers `laptop` (lhr-1)
+    /// and `ci` (iad-1). other: app `secret`, peer `spy`.
+    fn fixture() -> Snapshot {
+        let mut s = Snapshot {
+            revision: 7,
+            ..Snapshot::default()
+        };
+        org(&mut s, "acme", ACME);
+        org(&mut s, "other", OTHER);
+        gateway(&mut s, "lhr-1", "lhr", 0x0a7b_0d6b);
+        gateway(&mut s, "iad-1", "iad", 0x0a7b_0001);
+        instance(&mut s, A, "web", "a1", "lhr", 0xa1, Some("web"), true);
+        instance(&mut s, A, "web", "b1", "iad", 0xb1, Some("web"), true);
+        instance(&mut s, A, "web", "c1", "ams", 0xc1, Some("worker"), true);
+        instance(&mut s, A, "web", "d1", "syd", 0xd1, Some("worker"), false);
+        instance(&mut s, A, "web", "e1", "xyz", 0xe1, None, true);
+        instance(&mut s, A, "db", "p1", "fra", 0x91, None, false);
+        instance(&mut s, O, "secret", "s1", "lhr", 0x51, None, true);
+        peer(&mut s, A, "laptop", "lhr-1", 0);
+        peer(&mut s, A, "ci", "iad-1", 0);
+        peer(&mut s, O, "spy", "lhr-1", 0);
+        s
+    }
+
+    fn build(s: &Snapshot) -> ZoneIndex {
+        ZoneIndex::build(s, &r("lhr"), &RegionDistances::builtin())
+    }
+
+    /// A source inside acme's /48 (the `laptop` peer).
+    fn member() -> IpAddr {
+        "fdaa:0:18:a7b:d6b:0:a:2".parse().unwrap()
+    }
+
+    fn query(name: &str, rtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+        if let Some(p) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(p);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    fn raw(index: &ZoneIndex, src: IpAddr, q: &[u8], transport: Transport) -> (Outcome, Vec<u8>) {
+        let mut out = vec![0xAA; 3]; // answer() must clear it
+        let o = answer(index, prefix(ACME), src, q, transport, &mut out);
+        (o, out)
+    }
+
+    /// Asks acme's listener from a member, over UDP with EDNS 1232.
+    fn ask(index: &ZoneIndex, name: &str, rtype: RecordType) -> Message {
+        let q = query(name, rtype, Some(1232));
+        let (o, out) = raw(index, member(), &q, Transport::Udp);
+        assert!(matches!(o, Outcome::Answered(_)), "{name}: {o:?}");
+        let m = Message::from_vec(&out).unwrap();
+        let expect = match o {
+            Outcome::Answered(Rcode::NxDomain) => ResponseCode::NXDomain,
+            _ => m.metadata.response_code,
+        };
+        assert_eq!(m.metadata.response_code, expect);
+        m
+    }
+
+    fn aaaa(m: &Message) -> Vec<Ipv6Addr> {
+        m.answers
+            .iter()
+            .map(|rec| {
+                assert_eq!(rec.ttl, TTL);
+                assert_eq!(rec.dns_class, DNSClass::IN);
+                match &rec.data {
+                    RData::AAAA(a) => a.0,
+                    other => panic!("not AAAA: {other:?}"),
+                }
+            })
+            .collect()
+    }
+
+    /// Each TXT record's strings, concatenated.
+    fn txt(m: &Message) -> Vec<String> {
+        txt_strings(m)
+            .into_iter()
+            .map(|strings| String::from_utf8(strings.concat()).unwrap())
+            .collect()
+    }
+
+    fn txt_strings(m: &Message) -> Vec<Vec<Vec<u8>>> {
+        m.answers
+            .iter()
+            .map(|rec| {
+                assert_eq!(rec.ttl, TTL);
+                match &rec.data {
+                    RData::TXT(t) => t.txt_data.iter().map(|s| s.to_vec()).collect(),
+                    other => panic!("not TXT: {other:?}"),
+                }
+            })
+            .collect()
+    }
+
+    fn is_answer(m: &Message, rcode: ResponseCode) {
+        assert_eq!(m.metadata.message_type, MessageType::Response);
+        assert_eq!(m.metadata.response_code, rcode);
+        assert!(m.metadata.authoritative);
+        assert!(!m.metadata.truncation);
+    }
+
+    fn ok_aaaa(index: &ZoneIndex, name: &str) -> Vec<Ipv6Addr> {
+        let m = ask(index, name, RecordType::AAAA);
+        is_answer(&m, ResponseCode::NoError);
+        aaaa(&m)
+    }
+
+    fn ok_txt(index: &ZoneIndex, name: &str) -> Vec<String> {
+        let m = ask(index, name, RecordType::TXT);
+        is_answer(&m, ResponseCode::NoError);
+        txt(&m)
+    }
+
+    fn nxdomain(index: &ZoneIndex, name: &str, rtype: RecordType) {
+        let m = ask(index, name, rtype);
+        is_answer(&m, ResponseCode::NXDomain);
+        assert!(m.answers.is_empty(), "{name}");
+    }
+
+    fn nodata(index: &ZoneIndex, name: &str, rtype: RecordType) {
+        let m = ask(index, name, rtype);
+        is_answer(&m, ResponseCode::NoError);
+        assert!(m.answers.is_empty(), "{name} {rtype}: {:?}", m.answers);
+    }
+
+    fn a(machine: u32) -> Ipv6Addr {
+        addr(ACME, machine)
+    }
+
+    #[test]
+    fn app_and_global_names_list_started_instances_in_any_region() {
+        let z = build(&fixture());
+        let started = vec![a(0xa1), a(0xb1), a(0xc1), a(0xe1)];
+        assert_eq!(ok_aaaa(&z, "web.internal"), started);
+        assert_eq!(ok_aaaa(&z, "global.web.internal."), started);
+        // An app whose instances are all stopped exists, with no addresses.
+        nodata(&z, "db.internal", RecordType::AAAA);
+        nodata(&z, "global.db.internal", RecordType::AAAA);
+        nxdomain(&z, "nope.internal", RecordType::AAAA);
+    }
+
+    #[test]
+    fn region_names_list_started_instances_in_that_region() {
+        let z = build(&fixture());
+        assert_eq!(ok_aaaa(&z, "lhr.web.internal"), vec![a(0xa1)]);
+        assert_eq!(ok_aaaa(&z, "iad.web.internal"), vec![a(0xb1)]);
+        assert_eq!(ok_aaaa(&z, "xyz.web.internal"), vec![a(0xe1)]);
+        // syd only has a stopped instance: the name exists, no address.
+        nodata(&z, "syd.web.internal", RecordType::AAAA);
+        nxdomain(&z, "sjc.web.internal", RecordType::AAAA);
+    }
+
+    #[test]
+    fn nearest_orders_by_distance_from_this_gateways_region() {
+        let z = build(&fixture());
+        // From lhr: lhr (0 km), ams (~370 km), iad (~5,900 km), then the
+        // unknown region xyz; the stopped syd instance is never listed.
+        assert_eq!(ok_aaaa(&z, "top1.nearest.of.web.internal"), vec![a(0xa1)]);
+        assert_eq!(
+            ok_aaaa(&z, "top2.nearest.of.web.internal"),
+            vec![a(0xa1), a(0xc1)]
+        );
+        let all = vec![a(0xa1), a(0xc1), a(0xb1), a(0xe1)];
+        assert_eq!(ok_aaaa(&z, "top4.nearest.of.web.internal"), all);
+        assert_eq!(ok_aaaa(&z, "top99.nearest.of.web.internal"), all);
+        assert_eq!(
+            ok_aaaa(&z, "top99999999999999999999999.nearest.of.web.internal"),
+            all
+        );
+        // From iad the order changes.
+        let from_iad = ZoneIndex::build(&fixture(), &r("iad"), &RegionDistances::builtin());
+        assert_eq!(
+            ok_aaaa(&from_iad, "top2.nearest.of.web.internal"),
+            vec![a(0xb1), a(0xa1)]
+        );
+        // No started instances: the name exists, no address.
+        nodata(&z, "top3.nearest.of.db.internal", RecordType::AAAA);
+        nodata(&z, "top3.nearest.of.web.internal", RecordType::TXT);
+        for bad in ["top0", "top01", "top", "top-1", "topx", "top1x", "first1"] {
+            nxdomain(
+                &z,
+                &format!("{bad}.nearest.of.web.internal"),
+                RecordType::AAAA,
+            );
+        }
+        nxdomain(&z, "top1.nearest.of.nope.internal", RecordType::AAAA);
+        nxdomain(&z, "top1.nearest.web.internal", RecordType::AAAA);
+        nxdomain(&z, "top1.x.nearest.of.web.internal", RecordType::AAAA);
+        // The ancestors of top<N> exist.
+        nodata(&z, "nearest.of.web.internal", RecordType::AAAA);
+        nodata(&z, "of.web.internal", RecordType::AAAA);
+    }
+
+    #[test]
+    fn vm_and_process_names() {
+        let z = build(&fixture());
+        assert_eq!(ok_aaaa(&z, "a1.vm.web.internal"), vec![a(0xa1)]);
+        // A stopped instance is still addressable by id (see zone.rs).
+        assert_eq!(ok_aaaa(&z, "d1.vm.web.internal"), vec![a(0xd1)]);
+        assert_eq!(ok_aaaa(&z, "p1.vm.db.internal"), vec![a(0x91)]);
+        nxdomain(&z, "zz.vm.web.internal", RecordType::AAAA);
+        nxdomain(&z, "a1.vm.db.internal", RecordType::AAAA);
+        assert_eq!(
+            ok_aaaa(&z, "web.process.web.internal"),
+            vec![a(0xa1), a(0xb1)]
+        );
+        assert_eq!(ok_aaaa(&z, "worker.process.web.internal"), vec![a(0xc1)]);
+        nxdomain(&z, "cron.process.web.internal", RecordType::AAAA);
+        nodata(&z, "vm.web.internal", RecordType::AAAA);
+        nodata(&z, "process.web.internal", RecordType::AAAA);
+        // db has no process groups, so no `process` name either.
+        nxdomain(&z, "process.db.internal", RecordType::AAAA);
+    }
+
+    #[test]
+    fn regions_and_vms_txt() {
+        let z = build(&fixture());
+        assert_eq!(ok_txt(&z, "regions.web.internal"), ["ams,iad,lhr,xyz"]);
+        assert_eq!(
+            ok_txt(&z, "all.regions.web.internal"),
+            ["ams,iad,lhr,syd,xyz"]
+        );
+        assert_eq!(
+            ok_txt(&z, "vms.web.internal"),
+            ["a1 lhr,b1 iad,c1 ams,e1 xyz"]
+        );
+        assert_eq!(
+            ok_txt(&z, "all.vms.web.internal"),
+            ["a1 lhr,b1 iad,c1 ams,d1 syd,e1 xyz"]
+        );
+        nodata(&z, "regions.db.internal", RecordType::TXT);
+        assert_eq!(ok_txt(&z, "all.regions.db.internal"), ["fra"]);
+        nodata(&z, "vms.db.internal", RecordType::TXT);
+        assert_eq!(ok_txt(&z, "all.vms.db.internal"), ["p1 fra"]);
+        nodata(&z, "all.web.internal", RecordType::TXT);
+    }
+
+    #[test]
+    fn org_wide_txt_names() {
+        let z = build(&fixture());
+        assert_eq!(ok_txt(&z, "_apps.internal"), ["db,web"]);
+        let inst = |id: &str, app: &str, m: u32, region: &str| {
+            format!("instance={id},app={app},ip={},region={region}", a(m))
+        };
+        let started = [
+            inst("a1", "web", 0xa1, "lhr"),
+            inst("b1", "web", 0xb1, "iad"),
+            inst("c1", "web", 0xc1, "ams"),
+            inst("e1", "web", 0xe1, "xyz"),
+        ];
+        assert_eq!(ok_txt(&z, "_instances.internal"), [started.join(";")]);
+        let all = [
+            inst("p1", "db", 0x91, "fra"),
+            inst("a1", "web", 0xa1, "lhr"),
+            inst("b1", "web", 0xb1, "iad"),
+            inst("c1", "web", 0xc1, "ams"),
+            inst("d1", "web", 0xd1, "syd"),
+            inst("e1", "web", 0xe1, "xyz"),
+        ];
+        assert_eq!(ok_txt(&z, "all._instances.internal"), [all.join(";")]);
+        // Every peer of the org, on any gateway; another org's never.
+        assert_eq!(ok_txt(&z, "_peer.internal"), ["ci,laptop"]);
+        let laptop: Ipv6Addr = "fdaa:0:18:a7b:d6b:0:a:2".parse().unwrap();
+        let ci: Ipv6Addr = "fdaa:0:18:a7b:1:0:a:2".parse().unwrap();
+        assert_eq!(ok_aaaa(&z, "laptop._peer.internal"), [laptop]);
+        assert_eq!(ok_aaaa(&z, "ci._peer.internal"), [ci]);
+        nxdomain(&z, "spy._peer.internal", RecordType::AAAA);
+        nxdomain(&z, "secret.internal", RecordType::AAAA);
+        nxdomain(&z, "s1.vm.secret.internal", RecordType::AAAA);
+    }
+
+    #[test]
+    fn empty_lists_are_no_data_and_fixed_names_always_exist() {
+        let mut s = Snapshot::default();
+        org(&mut s, "acme", ACME);
+        let z = build(&s);
+        for name in [
+            "_apps.internal",
+            "_instances.internal",
+            "all._instances.internal",
+            "_peer.internal",
+            "internal",
+        ] {
+            nodata(&z, name, RecordType::TXT);
+        }
+        nxdomain(&z, "web.internal", RecordType::AAAA);
+        // A listener whose org is gone from the index: nothing exists.
+        let gone = ZoneIndex::default();
+        nxdomain(&gone, "_apps.internal", RecordType::TXT);
+    }
+
+    #[test]
+    fn nxdomain_versus_no_data() {
+        let z = build(&fixture());
+        for t in [
+            RecordType::A,
+            RecordType::MX,
+            RecordType::ANY,
+            RecordType::TXT,
+            RecordType::CNAME,
+        ] {
+            nodata(&z, "web.internal", t);
+            nodata(&z, "a1.vm.web.internal", t);
+        }
+        nodata(&z, "_apps.internal", RecordType::AAAA);
+        nodata(&z, "regions.web.internal", RecordType::AAAA);
+        nodata(&z, "internal", RecordType::AAAA);
+        nodata(&z, "vm.web.internal", RecordType::TXT);
+        for t in [RecordType::AAAA, RecordType::A, RecordType::TXT] {
+            nxdomain(&z, "nope.internal", t);
+            nxdomain(&z, "a.b.c.d.web.internal", t);
+            nxdomain(&z, "_nope.internal", t);
+        }
+    }
+
+    #[test]
+    fn refused_outside_the_listeners_org() {
+        let z = build(&fixture());
+        let q = query("web.internal", RecordType::AAAA, Some(1232));
+        let other_org: IpAddr = "fdaa:0:19:a7b:d6b:0:a:2".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let outsiders = [
+            other_org,
+            "::1".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+            "fdaa::3".parse().unwrap(),
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            mapped,
+        ];
+        for src in outsiders {
+            for t in [Transport::Udp, Transport::Tcp] {
+                let (o, out) = raw(&z, src, &q, t);
+                assert_eq!(o, Outcome::Answered(Rcode::Refused), "{src}");
+                let m = Message::from_vec(&out).unwrap();
+                assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+                assert!(m.answers.is_empty() && !m.metadata.authoritative);
+                assert_eq!(m.queries.len(), 1, "the question is echoed");
+            }
+        }
+        // Not an open resolver either: other names are refused, not forwarded.
+        let q = query("example.com", RecordType::A, None);
+        assert_eq!(
+            raw(&z, other_org, &q, Transport::Udp).0,
+            Outcome::Answered(Rcode::Refused)
+        );
+        // A foreign source gets REFUSED even for a malformed query.
+        let (o, out) = raw(&z, other_org, &q[..20], Transport::Udp);
+        assert_eq!(o, Outcome::Answered(Rcode::Refused));
+        assert_eq!(out.len(), HEADER_LEN);
+        // And a member of the other org asking its own listener is fine.
+        let mut out = Vec::new();
+        let q = query("secret.internal", RecordType::AAAA, None);
+        let o = answer(&z, prefix(OTHER), other_org, &q, Transport::Udp, &mut out);
+        assert_eq!(o, Outcome::Answered(Rcode::NoError));
+        assert_eq!(aaaa(&Message::from_vec(&out).unwrap()), [addr(OTHER, 0x51)]);
+    }
+
+    #[test]
+    fn names_outside_internal_are_forwarded() {
+        let z = build(&fixture());
+        for name in [
+            "example.com",
+            "internal.example.com",
+            "web.internal.evil",
+            ".",
+        ] {
+            let q = query(name, RecordType::AAAA, Some(1232));
+            let (o, out) = raw(&z, member(), &q, Transport::Udp);
+            assert_eq!(o, Outcome::Forward, "{name}");
+            assert!(out.is_empty());
+        }
+    }
+
+    #[test]
+    fn header_bits_id_and_0x20_case_are_echoed() {
+        let z = build(&fixture());
+        let mut q = query("ToP2.NeArEsT.oF.wEb.InTeRnAl", RecordType::AAAA, None);
+        q[0] = 0xBE;
+        q[1] = 0xEF;
+        q[3] |= FLAG_CD;
+        let (o, out) = raw(&z, member(), &q, Transport::Udp);
+        assert_eq!(o, Outcome::Answered(Rcode::NoError));
+        assert_eq!(&out[..2], &[0xBE, 0xEF]);
+        assert_eq!(out[2], FLAG_QR | FLAG_AA | FLAG_RD);
+        assert_eq!(out[3], FLAG_RA | FLAG_CD);
+        // The question comes back byte for byte, mixed case included.
+        assert_eq!(&out[HEADER_LEN..q.len()], &q[HEADER_LEN..]);
+        let m = Message::from_vec(&out).unwrap();
+        assert_eq!(aaaa(&m), [a(0xa1), a(0xc1)]);
+        for rec in &m.answers {
+            assert_eq!(rec.name.to_ascii(), "ToP2.NeArEsT.oF.wEb.InTeRnAl.");
+        }
+        // RD clear in, RD clear out.
+        let mut q = query("web.internal", RecordType::AAAA, None);
+        q[2] &= !FLAG_RD;
+        let (_, out) = raw(&z, member(), &q, Transport::Udp);
+        assert_eq!(out[2] & FLAG_RD, 0);
+    }
+
+    /// An org with `n` apps of 24-character names: `_apps.internal` is
+    /// about 25·n bytes.
+    fn many_apps(n: u32) -> (ZoneIndex, String) {
+        let mut s = fixture();
+        s.instances.retain(|i| i.org.as_str() != "acme");
+        let mut names = Vec::new();
+        for k in 0..n {
+            let app = format!("long-application-name-{k:02}");
+            instance(&mut s, A, &app, "i1", "lhr", k, None, true);
+            names.push(app);
+        }
+        (build(&s), names.join(","))
+    }
+
+    #[test]
+    fn long_txt_is_split_into_255_byte_strings_and_reassembles() {
+        let (z, expected) = many_apps(40);
+        assert!(expected.len() > 3 * 255 && expected.len() < 4 * 255);
+        let m = ask(&z, "_apps.internal", RecordType::TXT);
+        is_answer(&m, ResponseCode::NoError);
+        let strings = txt_strings(&m);
+        assert_eq!(strings.len(), 1, "one record");
+        let lens: Vec<usize> = strings[0].iter().map(Vec::len).collect();
+        assert_eq!(lens, [255, 255, 255, expected.len() - 3 * 255]);
+        assert_eq!(txt(&m), [expected]);
+    }
+
+    #[test]
+    fn udp_size_follows_edns_and_truncates_with_tc() {
+        let (z, expected) = many_apps(40); // a ~1.1 kB response
+        let name = "_apps.internal";
+        let cases = [
+            (None, true),        // 512 without EDNS
+            (Some(600), true),   // the client's smaller buffer
+            (Some(1232), false), // fits
+            (Some(4096), false), // fits in our 1232
+        ];
+        for (edns, truncated) in cases {
+            let q = query(name, RecordType::TXT, edns);
+            let (o, out) = raw(&z, member(), &q, Transport::Udp);
+            assert_eq!(o, Outcome::Answered(Rcode::NoError));
+            let m = Message::from_vec(&out).unwrap();
+            assert_eq!(m.metadata.truncation, truncated, "{edns:?}");
+            assert!(out.len() <= usize::from(edns.unwrap_or(512)).clamp(512, 1232));
+            if truncated {
+                assert!(m.answers.is_empty());
+                assert_eq!(m.queries.len(), 1);
+            } else {
+                assert_eq!(txt(&m), std::slice::from_ref(&expected));
+            }
+            // The OPT is echoed with our payload iff the query had one.
+            assert_eq!(m.edns.as_ref().map(|e| e.max_payload()), edns.map(|_| 1232));
+        }
+        // An advertised payload below 512 counts as 512 (RFC 6891 §6.2.5).
+        let small = query("web.process.web.internal", RecordType::AAAA, Some(512));
+        let mut q = small.clone();
+        let class_at = q.len() - OPT_RR_LEN + 3;
+        q[class_at..class_at + 2].copy_from_slice(&100u16.to_be_bytes());
+        let (_, out) = raw(&build(&fixture()), member(), &q, Transport::Udp);
+        assert!(!Message::from_vec(&out).unwrap().metadata.truncation);
+
+        // Larger than 1232: truncated over UDP whatever the client says,
+        // complete over TCP.
+        let (z, expected) = many_apps(100);
+        let q = query(name, RecordType::TXT, Some(4096));
+        let (_, out) = raw(&z, member(), &q, Transport::Udp);
+        let m = Message::from_vec(&out).unwrap();
+        assert!(m.metadata.truncation && m.answers.is_empty() && out.len() <= 1232);
+        let (o, out) = raw(&z, member(), &q, Transport::Tcp);
+        assert_eq!(o, Outcome::Answered(Rcode::NoError));
+        let m = Message::from_vec(&out).unwrap();
+        assert!(!m.metadata.truncation);
+        assert!(out.len() > 2000);
+        assert_eq!(txt(&m), [expected]);
+    }
+
+    #[test]
+    fn edns_version_and_do_bit() {
+        let z = build(&fixture());
+        let mut m = Message::query();
+        m.add_query(Query::query(
+            Name::from_ascii("web.internal").unwrap(),
+            RecordType::AAAA,
+        ));
+        let mut e = Edns::new();
+        e.set_max_payload(1232).set_dnssec_ok(true);
+        m.set_edns(e.clone());
+        let (_, out) = raw(&z, member(), &m.to_vec().unwrap(), Transport::Udp);
+        let resp = Message::from_vec(&out).unwrap();
+        assert!(resp.edns.as_ref().unwrap().flags().dnssec_ok);
+        e.set_version(1);
+        m.set_edns(e);
+        let (o, out) = raw(&z, member(), &m.to_vec().unwrap(), Transport::Udp);
+        assert_eq!(o, Outcome::Answered(Rcode::BadVers));
+        let resp = Message::from_vec(&out).unwrap();
+        // 16 is both BADVERS and TSIG's BADSIG; hickory names it the latter.
+        assert_eq!(u16::from(resp.metadata.response_code), 16);
+        assert!(resp.answers.is_empty());
+    }
+
+    #[test]
+    fn answers_too_large_for_any_message_are_servfail_over_tcp() {
+        let mut s = fixture();
+        for k in 0..2400 {
+            instance(
+                &mut s,
+                A,
+                "big",
+                &format!("i{k}"),
+                "lhr",
+                0x1_0000 + k,
+                None,
+                true,
+            );
+        }
+        let z = build(&s);
+        let zone = z.org(prefix(ACME)).unwrap();
+        for n in [
+            "big.internal",
+            "_instances.internal",
+            "all._instances.internal",
+        ] {
+            assert!(
+                zone.oversized().iter().any(|o| o == n),
+                "{n}: {:?}",
+                zone.oversized()
+            );
+        }
+        for (name, t) in [
+            ("big.internal", RecordType::AAAA),
+            ("_instances.internal", RecordType::TXT),
+        ] {
+            let q = query(name, t, Some(1232));
+            let (o, out) = raw(&z, member(), &q, Transport::Tcp);
+            assert_eq!(o, Outcome::Answered(Rcode::ServFail), "{name}");
+            assert!(Message::from_vec(&out).unwrap().answers.is_empty());
+            let (o, out) = raw(&z, member(), &q, Transport::Udp);
+            assert_eq!(o, Outcome::Answered(Rcode::NoError));
+            assert!(Message::from_vec(&out).unwrap().metadata.truncation);
+        }
+        // A prefix of the same set still fits.
+        let q = query("top2000.nearest.of.big.internal", RecordType::AAAA, None);
+        let (o, out) = raw(&z, member(), &q, Transport::Tcp);
+        assert_eq!(o, Outcome::Answered(Rcode::NoError));
+        assert_eq!(Message::from_vec(&out).unwrap().answers.len(), 2000);
+    }
+
+    /// A valid query for `web.internal` AAAA without EDNS: 12 + 14 + 4 bytes.
+    fn base() -> Vec<u8> {
+        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(b"\x03web\x08internal\x00\x00\x1c\x00\x01");
+        q
+    }
+
+    fn rcode_of(q: &[u8]) -> Outcome {
+        raw(&build(&fixture()), member(), q, Transport::Udp).0
+    }
+
+    #[test]
+    fn malformed_queries_get_formerr_or_are_dropped() {
+        assert_eq!(rcode_of(&base()), Outcome::Answered(Rcode::NoError));
+        let formerr = Outcome::Answered(Rcode::FormErr);
+        // Truncated anywhere after the header.
+        let b = base();
+        for cut in HEADER_LEN..b.len() {
+            let (o, out) = raw(&build(&fixture()), member(), &b[..cut], Transport::Udp);
+            assert_eq!(o, formerr, "cut at {cut}");
+            assert_eq!(out.len(), HEADER_LEN);
+            let m = Message::from_vec(&out).unwrap();
+            assert_eq!(m.metadata.id, 0x1234);
+            assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+        }
+        // Too short for a header, or a response: dropped.
+        for cut in 0..HEADER_LEN {
+            assert_eq!(rcode_of(&b[..cut]), Outcome::Drop);
+        }
+        let mut q = base();
+        q[2] |= FLAG_QR;
+        assert_eq!(rcode_of(&q), Outcome::Drop);
+        // QDCOUNT 0 and 2.
+        for qd in [0u8, 2] {
+            let mut q = base();
+            q[5] = qd;
+            assert_eq!(rcode_of(&q), formerr, "qdcount {qd}");
+        }
+        // A pointer, or an extended label type, in the question.
+        let mut q = base();
+        q[HEADER_LEN] = 0xC0;
+        assert_eq!(rcode_of(&q), formerr);
+        q[HEADER_LEN] = 0x41;
+        assert_eq!(rcode_of(&q), formerr);
+        // A name longer than 255 bytes.
+        let mut q = base()[..HEADER_LEN].to_vec();
+        for _ in 0..5 {
+            q.push(63);
+            q.extend_from_slice(&[b'a'; 63]);
+        }
+        q.extend_from_slice(b"\x00\x00\x1c\x00\x01");
+        assert_eq!(rcode_of(&q), formerr);
+        // ARCOUNT says there is a record but there isn't; two OPTs; an OPT
+        // not owned by the root.
+        let mut q = base();
+        q[11] = 1;
+        assert_eq!(rcode_of(&q), formerr);
+        let opt = [0u8, 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 0];
+        let mut q = base();
+        q[11] = 2;
+        q.extend_from_slice(&opt);
+        q.extend_from_slice(&opt);
+        assert_eq!(rcode_of(&q), formerr);
+        let mut q = base();
+        q[11] = 1;
+        q.extend_from_slice(&[1, b'x']);
+        q.extend_from_slice(&opt[1..]);
+        assert_eq!(rcode_of(&q), formerr);
+        // Records in the answer section are skipped (pointers included).
+        let mut q = base();
+        q[7] = 1;
+        q.extend_from_slice(&[0xC0, 0x0C, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4, 1, 2, 3, 4]);
+        q[11] = 1;
+        q.extend_from_slice(&opt);
+        assert_eq!(rcode_of(&q), Outcome::Answered(Rcode::NoError));
+        // Garbage.
+        let garbage: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(37)).collect();
+        assert!(matches!(
+            rcode_of(&garbage),
+            Outcome::Answered(_) | Outcome::Drop
+        ));
+    }
+
+    #[test]
+    fn other_opcodes_classes_and_transfers() {
+        let mut q = base();
+        q[2] = 2 << 3; // STATUS
+        assert_eq!(rcode_of(&q), Outcome::Answered(Rcode::NotImp));
+        let mut q = base();
+        q[2] = 5 << 3; // UPDATE
+        assert_eq!(rcode_of(&q), Outcome::Answered(Rcode::NotImp));
+        let mut q = base();
+        let class_at = q.len() - 1;
+        q[class_at] = 3; // CHAOS
+        assert_eq!(rcode_of(&q), Outcome::Answered(Rcode::Refused));
+        q[class_at] = 255; // ANY class is IN here
+        assert_eq!(rcode_of(&q), Outcome::Answered(Rcode::NoError));
+        let z = build(&fixture());
+        for t in [RecordType::AXFR, RecordType::IXFR] {
+            let (o, _) = raw(&z, member(), &query("internal", t, None), Transport::Tcp);
+            assert_eq!(o, Outcome::Answered(Rcode::Refused));
+        }
+    }
+
+    #[test]
+    fn builds_are_deterministic_whatever_the_snapshot_order() {
+        let s = fixture();
+        let mut shuffled = s.clone();
+        shuffled.instances.reverse();
+        shuffled.peers.reverse();
+        shuffled.orgs.reverse();
+        let (z1, z2) = (build(&s), build(&shuffled));
+        for (name, t) in [
+            ("web.internal", RecordType::AAAA),
+            ("top9.nearest.of.web.internal", RecordType::AAAA),
+            ("_instances.internal", RecordType::TXT),
+            ("all.vms.web.internal", RecordType::TXT),
+            ("_peer.internal", RecordType::TXT),
+        ] {
+            let q = query(name, t, Some(1232));
+            assert_eq!(
+                raw(&z1, member(), &q, Transport::Udp).1,
+                raw(&z2, member(), &q, Transport::Udp).1,
+                "{name}"
+            );
+        }
+        assert_eq!(z1.revision(), 7);
+        assert_eq!(z1.len(), 2);
+    }
+
+    #[test]
+    fn shared_zones_swap_whole_indexes() {
+        let shared = SharedZones::default();
+        let before = shared.load();
+        assert!(before.is_empty());
+        shared.store(build(&fixture()));
+        // A reader that loaded before the swap keeps its consistent view.
+        assert!(before.is_empty());
+        let after = shared.load();
+        assert_eq!(after.revision(), 7);
+        assert_eq!(ok_aaaa(&after, "lhr.web.internal"), [a(0xa1)]);
+    }
+
+    fn check_response(q: &[u8], o: Outcome, out: &[u8], t: Transport) {
+        match o {
+            Outcome::Answered(_) => {
+                assert!(out.len() >= HEADER_LEN);
+                assert_eq!(out[..2], q[..2]);
+                assert_ne!(out[2] & FLAG_QR, 0);
+                if t == Transport::Udp {
+                    assert!(out.len() <= usize::from(MAX_UDP_PAYLOAD));
+                }
+            }
+            Outcome::Forward => assert!(out.is_empty()),
+            Outcome::Drop => {
+                assert!(out.is_empty());
+                assert!(q.len() < HEADER_LEN || q[2] & FLAG_QR != 0);
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..600),
+            inside in any::<bool>(),
+            tcp in any::<bool>(),
+        ) {
+            let z = build(&fixture());
+            let src = if inside { member() } else { "fdaa:0:19::2".parse().unwrap() };
+            let t = if tcp { Transport::Tcp } else { Transport::Udp };
+            let mut out = Vec::new();
+            let o = answer(&z, prefix(ACME), src, &bytes, t, &mut out);
+            check_response(&bytes, o, &out, t);
+        }
+
+        #[test]
+        fn mutated_queries_never_panic(
+            which in 0usize..4,
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6),
+            cut in any::<usize>(),
+        ) {
+            let z = build(&fixture());
+            let names = ["web.internal", "top2.nearest.of.web.internal", "_apps.internal", "example.com"];
+            let mut q = query(names[which], RecordType::TXT, Some(1232));
+            for (at, v) in edits {
+                let at = at % q.len();
+                q[at] = v;
+            }
+            q.truncate(cut % (q.len() + 1));
+            let mut out = Vec::new();
+            let o = answer(&z, prefix(ACME), member(), &q, Transport::Udp, &mut out);
+            check_response(&q, o, &out, Transport::Udp);
+        }
+    }
+
+    /// ns/query for the hot path at 1,000 apps × 3 instances + 1,000 peers:
+    /// `cargo test --release --lib dns::handler::tests::bench -- --ignored --nocapture`
+    #[test]
+    #[ignore = "benchmark; run with --release --ignored --nocapture"]
+    fn bench_answer() {
+        let mut s = Snapshot::default();
+        org(&mut s, "acme", ACME);
+        gateway(&mut s, "lhr-1", "lhr", 0x0a7b_0d6b);
+        let regions = ["lhr", "iad", "syd"];
+        for app in 0..1000u32 {
+            for (k, region) in regions.iter().enumerate() {
+                let id = format!("i{app}x{k}");
+                let m = app * 4 + k as u32;
+                instance(
+                    &mut s,
+                    A,
+                    &format!("app-{app:04}"),
+                    &id,
+                    region,
+                    m,
+                    None,
+                    true,
+                );
+            }
+        }
+        for p in 0..1000 {
+            peer(&mut s, A, &format!("peer-{p:04}"), "lhr-1", p);
+        }
+        let t0 = Instant::now();
+        let z = build(&s);
+        let built = t0.elapsed();
+        let zone = z.org(prefix(ACME)).unwrap();
+        println!(
+            "build: {built:?} for {} names; oversized: {:?}",
+            zone.name_count(),
+            zone.oversized()
+        );
+
+        let cases = [
+            (
+                "app-0500.internal AAAA udp",
+                "app-0500.internal",
+                RecordType::AAAA,
+                Transport::Udp,
+            ),
+            (
+                "top2.nearest.of.app-0500 AAAA udp",
+                "top2.nearest.of.app-0500.internal",
+                RecordType::AAAA,
+                Transport::Udp,
+            ),
+            (
+                "_apps.internal TXT udp (TC)",
+                "_apps.internal",
+                RecordType::TXT,
+                Transport::Udp,
+            ),
+            (
+                "_apps.internal TXT tcp (9 kB)",
+                "_apps.internal",
+                RecordType::TXT,
+                Transport::Tcp,
+            ),
+            (
+                "nope.internal NXDOMAIN",
+                "nope.internal",
+                RecordType::AAAA,
+                Transport::Udp,
+            ),
+            (
+                "example.com (forward)",
+                "example.com",
+                RecordType::AAAA,
+                Transport::Udp,
+            ),
+        ];
+        let mut out = Vec::with_capacity(65536);
+        let (listener, src) = (prefix(ACME), member());
+        for (label, name, t, transport) in cases {
+            let q = query(name, t, Some(1232));
+            let iters = 2_000_000u32;
+            let t0 = Instant::now();
+            for _ in 0..iters {
+                let o = answer(
+                    std::hint::black_box(&z),
+                    listener,
+                    std::hint::black_box(src),
+                    std::hint::black_box(&q),
+                    transport,
+                    &mut out,
+                );
+                std::hint::black_box(o);
+            }
+            let ns = t0.elapsed().as_nanos() as f64 / f64::from(iters);
+            println!("{label:<40} {ns:>7.1} ns/query  ({} bytes)", out.len());
+        }
+    }
+}

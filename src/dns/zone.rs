@@ -1,0 +1,693 @@
+//! The per-org `.internal` zone, built from a store [`Snapshot`] with every
+//! answer already encoded as wire bytes.
+//!
+//! [`ZoneIndex::build`] is pure (no I/O, no clock): snapshot in, index out.
+//! The daemon rebuilds it on every store change and swaps it in whole
+//! ([`super::SharedZones`]); a query never sees half a change.
+//!
+//! What the hot path gets from an [`OrgZone`] is, for a lower-cased name in
+//! wire format, an entry holding byte ranges of one arena: the complete
+//! answer-section records for AAAA and for TXT, owner name already written as
+//! the compression pointer `0xC00C` (the question name, which is always at
+//! offset 12 of the response), class IN, TTL [`TTL`]. Answering is then
+//! "parse header and question, one hash lookup, copy bytes".
+//!
+//! Names (DESIGN.md "DNS", contract), for each org:
+//!
+//! | name | data |
+//! |---|---|
+//! | `internal` | none (the apex exists, so it is no-data, not NXDOMAIN) |
+//! | `<app>`, `global.<app>` | AAAA: started instances, any region |
+//! | `<region>.<app>` | AAAA: started instances in region (name exists for every region the app has any instance in) |
+//! | `top<N>.nearest.of.<app>` | AAAA: the N started instances nearest [`ZoneIndex::build`]'s `my_region`; N ≥ 1, no leading zero, any size |
+//! | `<id>.vm.<app>` | AAAA: that instance, **started or stopped** |
+//! | `<group>.process.<app>` | AAAA: started instances of the process group |
+//! | `regions.<app>` / `all.regions.<app>` | TXT: `iad,lhr` — regions with started / any instances |
+//! | `vms.<app>` / `all.vms.<app>` | TXT: `<id> <region>,…` — started / all instances |
+//! | `_apps` | TXT: every app with any instance |
+//! | `_instances` / `all._instances` | TXT: `instance=<id>,app=<app>,ip=<addr>,region=<r>;…` started / all |
+//! | `_peer` | TXT: every WireGuard peer of the org, on any gateway |
+//! | `<peer>._peer` | AAAA: the peer's address |
+//!
+//! (all under `.internal`). Decisions the table leaves open:
+//!
+//! - `<id>.vm.<app>` answers for a stopped instance too: it names one machine
+//!   explicitly, its address is stable across stop/start, and `all.vms`
+//!   already lists it. Everything else that yields addresses lists started
+//!   instances only.
+//! - An app exists while it has any instance; an app whose instances are all
+//!   stopped still has its names (no-data for AAAA), and is in `_apps`.
+//! - A list that is empty (an org with no peers asked for `_peer`) is
+//!   no-data, not an empty TXT string. `_apps`, `_instances`,
+//!   `all._instances` and `_peer` always exist.
+//! - Empty non-terminals (`vm.<app>`, `process.<app>` when the app has
+//!   groups, `all.<app>`, `of.<app>`, `nearest.of.<app>`, `internal`) answer
+//!   no-data, not NXDOMAIN: RFC 8020 says NXDOMAIN means nothing exists
+//!   below the name.
+//! - A region called `global` would collide with `global.<app>`; the fixed
+//!   name wins. Other collisions (a region called `regions`) hold different
+//!   types and simply coexist.
+//! - Ordering is deterministic: AAAA sets by address, TXT lists sorted by
+//!   name (instances by app then id), `top<N>` by (distance, region, id).
+//!   Duplicate addresses in one set are dropped (RFC 2181 §5: an RRset has
+//!   no duplicate records).
+//! - TXT values are split into 255-byte character-strings of one record
+//!   (RFC 1035 §3.3.14); a reader concatenates them. A value whose record
+//!   can't fit in one DNS message even over TCP is marked oversized (see
+//!   [`OrgZone::oversized`]); the handler answers it with TC over UDP and
+//!   SERVFAIL over TCP.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::Ipv6Addr;
+use std::sync::Arc;
+
+use crate::model::{NetworkId, OrgPrefix, RegionName};
+use crate::store::{Instance, Revision, Snapshot};
+
+/// The TTL of every `.internal` record, in seconds (DESIGN.md: 5 s).
+pub const TTL: u32 = 5;
+
+/// Bytes of one encoded AAAA answer record: pointer(2) type(2) class(2)
+/// ttl(4) rdlength(2) address(16).
+pub(crate) const AAAA_RR_LEN: usize = 28;
+
+/// The most a single DNS message can hold (TCP's 16-bit length prefix).
+pub(crate) const MAX_MESSAGE: usize = 65535;
+
+/// Header bytes of a DNS message.
+pub(crate) const HEADER_LEN: usize = 12;
+
+/// Bytes of the OPT record the handler appends when the query had one.
+pub(crate) const OPT_RR_LEN: usize = 11;
+
+const TYPE_AAAA: u16 = 28;
+const TYPE_TXT: u16 = 16;
+const CLASS_IN: u16 = 1;
+
+/// A run of encoded answer records in an [`OrgZone`]'s arena.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Rrs {
+    start: u32,
+    len: u32,
+    /// How many records the bytes hold (the response's ANCOUNT).
+    pub(crate) count: u32,
+    /// The records can't be carried by any DNS message (only set for TXT,
+    /// whose RDATA would pass 65535 bytes; large AAAA sets are caught by the
+    /// handler's size check).
+    pub(crate) oversize: bool,
+}
+
+impl Rrs {
+    /// The first `n` records of a run of AAAA records (`top<N>`).
+    pub(crate) fn first_aaaa(self, n: usize) -> Rrs {
+        let n = n.min(self.count as usize);
+        Rrs {
+            start: self.start,
+            len: (n * AAAA_RR_LEN) as u32,
+            count: n as u32,
+            oversize: false,
+        }
+    }
+}
+
+/// What one name holds.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Entry {
+    /// AAAA answer records.
+    pub(crate) aaaa: Rrs,
+    /// TXT answer record.
+    pub(crate) txt: Rrs,
+    /// On `nearest.of.<app>` only: the app's started instances as AAAA
+    /// records nearest first, so `top<N>` is the first N records.
+    pub(crate) nearest: Option<Rrs>,
+}
+
+/// One org's `.internal` names with their encoded answers.
+pub struct OrgZone {
+    prefix: OrgPrefix,
+    /// Lower-cased wire-format name (with the root label) → entry.
+    names: HashMap<Box<[u8]>, Entry>,
+    /// Every record of every entry, back to back.
+    arena: Box<[u8]>,
+    oversized: Vec<String>,
+}
+
+impl fmt::Debug for OrgZone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OrgZone")
+            .field("prefix", &self.prefix)
+            .field("names", &self.names.len())
+            .field("arena_bytes", &self.arena.len())
+            .field("oversized", &self.oversized)
+            .finish()
+    }
+}
+
+impl OrgZone {
+    /// A zone with no apps and no peers: only the fixed names, all no-data.
+    pub fn empty(prefix: OrgPrefix) -> Self {
+        Builder::new().finish(prefix)
+    }
+
+    /// The org's /48.
+    pub fn prefix(&self) -> OrgPrefix {
+        self.prefix
+    }
+
+    /// How many names exist (empty non-terminals included).
+    pub fn name_count(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Names (dotted, without the trailing dot) with an answer too large
+    /// for any DNS message, even over TCP: worth a warning when the zone is
+    /// swapped in.
+    pub fn oversized(&self) -> &[String] {
+        &self.oversized
+    }
+
+    /// The entry of a lower-cased wire-format name.
+    pub(crate) fn lookup(&self, wire_name: &[u8]) -> Option<&Entry> {
+        self.names.get(wire_name)
+    }
+
+    /// The encoded records of `rrs`.
+    pub(crate) fn bytes(&self, rrs: Rrs) -> &[u8] {
+        let start = rrs.start as usize;
+        self.arena
+            .get(start..start + rrs.len as usize)
+            .unwrap_or_default()
+    }
+}
+
+/// Every org's zone, by network id; what the DNS listeners read.
+#[derive(Debug, Default)]
+pub struct ZoneIndex {
+    orgs: HashMap<NetworkId, Arc<OrgZone>>,
+    revision: Revision,
+}
+
+impl ZoneIndex {
+    /// Builds every org's zone from `snapshot`, ordering `top<N>.nearest`
+    /// by distance from `my_region` (this gateway's region) in `distances`.
+    pub fn build(snapshot: &Snapshot, my_region: &RegionName, distances: &RegionDistances) -> Self {
+        let mut instances: HashMap<&str, Vec<&Instance>> = HashMap::new();
+        for i in &snapshot.instances {
+            instances.entry(i.org.as_str()).or_default().push(i);
+        }
+        let mut peers: HashMap<&str, Vec<(&str, Ipv6Addr)>> = HashMap::new();
+        for p in &snapshot.peers {
+            peers
+                .entry(p.org.as_str())
+                .or_default()
+                .push((p.name.as_str(), p.net.peer_addr()));
+        }
+        let orgs = snapshot
+            .orgs
+            .iter()
+            .map(|org| {
+                let zone = build_org(
+                    org.prefix(),
+                    instances.remove(org.name.as_str()).unwrap_or_default(),
+                    peers.remove(org.name.as_str()).unwrap_or_default(),
+                    my_region,
+                    distances,
+                );
+                (org.network_id, Arc::new(zone))
+            })
+            .collect();
+        Self {
+            orgs,
+            revision: snapshot.revision,
+        }
+    }
+
+    /// The zone of the org whose /48 is `prefix`.
+    pub fn org(&self, prefix: OrgPrefix) -> Option<&Arc<OrgZone>> {
+        self.orgs.get(&prefix.network_id())
+    }
+
+    /// The store revision this index was built from.
+    pub fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    /// How many orgs have a zone.
+    pub fn len(&self) -> usize {
+        self.orgs.len()
+    }
+
+    /// Whether no org has a zone.
+    pub fn is_empty(&self) -> bool {
+        self.orgs.is_empty()
+    }
+}
+
+/// One name's data before encoding.
+#[derive(Default)]
+struct Draft {
+    aaaa: BTreeSet<Ipv6Addr>,
+    txt: Option<String>,
+    nearest: Option<Vec<Ipv6Addr>>,
+}
+
+/// Names under construction, keyed by wire-format name so that the arena is
+/// laid out in a deterministic order.
+struct Builder {
+    names: BTreeMap<Vec<u8>, Draft>,
+}
+
+impl Builder {
+    fn new() -> Self {
+        let mut b = Self {
+            names: BTreeMap::new(),
+        };
+        b.name(&["internal"]);
+        b.name(&["_apps", "internal"]);
+        b.name(&["_instances", "internal"]);
+        b.name(&["all", "_instances", "internal"]);
+        b.name(&["_peer", "internal"]);
+        b
+    }
+
+    /// The draft of `labels` (+ `.`), created empty (the name exists).
+    fn name(&mut self, labels: &[&str]) -> &mut Draft {
+        self.names.entry(wire_name(labels)).or_default()
+    }
+
+    fn aaaa(&mut self, labels: &[&str], addrs: impl IntoIterator<Item = Ipv6Addr>) {
+        self.name(labels).aaaa.extend(addrs);
+    }
+
+    /// Sets a TXT value; an empty value leaves the name with no TXT data.
+    fn txt(&mut self, labels: &[&str], value: String) {
+        let d = self.name(labels);
+        if !value.is_empty() {
+            d.txt = Some(value);
+        }
+    }
+
+    fn finish(self, prefix: OrgPrefix) -> OrgZone {
+        let mut arena = Vec::new();
+        let mut names = HashMap::with_capacity(self.names.len());
+        let mut oversized = Vec::new();
+        for (name, draft) in self.names {
+            let aaaa = encode_aaaa(&mut arena, draft.aaaa.iter().copied());
+            let txt = draft
+                .txt
+                .as_deref()
+                .map(|v| encode_txt(&mut arena, v))
+                .unwrap_or_default();
+            let nearest = draft
+                .nearest
+                .map(|addrs| encode_aaaa(&mut arena, addrs.into_iter()));
+            // The response is header + question + answers + OPT.
+            let fixed = HEADER_LEN + name.len() + 4 + OPT_RR_LEN;
+            if [aaaa, txt]
+                .iter()
+                .any(|r| r.oversize || fixed + r.len as usize > MAX_MESSAGE)
+            {
+                oversized.push(dotted(&name));
+            }
+            names.insert(name.into_boxed_slice(), Entry { aaaa, txt, nearest });
+        }
+        OrgZone {
+            prefix,
+            names,
+            arena: arena.into_boxed_slice(),
+            oversized,
+        }
+    }
+}
+
+/// Builds one org's zone from its instances and peers (any order).
+fn build_org(
+    prefix: OrgPrefix,
+    mut instances: Vec<&Instance>,
+    mut peers: Vec<(&str, Ipv6Addr)>,
+    my_region: &RegionName,
+    distances: &RegionDistances,
+) -> OrgZone {
+    const I: &str = "internal";
+    let mut b = Builder::new();
+    instances.sort_by(|a, b| (&a.app, &a.id).cmp(&(&b.app, &b.id)));
+    peers.sort();
+
+    let mut apps: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
+    for i in &instances {
+        apps.entry(i.app.as_str()).or_default().push(*i);
+    }
+
+    for (app, list) in &apps {
+        let app = *app;
+        let started = || list.iter().filter(|i| i.started);
+        b.aaaa(&[app, I], started().map(|i| i.address));
+        b.aaaa(&["global", app, I], started().map(|i| i.address));
+        b.name(&["all", app, I]);
+        b.name(&["vm", app, I]);
+        b.name(&["of", app, I]);
+
+        let mut started_regions = BTreeSet::new();
+        let mut all_regions = BTreeSet::new();
+        for i in list.iter() {
+            all_regions.insert(i.region.as_str());
+            if i.started {
+                started_regions.insert(i.region.as_str());
+            }
+            if i.region.as_str() != "global" {
+                let addr = i.started.then_some(i.address);
+                b.aaaa(&[i.region.as_str(), app, I], addr);
+            }
+            b.aaaa(&[i.id.as_str(), "vm", app, I], [i.address]);
+            if let Some(g) = &i.process_group {
+                b.name(&["process", app, I]);
+                let addr = i.started.then_some(i.address);
+                b.aaaa(&[g.as_str(), "process", app, I], addr);
+            }
+        }
+        b.txt(&["regions", app, I], join(started_regions, ","));
+        b.txt(&["all", "regions", app, I], join(all_regions, ","));
+        let vm = |i: &&Instance| format!("{} {}", i.id, i.region);
+        b.txt(&["vms", app, I], join(started().map(vm), ","));
+        b.txt(&["all", "vms", app, I], join(list.iter().map(vm), ","));
+
+        let mut nearest: Vec<(f64, &str, &str, Ipv6Addr)> = started()
+            .map(|i| {
+                let d = distances
+                    .distance_km(my_region, &i.region)
+                    .unwrap_or(f64::INFINITY);
+                (d, i.region.as_str(), i.id.as_str(), i.address)
+            })
+            .collect();
+        nearest.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(b.1)).then(a.2.cmp(b.2)));
+        let mut seen = BTreeSet::new();
+        let order = nearest
+            .into_iter()
+            .filter(|n| seen.insert(n.3))
+            .map(|n| n.3)
+            .collect();
+        b.name(&["nearest", "of", app, I]).nearest = Some(order);
+    }
+
+    b.txt(&["_apps", I], join(apps.keys(), ","));
+    let instance = |i: &Instance| {
+        format!(
+            "instance={},app={},ip={},region={}",
+            i.id, i.app, i.address, i.region
+        )
+    };
+    let started = instances.iter().filter(|i| i.started);
+    b.txt(&["_instances", I], join(started.map(|i| instance(i)), ";"));
+    let all = instances.iter().map(|i| instance(i));
+    b.txt(&["all", "_instances", I], join(all, ";"));
+
+    b.txt(&["_peer", I], join(peers.iter().map(|p| p.0), ","));
+    for (name, addr) in &peers {
+        b.aaaa(&[name, "_peer", I], [*addr]);
+    }
+    b.finish(prefix)
+}
+
+fn join<T: fmt::Display>(items: impl IntoIterator<Item = T>, sep: &str) -> String {
+    let mut out = String::new();
+    for (n, item) in items.into_iter().enumerate() {
+        if n > 0 {
+            out.push_str(sep);
+        }
+        use fmt::Write as _;
+        let _ = write!(out, "{item}");
+    }
+    out
+}
+
+/// `labels` as a wire-format name: length-prefixed labels and the root.
+/// Labels come from validated names (≤ 63 bytes, lower case).
+pub(crate) fn wire_name(labels: &[&str]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(labels.iter().map(|l| l.len() + 1).sum::<usize>() + 1);
+    for l in labels {
+        out.push(l.len() as u8);
+        out.extend_from_slice(l.as_bytes());
+    }
+    out.push(0);
+    out
+}
+
+/// A wire-format name as `a.b.c` (for logs).
+fn dotted(wire: &[u8]) -> String {
+    let mut out = String::new();
+    let mut pos = 0;
+    while let Some(&len) = wire.get(pos) {
+        if len == 0 {
+            break;
+        }
+        let label = wire
+            .get(pos + 1..pos + 1 + len as usize)
+            .unwrap_or_default();
+        if !out.is_empty() {
+            out.push('.');
+        }
+        out.push_str(&String::from_utf8_lossy(label));
+        pos += 1 + len as usize;
+    }
+    out
+}
+
+/// The fixed part of an answer record owned by the question name.
+fn rr_head(arena: &mut Vec<u8>, rtype: u16) {
+    arena.extend_from_slice(&[0xC0, 0x0C]);
+    arena.extend_from_slice(&rtype.to_be_bytes());
+    arena.extend_from_slice(&CLASS_IN.to_be_bytes());
+    arena.extend_from_slice(&TTL.to_be_bytes());
+}
+
+fn encode_aaaa(arena: &mut Vec<u8>, addrs: impl Iterator<Item = Ipv6Addr>) -> Rrs {
+    let start = arena.len();
+    let mut count = 0;
+    for a in addrs {
+        rr_head(arena, TYPE_AAAA);
+        arena.extend_from_slice(&16u16.to_be_bytes());
+        arena.extend_from_slice(&a.octets());
+        count += 1;
+    }
+    debug_assert_eq!(arena.len() - start, count as usize * AAAA_RR_LEN);
+    Rrs {
+        start: start as u32,
+        len: (arena.len() - start) as u32,
+        count,
+        oversize: false,
+    }
+}
+
+/// One TXT record holding `value` as 255-byte character-strings.
+fn encode_txt(arena: &mut Vec<u8>, value: &str) -> Rrs {
+    let chunks = value.as_bytes().chunks(255);
+    let rdlen = chunks.len() + value.len();
+    let Ok(rdlen) = u16::try_from(rdlen) else {
+        return Rrs {
+            oversize: true,
+            ..Rrs::default()
+        };
+    };
+    let start = arena.len();
+    rr_head(arena, TYPE_TXT);
+    arena.extend_from_slice(&rdlen.to_be_bytes());
+    for c in chunks {
+        arena.push(c.len() as u8);
+        arena.extend_from_slice(c);
+    }
+    Rrs {
+        start: start as u32,
+        len: (arena.len() - start) as u32,
+        count: 1,
+        oversize: false,
+    }
+}
+
+/// Where regions are, for ordering `top<N>.nearest.of.<app>.internal`:
+/// great-circle distance between region coordinates. A region without
+/// coordinates is farther than any region with them (but a region is always
+/// at distance 0 from itself).
+#[derive(Clone, Debug)]
+pub struct RegionDistances {
+    coords: HashMap<RegionName, (f64, f64)>,
+}
+
+/// Coordinates (latitude, longitude in degrees) out of range.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid coordinates for region {region}: latitude {lat} must be in -90..=90 and longitude {lon} in -180..=180")]
+pub struct BadCoordinates {
+    /// The region.
+    pub region: RegionName,
+    /// The latitude given.
+    pub lat: f64,
+    /// The longitude given.
+    pub lon: f64,
+}
+
+/// Fly's common region codes at their airports (lat, lon in degrees).
+const BUILTIN_REGIONS: &[(&str, f64, f64)] = &[
+    ("ams", 52.3105, 4.7683),
+    ("arn", 59.6519, 17.9186),
+    ("atl", 33.6367, -84.4281),
+    ("bog", 4.7016, -74.1469),
+    ("bom", 19.0896, 72.8656),
+    ("cdg", 49.0097, 2.5479),
+    ("den", 39.8617, -104.6731),
+    ("dfw", 32.8968, -97.0380),
+    ("ewr", 40.6925, -74.1687),
+    ("fra", 50.0379, 8.5622),
+    ("gig", -22.8100, -43.2506),
+    ("gru", -23.4356, -46.4731),
+    ("hkg", 22.3080, 113.9185),
+    ("iad", 38.9445, -77.4558),
+    ("jnb", -26.1392, 28.2460),
+    ("lax", 33.9425, -118.4081),
+    ("lhr", 51.4700, -0.4543),
+    ("mad", 40.4719, -3.5626),
+    ("mia", 25.7932, -80.2906),
+    ("nrt", 35.7720, 140.3929),
+    ("ord", 41.9786, -87.9048),
+    ("otp", 44.5711, 26.0850),
+    ("scl", -33.3930, -70.7858),
+    ("sea", 47.4490, -122.3093),
+    ("sin", 1.3644, 103.9915),
+    ("sjc", 37.3626, -121.9291),
+    ("syd", -33.9399, 151.1753),
+    ("waw", 52.1657, 20.9671),
+    ("yul", 45.4706, -73.7408),
+    ("yyz", 43.6777, -79.6248),
+];
+
+impl Default for RegionDistances {
+    fn default() -> Self {
+        Self::builtin()
+    }
+}
+
+impl RegionDistances {
+    /// The built-in table of Fly's common regions.
+    pub fn builtin() -> Self {
+        let coords = BUILTIN_REGIONS
+            .iter()
+            .map(|&(r, lat, lon)| (RegionName::from_static(r), (lat, lon)))
+            .collect();
+        Self { coords }
+    }
+
+    /// A table with no regions (every other region is "unknown").
+    pub fn empty() -> Self {
+        Self {
+            coords: HashMap::new(),
+        }
+    }
+
+    /// Adds or replaces a region's coordinates (the configurable override).
+    pub fn set(&mut self, region: RegionName, lat: f64, lon: f64) -> Result<(), BadCoordinates> {
+        if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+            return Err(BadCoordinates { region, lat, lon });
+        }
+        self.coords.insert(region, (lat, lon));
+        Ok(())
+    }
+
+    /// The built-in table with `overrides` applied on top.
+    pub fn with_overrides(
+        overrides: impl IntoIterator<Item = (RegionName, (f64, f64))>,
+    ) -> Result<Self, BadCoordinates> {
+        let mut d = Self::builtin();
+        for (r, (lat, lon)) in overrides {
+            d.set(r, lat, lon)?;
+        }
+        Ok(d)
+    }
+
+    /// A region's coordinates, if known.
+    pub fn coords(&self, region: &RegionName) -> Option<(f64, f64)> {
+        self.coords.get(region).copied()
+    }
+
+    /// Great-circle distance in km (haversine on a 6371 km sphere); 0 from a
+    /// region to itself, `None` if either region is unknown.
+    pub fn distance_km(&self, a: &RegionName, b: &RegionName) -> Option<f64> {
+        if a == b {
+            return Some(0.0);
+        }
+        let (lat1, lon1) = self.coords(a)?;
+        let (lat2, lon2) = self.coords(b)?;
+        let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
+        let dp = (lat2 - lat1).to_radians();
+        let dl = (lon2 - lon1).to_radians();
+        let h = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
+        Some(2.0 * 6371.0 * h.sqrt().min(1.0).asin())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(s: &str) -> RegionName {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn builtin_regions_are_valid_and_distances_are_plausible() {
+        let d = RegionDistances::builtin();
+        assert_eq!(d.coords.len(), 30);
+        let km = |a, b| d.distance_km(&r(a), &r(b)).unwrap();
+        assert_eq!(km("lhr", "lhr"), 0.0);
+        // London–Paris ≈ 350 km, London–New York ≈ 5,500 km.
+        assert!(
+            (300.0..400.0).contains(&km("lhr", "cdg")),
+            "{}",
+            km("lhr", "cdg")
+        );
+        assert!((5400.0..5700.0).contains(&km("lhr", "ewr")));
+        assert_eq!(km("lhr", "syd"), km("syd", "lhr"));
+        assert!(km("lhr", "ams") < km("lhr", "fra"));
+        assert_eq!(d.distance_km(&r("lhr"), &r("xyz")), None);
+        assert_eq!(d.distance_km(&r("xyz"), &r("xyz")), Some(0.0));
+    }
+
+    #[test]
+    fn overrides_add_and_replace_regions() {
+        let d =
+            RegionDistances::with_overrides([(r("xyz"), (51.0, 0.0)), (r("syd"), (51.5, -0.5))])
+                .unwrap();
+        assert!(d.distance_km(&r("lhr"), &r("xyz")).unwrap() < 100.0);
+        assert!(d.distance_km(&r("lhr"), &r("syd")).unwrap() < 100.0);
+        let e = RegionDistances::with_overrides([(r("abc"), (91.0, 0.0))]).unwrap_err();
+        assert!(e.to_string().contains("abc"), "{e}");
+        assert!(RegionDistances::empty().coords(&r("lhr")).is_none());
+    }
+
+    #[test]
+    fn txt_values_split_into_255_byte_strings() {
+        let mut arena = Vec::new();
+        let v = "x".repeat(600);
+        let rrs = encode_txt(&mut arena, &v);
+        assert_eq!(rrs.count, 1);
+        // head(10) + rdlength(2) + 255+1 + 255+1 + 90+1
+        assert_eq!(arena.len(), 12 + 603);
+        assert_eq!(&arena[10..12], &603u16.to_be_bytes());
+        assert_eq!(arena[12], 255);
+        assert_eq!(arena[12 + 256], 255);
+        assert_eq!(arena[12 + 512], 90);
+        // Exactly 255 bytes is one string.
+        let mut a2 = Vec::new();
+        encode_txt(&mut a2, &"y".repeat(255));
+        assert_eq!(a2.len(), 12 + 256);
+        // Too large for a 16-bit RDLENGTH: oversized, nothing written.
+        let mut a3 = Vec::new();
+        let big = encode_txt(&mut a3, &"z".repeat(70_000));
+        assert!(big.oversize && a3.is_empty());
+    }
+
+    #[test]
+    fn wire_names_round_trip_for_logs() {
+        let w = wire_name(&["a", "_peer", "internal"]);
+        assert_eq!(w, b"\x01a\x05_peer\x08internal\x00");
+        assert_eq!(dotted(&w), "a._peer.internal");
+    }
+}

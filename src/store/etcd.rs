@@ -1,0 +1,1400 @@
+//! The fleet store: an etcd cluster (the `etcd-client` crate) shared by many
+//! gateways in many regions.
+//!
+//! # Key schema
+//!
+//! Everything lives under one configurable prefix (`/sixpn/` by default;
+//! written `P` below). Values are JSON unless noted; names are validated
+//! labels, so they never contain `/`.
+//!
+//! | key | value | why |
+//! | --- | --- | --- |
+//! | `P orgs/<org>` | [`Org`] | the org and its network id |
+//! | `P netids/<id, 10 digits>` | org name | network-id uniqueness |
+//! | `P gateways/<gateway>` | [`Gateway`] | registration: region, host id, endpoint, key |
+//! | `P hostids/<host id, 8 hex>` | gateway name | host-id uniqueness |
+//! | `P peers/<org>/<peer>` | [`PeerRecord`] | the peer: gateway, slot, key, time |
+//! | `P slots/<org>/<gateway>/<slot>` | peer name | address uniqueness: one key per /120 |
+//! | `P keys/<public key, hex>` | `<org>/<peer>` | public-key uniqueness |
+//! | `P instances/<org>/<app>/<id>` | [`InstanceRecord`] | an app instance |
+//! | `P addrs/<address>` | `<org>/<app>/<id>` | instance-address uniqueness |
+//! | `P tokens/<sha256, hex>` | org name | org-scoped API tokens |
+//!
+//! A peer's region and /120 are not stored: they follow from its gateway and
+//! org, exactly as in the SQLite schema.
+//!
+//! # Invariants and how they hold
+//!
+//! - Every write is one etcd transaction. Uniqueness keys are created under
+//!   a `create_revision == 0` compare (the key must not exist), so two
+//!   writers racing for the same name, key, address or slot can't both win,
+//!   whatever gateway they run on. Records being replaced or removed are
+//!   guarded by `mod_revision ==` what was read.
+//! - Writes are optimistic: read, decide, commit with compares; when a
+//!   compare fails someone else committed in between, so we read again and
+//!   retry (bounded, with jitter). A retry that now finds the name taken
+//!   reports [`StoreError::Conflict`]; one that finds the slot taken moves on.
+//! - Allocation takes the lowest free slot of (org, gateway). Under
+//!   contention a retry picks at random among the lowest few free slots so
+//!   that N concurrent creators don't all chase the same one; the holes that
+//!   leaves are the lowest free slots for the next creates.
+//! - A snapshot is one range read of the prefix; its revision is the
+//!   response header's, so it is consistent at that revision.
+//! - The change feed follows an etcd watch over the prefix from the last
+//!   revision seen + 1. Events only bump the feed: consumers re-read a whole
+//!   snapshot, so nothing is lost when the watched revision was compacted —
+//!   then we take the current revision (a full reload for the consumers) and
+//!   watch again from there. A broken watch reconnects with backoff
+//!   ([`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`]).
+//! - Every request is bounded by [`REQUEST_TIMEOUT`]; connection failures
+//!   and timeouts are [`StoreError::Unavailable`] (HTTP 503), so the API fails
+//!   fast while the daemon keeps its last applied state.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv6Addr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp, WatchOptions,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{
+    default_instance_id, Gateway, Instance, InstanceAddress, NewInstance, NewPeer, Org, Peer,
+    Revision, Snapshot, Store, StoreError,
+};
+use crate::model::{
+    self, AppName, GatewayName, InstanceId, NetworkId, OrgName, PeerName, PeerSlot, ProcessGroup,
+    PublicKey, RegionName,
+};
+
+/// The bound on every request: past it the store counts as unavailable.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// The first wait before re-establishing a broken watch.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest wait between watch reconnection attempts.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// HTTP/2 ping interval on etcd connections (etcd's minimum is 5 s).
+const KEEPALIVE: Duration = Duration::from_secs(10);
+/// How many times a write is retried after losing a compare-and-swap race.
+const MAX_ATTEMPTS: u32 = 64;
+
+/// A peer as stored under `peers/<org>/<name>`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerRecord {
+    /// The gateway that holds it.
+    pub gateway: GatewayName,
+    /// Its slot among that gateway's peers of the org.
+    pub slot: u32,
+    /// The peer's public key.
+    pub public_key: PublicKey,
+    /// Unix seconds when it was registered.
+    pub created_at: u64,
+}
+
+/// An instance as stored under `instances/<org>/<app>/<id>`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    /// The region it runs in.
+    pub region: RegionName,
+    /// Its 6PN address.
+    pub address: Ipv6Addr,
+    /// Its process group.
+    pub process_group: Option<ProcessGroup>,
+    /// Started or stopped.
+    pub started: bool,
+}
+
+/// A store in an etcd cluster.
+pub struct EtcdStore {
+    kv: Client,
+    keys: Keys,
+    feed: watch::Sender<Revision>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("prefix", &self.keys.prefix)
+            .finish()
+    }
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+/// Builds the keys of the schema above.
+#[derive(Clone, Debug)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        let mut prefix = prefix.to_owned();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Self { prefix }
+    }
+    fn k(&self, rest: impl std::fmt::Display) -> String {
+        format!("{}{rest}", self.prefix)
+    }
+    fn org(&self, org: &OrgName) -> String {
+        self.k(format_args!("orgs/{org}"))
+    }
+    fn netid(&self, id: NetworkId) -> String {
+        self.k(format_args!("netids/{:010}", id.get()))
+    }
+    fn netids(&self) -> String {
+        self.k("netids/")
+    }
+    fn gateway(&self, gw: &GatewayName) -> String {
+        self.k(format_args!("gateways/{gw}"))
+    }
+    fn gateways(&self) -> String {
+        self.k("gateways/")
+    }
+    fn hostid(&self, host: model::HostId) -> String {
+        self.k(format_args!("hostids/{:08x}", host.get()))
+    }
+    fn peer(&self, org: &OrgName, name: &PeerName) -> String {
+        self.k(format_args!("peers/{org}/{name}"))
+    }
+    fn slot(&self, org: &OrgName, gw: &GatewayName, slot: u32) -> String {
+        self.k(format_args!("slots/{org}/{gw}/{slot}"))
+    }
+    fn slots(&self) -> String {
+        self.k("slots/")
+    }
+    fn key(&self, key: &PublicKey) -> String {
+        self.k(format_args!("keys/{}", hex(key.as_bytes())))
+    }
+    fn instance(&self, org: &OrgName, app: &AppName, id: &InstanceId) -> String {
+        self.k(format_args!("instances/{org}/{app}/{id}"))
+    }
+    fn addr(&self, addr: Ipv6Addr) -> String {
+        self.k(format_args!("addrs/{addr}"))
+    }
+    fn token(&self, sha: &[u8; 32]) -> String {
+        self.k(format_args!("tokens/{}", hex(sha)))
+    }
+    /// The key relative to the prefix, split on `/`.
+    fn parts<'a>(&self, key: &'a [u8]) -> Option<Vec<&'a str>> {
+        let key = std::str::from_utf8(key).ok()?;
+        Some(key.strip_prefix(&self.prefix)?.split('/').collect())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Maps a client error: the network and the cluster's health are
+/// `Unavailable` (retry later, HTTP 503); anything else is a bug or bad data.
+fn etcd_err(e: etcd_client::Error) -> StoreError {
+    use etcd_client::Error as E;
+    match &e {
+        E::TransportError(_) | E::IoError(_) | E::WatchError(_) | E::EndpointError(_) => {
+            StoreError::Unavailable(format!("etcd: {e}"))
+        }
+        E::GRpcStatus(s) => match s.code() {
+            tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Aborted => StoreError::Unavailable(format!("etcd: {}", s.message())),
+            _ => StoreError::Internal(format!("etcd: {e}")),
+        },
+        _ => StoreError::Internal(format!("etcd: {e}")),
+    }
+}
+
+fn corrupt<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> StoreError + '_ {
+    move |e| StoreError::Internal(format!("corrupt {what} in etcd: {e}"))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(kv: &KeyValue, what: &str) -> Result<T, StoreError> {
+    serde_json::from_slice(kv.value()).map_err(corrupt(what))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Internal(format!("encoding: {e}")))
+}
+
+fn text(kv: &KeyValue, what: &str) -> Result<String, StoreError> {
+    kv.value_str().map(str::to_owned).map_err(corrupt(what))
+}
+
+fn not_exists(key: &str) -> Compare {
+    Compare::create_revision(key, CompareOp::Equal, 0)
+}
+
+fn unchanged(kv: &KeyValue) -> Compare {
+    Compare::mod_revision(kv.key(), CompareOp::Equal, kv.mod_revision())
+}
+
+fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> TxnOp {
+    TxnOp::put(key, value, None)
+}
+
+/// Bounds a request by [`REQUEST_TIMEOUT`].
+async fn bounded<T>(
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+        Ok(r) => r.map_err(etcd_err),
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "etcd did not answer within {REQUEST_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// Runs a read (safe to repeat) until it succeeds, fails for a reason other
+/// than availability, or [`REQUEST_TIMEOUT`] has passed. After an outage
+/// the client's balanced channel answers the first request on each
+/// endpoint with the stale connect error; one of those must not make a
+/// healthy cluster look down.
+async fn read_retrying<T, F, Fut>(mut op: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let err = match tokio::time::timeout(left, op()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => etcd_err(e),
+            Err(_) => {
+                StoreError::Unavailable(format!("etcd did not answer within {REQUEST_TIMEOUT:?}"))
+            }
+        };
+        match err {
+            StoreError::Unavailable(_)
+                if deadline.saturating_duration_since(tokio::time::Instant::now())
+                    > Duration::from_millis(100) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            e => return Err(e),
+        }
+    }
+}
+
+/// Sleeps a little before retrying a lost race, so racers spread out.
+async fn jitter(attempt: u32) {
+    let ms = rand::random::<u64>() % (u64::from(attempt.min(10)) * 2 + 1);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+fn contention(what: &str) -> StoreError {
+    StoreError::Unavailable(format!(
+        "{what}: lost {MAX_ATTEMPTS} compare-and-swap races in a row; retry"
+    ))
+}
+
+/// Raises the feed to `revision` if it is newer.
+fn publish(feed: &watch::Sender<Revision>, revision: i64) {
+    let revision = u64::try_from(revision).unwrap_or(0);
+    feed.send_if_modified(|r| {
+        let newer = revision > *r;
+        if newer {
+            *r = revision;
+        }
+        newer
+    });
+}
+
+impl EtcdStore {
+    /// Connects to the cluster at `endpoints` and starts following changes
+    /// under `prefix`. The connection is lazy: an unreachable cluster doesn't
+    /// fail here but in the first request, as `Unavailable`.
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, StoreError> {
+        if endpoints.is_empty() {
+            return Err(StoreError::Invalid(
+                "an etcd store needs at least one endpoint".into(),
+            ));
+        }
+        let opts = || {
+            ConnectOptions::new()
+                .with_connect_timeout(REQUEST_TIMEOUT)
+                // etcd answers pings more often than every 5 s
+                // (--grpc-keepalive-min-time) with GOAWAY too_many_pings,
+                // which kills the watch stream: stay above it.
+                .with_keep_alive(KEEPALIVE, REQUEST_TIMEOUT)
+        };
+        let kv = Client::connect(endpoints, Some(opts().with_timeout(REQUEST_TIMEOUT)))
+            .await
+            .map_err(etcd_err)?;
+        // The watch is a long-lived stream: its client has no request timeout;
+        // keep-alive pings detect a dead connection instead.
+        let watch_client = Client::connect(endpoints, Some(opts()))
+            .await
+            .map_err(etcd_err)?;
+        let keys = Keys::new(prefix);
+        let (feed, _) = watch::channel(0);
+        let watcher = tokio::spawn(watch_loop(watch_client, keys.clone(), feed.clone(), 0));
+        Ok(Self {
+            kv,
+            keys,
+            feed,
+            watcher,
+        })
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let mut resp = read_retrying(|| {
+            let mut kv = self.kv.clone();
+            async move { kv.get(key, None).await }
+        })
+        .await?;
+        Ok(resp.take_kvs().into_iter().next())
+    }
+
+    async fn range(&self, prefix: &str, keys_only: bool) -> Result<Vec<KeyValue>, StoreError> {
+        let mut opts = GetOptions::new().with_prefix();
+        if keys_only {
+            opts = opts.with_keys_only();
+        }
+        let mut resp = read_retrying(|| {
+            let mut kv = self.kv.clone();
+            let opts = opts.clone();
+            async move { kv.get(prefix, Some(opts)).await }
+        })
+        .await?;
+        Ok(resp.take_kvs())
+    }
+
+    /// Commits `txn`; `Ok(true)` if its compares held.
+    async fn commit(&self, txn: Txn) -> Result<bool, StoreError> {
+        let mut kv = self.kv.clone();
+        let resp = bounded(kv.txn(txn)).await?;
+        if resp.succeeded() {
+            if let Some(h) = resp.header() {
+                publish(&self.feed, h.revision());
+            }
+        }
+        Ok(resp.succeeded())
+    }
+
+    async fn org(&self, org: &OrgName) -> Result<(Org, KeyValue), StoreError> {
+        let kv = self
+            .get(&self.keys.org(org))
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("org '{org}' not found")))?;
+        Ok((decode(&kv, "org")?, kv))
+    }
+
+    /// `(gateway, slot)` of every peer, from the slot keys.
+    async fn slots(&self) -> Result<Vec<(OrgName, GatewayName, u32)>, StoreError> {
+        let kvs = self.range(&self.keys.slots(), true).await?;
+        let mut out = Vec::with_capacity(kvs.len());
+        for kv in &kvs {
+            match self.keys.parts(kv.key()).as_deref() {
+                Some(["slots", org, gw, slot]) => out.push((
+                    org.parse().map_err(corrupt("slot key"))?,
+                    gw.parse().map_err(corrupt("slot key"))?,
+                    slot.parse().map_err(corrupt("slot key"))?,
+                )),
+                _ => return Err(StoreError::Internal("corrupt slot key in etcd".into())),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The full peer, from its record and the current org and gateway.
+    fn peer_of(
+        org: &Org,
+        name: PeerName,
+        rec: PeerRecord,
+        gw: &Gateway,
+    ) -> Result<Peer, StoreError> {
+        let slot = PeerSlot::new(rec.slot).map_err(corrupt("slot"))?;
+        Ok(Peer {
+            org: org.name.clone(),
+            name,
+            gateway: gw.name.clone(),
+            region: gw.region.clone(),
+            slot,
+            net: slot.net(org.prefix(), gw.host_id),
+            public_key: rec.public_key,
+            created_at: rec.created_at,
+        })
+    }
+}
+
+/// Follows the prefix and bumps the feed on every change, forever.
+///
+/// `from` is the first revision to watch; 0 means "the current one", which
+/// is what a fresh store does (tests start older to meet a compaction).
+async fn watch_loop(client: Client, keys: Keys, feed: watch::Sender<Revision>, from: i64) {
+    let mut backoff = BACKOFF_MIN;
+    // The next revision to watch from; 0 until we've read the current one.
+    let mut next: i64 = from;
+    loop {
+        if next == 0 {
+            // A full reload: learn the current revision; consumers re-read
+            // their snapshot when the feed moves.
+            let mut kv = client.kv_client();
+            let opts = GetOptions::new().with_prefix().with_count_only();
+            match bounded(kv.get(keys.prefix.as_str(), Some(opts))).await {
+                Ok(resp) => {
+                    let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                    publish(&feed, rev);
+                    next = rev + 1;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "etcd: cannot read revision");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            }
+        }
+        let mut wc = client.watch_client();
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(next)
+            .with_progress_notify();
+        let watched =
+            tokio::time::timeout(REQUEST_TIMEOUT, wc.watch(keys.prefix.as_str(), Some(opts)))
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+        let (_watcher, mut stream) = match watched {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "etcd: cannot watch");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    backoff = BACKOFF_MIN;
+                    if resp.compact_revision() > 0 {
+                        tracing::info!(
+                            compacted = resp.compact_revision(),
+                            wanted = next,
+                            "etcd: watched revision was compacted; reloading"
+                        );
+                        next = 0;
+                        break;
+                    }
+                    if resp.canceled() {
+                        tracing::warn!(reason = resp.cancel_reason(), "etcd: watch canceled");
+                        break;
+                    }
+                    let last = resp
+                        .events()
+                        .iter()
+                        .filter_map(|e| e.kv().map(|kv| kv.mod_revision()))
+                        .max();
+                    if let Some(rev) = last {
+                        publish(&feed, rev);
+                        next = next.max(rev + 1);
+                    }
+                }
+                Ok(None) => {
+                    tracing::warn!("etcd: watch stream ended; reconnecting");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "etcd: watch failed; reconnecting");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Parses a whole-prefix range into a snapshot.
+fn parse_snapshot(keys: &Keys, revision: i64, kvs: &[KeyValue]) -> Result<Snapshot, StoreError> {
+    let mut orgs = Vec::new();
+    let mut gateways = Vec::new();
+    let mut peers_raw = Vec::new();
+    let mut instances = Vec::new();
+    for kv in kvs {
+        let Some(parts) = keys.parts(kv.key()) else {
+            continue;
+        };
+        match parts.as_slice() {
+            ["orgs", _] => orgs.push(decode::<Org>(kv, "org")?),
+            ["gateways", _] => gateways.push(decode::<Gateway>(kv, "gateway")?),
+            ["peers", org, name] => peers_raw.push((
+                org.parse::<OrgName>().map_err(corrupt("peer key"))?,
+                name.parse::<PeerName>().map_err(corrupt("peer key"))?,
+                decode::<PeerRecord>(kv, "peer")?,
+            )),
+            ["instances", org, app, id] => {
+                let rec: InstanceRecord = decode(kv, "instance")?;
+                instances.push(Instance {
+                    org: org.parse().map_err(corrupt("instance key"))?,
+                    app: app.parse().map_err(corrupt("instance key"))?,
+                    id: id.parse().map_err(corrupt("instance key"))?,
+                    region: rec.region,
+                    address: rec.address,
+                    process_group: rec.process_group,
+                    started: rec.started,
+                });
+            }
+            _ => {}
+        }
+    }
+    let org_by: HashMap<&OrgName, &Org> = orgs.iter().map(|o| (&o.name, o)).collect();
+    let gw_by: HashMap<&GatewayName, &Gateway> = gateways.iter().map(|g| (&g.name, g)).collect();
+    let mut peers = Vec::with_capacity(peers_raw.len());
+    for (org, name, rec) in peers_raw {
+        let o = org_by
+            .get(&org)
+            .ok_or_else(|| StoreError::Internal(format!("peer {name} has no org")))?;
+        let g = gw_by
+            .get(&rec.gateway)
+            .ok_or_else(|| StoreError::Internal(format!("peer {name} has no gateway")))?;
+        peers.push(EtcdStore::peer_of(o, name, rec, g)?);
+    }
+    orgs.sort_by(|a, b| a.name.cmp(&b.name));
+    gateways.sort_by(|a, b| a.name.cmp(&b.name));
+    peers.sort_by(|a, b| (&a.org, &a.name).cmp(&(&b.org, &b.name)));
+    instances.sort_by(|a, b| (&a.org, &a.app, &a.id).cmp(&(&b.org, &b.app, &b.id)));
+    Ok(Snapshot {
+        revision: u64::try_from(revision).unwrap_or(0),
+        orgs,
+        gateways,
+        peers,
+        instances,
+    })
+}
+
+/// The slot to try: the lowest free one, or under contention one of the
+/// lowest few at random.
+fn pick_slot(used: &BTreeSet<u32>, attempt: u32) -> Option<u32> {
+    let spread = attempt.min(8) as usize + 1;
+    let free: Vec<u32> = (0..PeerSlot::COUNT)
+        .filter(|s| !used.contains(s))
+        .take(spread)
+        .collect();
+    if free.is_empty() {
+        return None;
+    }
+    let i = if attempt == 0 {
+        0
+    } else {
+        rand::random::<usize>() % free.len()
+    };
+    Some(free[i])
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
+        let resp = read_retrying(|| {
+            let mut kv = self.kv.clone();
+            let prefix = self.keys.prefix.as_str();
+            async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+        })
+        .await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        publish(&self.feed, revision);
+        parse_snapshot(&self.keys, revision, resp.kvs()).map(Arc::new)
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Revision> {
+        self.feed.subscribe()
+    }
+
+    async fn create_org(&self, name: &OrgName) -> Result<Org, StoreError> {
+        let key = self.keys.org(name);
+        for attempt in 0..MAX_ATTEMPTS {
+            if self.get(&key).await?.is_some() {
+                return Err(StoreError::Conflict(format!("org '{name}' already exists")));
+            }
+            let mut max = 0u32;
+            for kv in self.range(&self.keys.netids(), true).await? {
+                if let Some(["netids", id]) = self.keys.parts(kv.key()).as_deref() {
+                    max = max.max(id.parse().map_err(corrupt("network id key"))?);
+                }
+            }
+            let id = max
+                .checked_add(1)
+                .and_then(|n| NetworkId::new(n).ok())
+                .ok_or_else(|| StoreError::Exhausted("no network id left".into()))?;
+            let org = Org {
+                name: name.clone(),
+                network_id: id,
+            };
+            let idkey = self.keys.netid(id);
+            let txn = Txn::new()
+                .when([not_exists(&key), not_exists(&idkey)])
+                .and_then([put(key.as_str(), encode(&org)?), put(idkey, name.as_str())]);
+            if self.commit(txn).await? {
+                return Ok(org);
+            }
+            jitter(attempt).await;
+        }
+        Err(contention("create org"))
+    }
+
+    async fn register_gateway(&self, gw: &Gateway) -> Result<(), StoreError> {
+        let key = self.keys.gateway(&gw.name);
+        let hkey = self.keys.hostid(gw.host_id);
+        for attempt in 0..MAX_ATTEMPTS {
+            let (old, holder) = futures::try_join!(self.get(&key), self.get(&hkey))?;
+            if let Some(h) = &holder {
+                let other = text(h, "host id owner")?;
+                if other != gw.name.as_str() {
+                    return Err(StoreError::Conflict(format!(
+                        "host id {} is already used by gateway '{other}'",
+                        gw.host_id
+                    )));
+                }
+            }
+            let mut cmps = vec![match &old {
+                Some(kv) => unchanged(kv),
+                None => not_exists(&key),
+            }];
+            cmps.push(match &holder {
+                Some(kv) => unchanged(kv),
+                None => not_exists(&hkey),
+            });
+            let mut ops = vec![put(key.as_str(), encode(gw)?)];
+            if let Some(old) = &old {
+                let old: Gateway = decode(old, "gateway")?;
+                if old.host_id != gw.host_id {
+                    let peers = self
+                        .slots()
+                        .await?
+                        .iter()
+                        .filter(|(_, g, _)| g == &gw.name)
+                        .count();
+                    if peers > 0 {
+                        return Err(StoreError::Conflict(format!(
+                            "gateway '{}' holds {peers} peers addressed with its old host id; \
+                             it can't change to {}",
+                            gw.name, gw.host_id
+                        )));
+                    }
+                    ops.push(TxnOp::delete(self.keys.hostid(old.host_id), None));
+                }
+            }
+            if holder.is_none() {
+                ops.push(put(hkey.as_str(), gw.name.as_str()));
+            }
+            if self.commit(Txn::new().when(cmps).and_then(ops)).await? {
+                return Ok(());
+            }
+            jitter(attempt).await;
+        }
+        Err(contention("register gateway"))
+    }
+
+    async fn create_peer(&self, req: &NewPeer) -> Result<(Peer, Gateway), StoreError> {
+        let pkey = self.keys.peer(&req.org, &req.name);
+        let kkey = self.keys.key(&req.public_key);
+        let gwkey = self.keys.gateways();
+        for attempt in 0..MAX_ATTEMPTS {
+            let (org, existing, key_used, gws, slots) = futures::try_join!(
+                self.org(&req.org),
+                self.get(&pkey),
+                self.get(&kkey),
+                self.range(&gwkey, false),
+                self.slots(),
+            )?;
+            let (org, _) = org;
+            if existing.is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "peer '{}' already exists in org '{}'",
+                    req.name, req.org
+                )));
+            }
+            if key_used.is_some() {
+                return Err(StoreError::Conflict(
+                    "that public key is already registered for another peer".into(),
+                ));
+            }
+            // The least-loaded gateway of the region, by peer count, then name.
+            let mut load: HashMap<&GatewayName, usize> = HashMap::new();
+            for (_, g, _) in &slots {
+                *load.entry(g).or_default() += 1;
+            }
+            let mut best: Option<(usize, Gateway, &KeyValue)> = None;
+            for kv in &gws {
+                let g: Gateway = decode(kv, "gateway")?;
+                if g.region != req.region {
+                    continue;
+                }
+                let n = load.get(&g.name).copied().unwrap_or(0);
+                if best
+                    .as_ref()
+                    .is_none_or(|(bn, bg, _)| (n, &g.name) < (*bn, &bg.name))
+                {
+                    best = Some((n, g, kv));
+                }
+            }
+            let (_, gateway, gw_kv) = best.ok_or_else(|| {
+                StoreError::NotFound(format!("no gateway in region '{}'", req.region))
+            })?;
+            let used: BTreeSet<u32> = slots
+                .iter()
+                .filter(|(o, g, _)| o == &req.org && g == &gateway.name)
+                .map(|(_, _, s)| *s)
+                .collect();
+            let slot = pick_slot(&used, attempt).ok_or_else(|| {
+                StoreError::Exhausted(format!(
+                    "gateway '{}' has no free peer address left in this org ({} in use)",
+                    gateway.name,
+                    PeerSlot::COUNT
+                ))
+            })?;
+            let rec = PeerRecord {
+                gateway: gateway.name.clone(),
+                slot,
+                public_key: req.public_key,
+                created_at: now_secs(),
+            };
+            let skey = self.keys.slot(&req.org, &gateway.name, slot);
+            let txn = Txn::new()
+                .when([
+                    not_exists(&pkey),
+                    not_exists(&kkey),
+                    not_exists(&skey),
+                    // The host id in the address is the one we read.
+                    unchanged(gw_kv),
+                ])
+                .and_then([
+                    put(pkey.as_str(), encode(&rec)?),
+                    put(skey, req.name.as_str()),
+                    put(kkey.as_str(), format!("{}/{}", req.org, req.name)),
+                ]);
+            if self.commit(txn).await? {
+                let peer = Self::peer_of(&org, req.name.clone(), rec, &gateway)?;
+                return Ok((peer, gateway));
+            }
+            jitter(attempt).await;
+        }
+        Err(contention("create peer"))
+    }
+
+    async fn remove_peer(&self, org: &OrgName, name: &PeerName) -> Result<Peer, StoreError> {
+        let pkey = self.keys.peer(org, name);
+        for attempt in 0..MAX_ATTEMPTS {
+            let (o, _) = self.org(org).await?;
+            let kv = self.get(&pkey).await?.ok_or_else(|| {
+                StoreError::NotFound(format!("peer '{name}' not found in org '{org}'"))
+            })?;
+            let rec: PeerRecord = decode(&kv, "peer")?;
+            let gw_kv = self
+                .get(&self.keys.gateway(&rec.gateway))
+                .await?
+                .ok_or_else(|| StoreError::Internal(format!("peer {name} has no gateway")))?;
+            let gw: Gateway = decode(&gw_kv, "gateway")?;
+            let txn = Txn::new().when([unchanged(&kv)]).and_then([
+                TxnOp::delete(pkey.as_str(), None),
+                TxnOp::delete(self.keys.slot(org, &rec.gateway, rec.slot), None),
+                TxnOp::delete(self.keys.key(&rec.public_key), None),
+            ]);
+            if self.commit(txn).await? {
+                return Self::peer_of(&o, name.clone(), rec, &gw);
+            }
+            jitter(attempt).await;
+        }
+        Err(contention("remove peer"))
+    }
+
+    async fn add_instance(&self, req: &NewInstance) -> Result<Instance, StoreError> {
+        let (org, org_kv) = self.org(&req.org).await?;
+        let prefix = org.prefix();
+        let address: Ipv6Addr = match req.address {
+            InstanceAddress::Address(a) => a,
+            InstanceAddress::HostMachine { host, machine } => {
+                model::instance_addr(prefix, host, machine)
+            }
+        };
+        if !prefix.contains(address) {
+            return Err(StoreError::Invalid(format!(
+                "address {address} is outside org '{}' ({prefix})",
+                req.org
+            )));
+        }
+        if address == prefix.dns_addr() {
+            return Err(StoreError::Invalid(format!(
+                "address {address} is the org's DNS address"
+            )));
+        }
+        let id = req
+            .id
+            .clone()
+            .unwrap_or_else(|| default_instance_id(address));
+        let ikey = self.keys.instance(&req.org, &req.app, &id);
+        let akey = self.keys.addr(address);
+        for attempt in 0..MAX_ATTEMPTS {
+            let (taken, exists) = futures::try_join!(self.get(&akey), self.get(&ikey))?;
+            if let Some(t) = taken {
+                return Err(StoreError::Conflict(format!(
+                    "address {address} is already used by instance {}",
+                    text(&t, "address owner")?
+                )));
+            }
+            if exists.is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "instance '{id}' of app '{}' already exists",
+                    req.app
+                )));
+            }
+            let rec = InstanceRecord {
+                region: req.region.clone(),
+                address,
+                process_group: req.process_group.clone(),
+                started: req.started,
+            };
+            let txn = Txn::new()
+                .when([not_exists(&ikey), not_exists(&akey), unchanged(&org_kv)])
+                .and_then([
+                    put(ikey.as_str(), encode(&rec)?),
+                    put(akey.as_str(), format!("{}/{}/{id}", req.org, req.app)),
+                ]);
+            if self.commit(txn).await? {
+                return Ok(Instance {
+                    org: req.org.clone(),
+                    app: req.app.clone(),
+                    id,
+                    region: rec.region,
+                    address,
+                    process_group: rec.process_group,
+                    started: rec.started,
+                });
+            }
+            jitter(attempt).await;
+        }
+        Err(contention("add instance"))
+    }
+
+    async fn remove_instance(
+        &self,
+        org: &OrgName,
+        app: &AppName,
+        id: &InstanceId,
+    ) -> Result<Instance, StoreError> {
+        self.org(org).await?;
+        let ikey = self.keys.instance(org, app, id);
+        for attempt in 0..MAX_ATTEMPTS {
+            let kv = self.get(&ikey).await?.ok_or_else(|| {
+                StoreError::NotFound(format!("instance '{id}' of app '{app}' not found"))
+            })?;
+            let rec: InstanceRecord = decode(&kv, "instance")?;
+            let txn = Txn::new().when([unchanged(&kv)]).and_then([
+                TxnOp::delete(ikey.as_str(), None),
+                TxnOp::delete(self.keys.addr(rec.address), None),
+            ]);
+            if self.commit(txn).await? {
+                return Ok(Instance {
+                    org: org.clone(),
+                    app: app.clone(),
+                    id: id.clone(),
+                    region: rec.region,
+                    address: rec.address,
+                    process_group: rec.process_group,
+                    started: rec.started,
+                });
+            }
+            jitter(attempt).await;
+        }
+        Err(contention("remove instance"))
+    }
+
+    async fn add_org_token(&self, org: &OrgName, sha: [u8; 32]) -> Result<(), StoreError> {
+        let (_, org_kv) = self.org(org).await?;
+        let tkey = self.keys.token(&sha);
+        let txn = Txn::new()
+            .when([not_exists(&tkey), unchanged(&org_kv)])
+            .and_then([put(tkey.as_str(), org.as_str())]);
+        if self.commit(txn).await? {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict(
+                "that token is already registered".into(),
+            ))
+        }
+    }
+
+    async fn token_org(&self, sha: [u8; 32]) -> Result<Option<OrgName>, StoreError> {
+        self.get(&self.keys.token(&sha))
+            .await?
+            .map(|kv| text(&kv, "token org")?.parse().map_err(corrupt("org name")))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{HostId, PrivateKey};
+    use std::collections::HashSet;
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::time::Instant;
+
+    /// A single-member etcd on loopback with a temp data dir and free ports;
+    /// killed on drop.
+    struct TestEtcd {
+        child: Option<Child>,
+        dir: tempfile::TempDir,
+        client: u16,
+        peer: u16,
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port")
+    }
+
+    fn in_ci() -> bool {
+        std::env::var("CI").is_ok_and(|v| {
+            !matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "" | "0" | "false" | "no"
+            )
+        })
+    }
+
+    fn etcd_binary() -> Option<PathBuf> {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .map(|d| d.join("etcd"))
+            .find(|p| p.is_file())
+    }
+
+    impl TestEtcd {
+        /// Starts one, or returns `None` after a loud SKIPPED line when the
+        /// `etcd` binary is missing (a failure under CI).
+        async fn start(test: &str) -> Option<Self> {
+            if etcd_binary().is_none() {
+                assert!(
+                    !in_ci(),
+                    "{test}: `etcd` is not installed (apt etcd-server) and CI is set"
+                );
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "\n****\nSKIPPED {test}: `etcd` not found (apt-get install etcd-server)\n****"
+                );
+                return None;
+            }
+            let mut e = Self {
+                child: None,
+                dir: tempfile::tempdir().unwrap(),
+                client: free_port(),
+                peer: free_port(),
+            };
+            e.spawn().await;
+            Some(e)
+        }
+
+        fn url(&self) -> String {
+            format!("http://127.0.0.1:{}", self.client)
+        }
+
+        async fn spawn(&mut self) {
+            let (c, p) = (self.client, self.peer);
+            let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
+            let child = Command::new("etcd")
+                .args(["--name", "t", "--data-dir"])
+                .arg(self.dir.path().join("data"))
+                .args([
+                    &format!("--listen-client-urls=http://127.0.0.1:{c}"),
+                    &format!("--advertise-client-urls=http://127.0.0.1:{c}"),
+                    &format!("--listen-peer-urls=http://127.0.0.1:{p}"),
+                    &format!("--initial-advertise-peer-urls=http://127.0.0.1:{p}"),
+                    &format!("--initial-cluster=t=http://127.0.0.1:{p}"),
+                ])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start etcd");
+            self.child = Some(child);
+            let client = Client::connect([self.url()], None).await.unwrap();
+            let t0 = Instant::now();
+            loop {
+                let mut kv = client.kv_client();
+                if tokio::time::timeout(Duration::from_secs(1), kv.get("x", None))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                {
+                    return;
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "etcd did not come up: {}",
+                    std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+
+        fn stop(&mut self) {
+            if let Some(mut c) = self.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+
+        async fn store(&self) -> EtcdStore {
+            EtcdStore::connect(&[self.url()], "/sixpn/").await.unwrap()
+        }
+    }
+
+    impl Drop for TestEtcd {
+        fn drop(&mut self) {
+            self.stop();
+        }
+    }
+
+    macro_rules! etcd_or_skip {
+        ($test:expr) => {
+            match TestEtcd::start($test).await {
+                Some(e) => e,
+                None => return,
+            }
+        };
+    }
+
+    fn key() -> PublicKey {
+        PrivateKey::generate().public_key()
+    }
+
+    fn gateway(name: &str, region: &str, host: &str) -> Gateway {
+        Gateway {
+            name: name.parse().unwrap(),
+            region: region.parse().unwrap(),
+            host_id: host.parse().unwrap(),
+            endpoint: format!("{name}.example.net:51820").parse().unwrap(),
+            public_key: key(),
+        }
+    }
+
+    async fn with_gateway(etcd: &TestEtcd) -> EtcdStore {
+        let store = etcd.store().await;
+        store
+            .register_gateway(&gateway("lhr-1", "lhr", "a7b:d6b"))
+            .await
+            .unwrap();
+        store
+    }
+
+    fn new_peer(org: &str, name: &str) -> NewPeer {
+        NewPeer {
+            org: org.parse().unwrap(),
+            name: name.parse().unwrap(),
+            region: "lhr".parse().unwrap(),
+            public_key: key(),
+        }
+    }
+
+    #[tokio::test]
+    async fn peers_get_distinct_addresses_and_reuse_freed_slots() {
+        let etcd = etcd_or_skip!("etcd::peers_get_distinct_addresses_and_reuse_freed_slots");
+        let store = with_gateway(&etcd).await;
+        let org = store
+            .create_org(&"personal".parse().unwrap())
+            .await
+            .unwrap();
+        let mut seen = HashSet::new();
+        for i in 0..300 {
+            let (p, _) = store
+                .create_peer(&new_peer("personal", &format!("p{i}")))
+                .await
+                .unwrap();
+            assert_eq!(p.slot.index(), i);
+            assert!(org.prefix().contains(p.net.peer_addr()));
+            assert!(seen.insert(p.net));
+        }
+        let snap = store.snapshot().await.unwrap();
+        assert_eq!(snap.peers.len(), 300);
+        let p256 = snap
+            .peers
+            .iter()
+            .find(|p| p.name.as_str() == "p256")
+            .unwrap();
+        assert_eq!(p256.net.peer_addr().to_string(), "fdaa:0:1:a7b:d6b:0:b:2");
+        let gone = store
+            .remove_peer(&org.name, &"p7".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(gone.slot.index(), 7);
+        let (again, _) = store
+            .create_peer(&new_peer("personal", "again"))
+            .await
+            .unwrap();
+        assert_eq!(again.slot.index(), 7);
+    }
+
+    #[tokio::test]
+    async fn concurrent_creates_from_two_clients_never_collide() {
+        let etcd = etcd_or_skip!("etcd::concurrent_creates_from_two_clients_never_collide");
+        let a = Arc::new(with_gateway(&etcd).await);
+        let b = Arc::new(etcd.store().await);
+        b.register_gateway(&gateway("lhr-2", "lhr", "a7b:2"))
+            .await
+            .unwrap();
+        a.create_org(&"acme".parse().unwrap()).await.unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..60 {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.spawn(async move { s.create_peer(&new_peer("acme", &format!("c{i}"))).await });
+        }
+        let mut nets = HashSet::new();
+        while let Some(r) = tasks.join_next().await {
+            let (p, _) = r.unwrap().unwrap();
+            assert!(nets.insert(p.net), "duplicate {}", p.net);
+        }
+        let snap = a.snapshot().await.unwrap();
+        assert_eq!(snap.peers.len(), 60);
+        // Both gateways of the region got peers (least loaded).
+        let on_1 = snap
+            .peers
+            .iter()
+            .filter(|p| p.gateway.as_str() == "lhr-1")
+            .count();
+        assert!((20..=40).contains(&on_1), "lhr-1 got {on_1} of 60");
+    }
+
+    #[tokio::test]
+    async fn bad_writes_change_nothing() {
+        let etcd = etcd_or_skip!("etcd::bad_writes_change_nothing");
+        let store = with_gateway(&etcd).await;
+        store.create_org(&"acme".parse().unwrap()).await.unwrap();
+        let (first, _) = store
+            .create_peer(&new_peer("acme", "laptop"))
+            .await
+            .unwrap();
+        let before = store.snapshot().await.unwrap();
+
+        let dup = store
+            .create_peer(&new_peer("acme", "laptop"))
+            .await
+            .unwrap_err();
+        assert!(matches!(dup, StoreError::Conflict(_)), "{dup}");
+        let mut same_key = new_peer("acme", "other");
+        same_key.public_key = first.public_key;
+        assert!(matches!(
+            store.create_peer(&same_key).await.unwrap_err(),
+            StoreError::Conflict(_)
+        ));
+        assert!(matches!(
+            store.create_peer(&new_peer("nope", "x")).await.unwrap_err(),
+            StoreError::NotFound(_)
+        ));
+        let mut far = new_peer("acme", "far");
+        far.region = "syd".parse().unwrap();
+        let e = store.create_peer(&far).await.unwrap_err();
+        assert!(e.to_string().contains("no gateway in region 'syd'"), "{e}");
+        assert!(matches!(
+            store
+                .create_org(&"acme".parse().unwrap())
+                .await
+                .unwrap_err(),
+            StoreError::Conflict(_)
+        ));
+        let outside = NewInstance {
+            org: "acme".parse().unwrap(),
+            app: "web".parse().unwrap(),
+            id: None,
+            region: "lhr".parse().unwrap(),
+            address: InstanceAddress::Address("fdaa:0:99::2".parse().unwrap()),
+            process_group: None,
+            started: true,
+        };
+        assert!(matches!(
+            store.add_instance(&outside).await.unwrap_err(),
+            StoreError::Invalid(_)
+        ));
+        assert_eq!(*store.snapshot().await.unwrap(), *before);
+    }
+
+    #[tokio::test]
+    async fn instances_and_tokens() {
+        let etcd = etcd_or_skip!("etcd::instances_and_tokens");
+        let store = with_gateway(&etcd).await;
+        for i in 0..0x18 {
+            store
+                .create_org(&format!("o{i}").parse().unwrap())
+                .await
+                .unwrap();
+        }
+        let req = NewInstance {
+            org: "o23".parse().unwrap(),
+            app: "paulgra-ham".parse().unwrap(),
+            id: None,
+            region: "iad".parse().unwrap(),
+            address: InstanceAddress::HostMachine {
+                host: "a7b:7d".parse().unwrap(),
+                machine: "f066:b83b".parse().unwrap(),
+            },
+            process_group: Some("web".parse().unwrap()),
+            started: true,
+        };
+        let inst = store.add_instance(&req).await.unwrap();
+        assert_eq!(inst.address.to_string(), "fdaa:0:18:a7b:7d:f066:b83b:2");
+        assert_eq!(inst.id.as_str(), "f066b83b");
+        let mut again = req.clone();
+        again.id = Some("other".parse().unwrap());
+        let e = store.add_instance(&again).await.unwrap_err();
+        assert!(e.to_string().contains("already used by instance"), "{e}");
+        assert_eq!(
+            store.snapshot().await.unwrap().instances,
+            vec![inst.clone()]
+        );
+        let gone = store
+            .remove_instance(&inst.org, &inst.app, &inst.id)
+            .await
+            .unwrap();
+        assert_eq!(gone, inst);
+        assert!(store.add_instance(&req).await.is_ok(), "address freed");
+
+        let sha = [7u8; 32];
+        assert_eq!(store.token_org(sha).await.unwrap(), None);
+        store
+            .add_org_token(&"o3".parse().unwrap(), sha)
+            .await
+            .unwrap();
+        assert_eq!(store.token_org(sha).await.unwrap().unwrap().as_str(), "o3");
+    }
+
+    #[tokio::test]
+    async fn gateway_host_ids_are_unique_and_stable() {
+        let etcd = etcd_or_skip!("etcd::gateway_host_ids_are_unique_and_stable");
+        let store = with_gateway(&etcd).await;
+        let mut other = gateway("lhr-2", "lhr", "a7b:d6b");
+        let e = store.register_gateway(&other).await.unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+        other.host_id = HostId::from_u32(2);
+        store.register_gateway(&other).await.unwrap();
+        // Re-registering (a restart) is fine.
+        store.register_gateway(&other).await.unwrap();
+        store.create_org(&"a".parse().unwrap()).await.unwrap();
+        let (a, _) = store.create_peer(&new_peer("a", "one")).await.unwrap();
+        let (b, _) = store.create_peer(&new_peer("a", "two")).await.unwrap();
+        assert_ne!(a.gateway, b.gateway);
+        other.host_id = HostId::from_u32(3);
+        let e = store.register_gateway(&other).await.unwrap_err();
+        assert!(e.to_string().contains("old host id"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn change_feed_sees_writes_from_another_client() {
+        let etcd = etcd_or_skip!("etcd::change_feed_sees_writes_from_another_client");
+        let a = with_gateway(&etcd).await;
+        let b = etcd.store().await;
+        let mut feed = b.subscribe();
+        // Let b's watch get established.
+        tokio::time::timeout(Duration::from_secs(5), feed.wait_for(|r| *r > 0))
+            .await
+            .unwrap()
+            .unwrap();
+        for i in 0..20 {
+            let before = *feed.borrow_and_update();
+            let t0 = Instant::now();
+            a.create_org(&format!("x{i}").parse().unwrap())
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_millis(100), feed.changed())
+                .await
+                .expect("change seen within 100 ms")
+                .unwrap();
+            assert!(*feed.borrow() > before);
+            if i == 0 {
+                eprintln!("cross-client change seen after {:?}", t0.elapsed());
+            }
+        }
+        let snap = b.snapshot().await.unwrap();
+        assert_eq!(snap.revision, *feed.borrow());
+    }
+
+    #[tokio::test]
+    async fn a_compacted_watch_reloads_and_follows_on() {
+        let etcd = etcd_or_skip!("etcd::a_compacted_watch_reloads_and_follows_on");
+        let store = with_gateway(&etcd).await;
+        for i in 0..5 {
+            store
+                .create_org(&format!("c{i}").parse().unwrap())
+                .await
+                .unwrap();
+        }
+        let rev = store.snapshot().await.unwrap().revision as i64;
+        let mut kv = store.kv.clone();
+        kv.compact(rev, None).await.unwrap();
+        // A watcher that last saw revision 1: its next revision is compacted.
+        let (feed, mut rx) = watch::channel(0);
+        let client = Client::connect([etcd.url()], None).await.unwrap();
+        let task = tokio::spawn(watch_loop(client, store.keys.clone(), feed, 2));
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|r| *r as i64 >= rev))
+            .await
+            .expect("reloaded to the compacted revision")
+            .unwrap();
+        store.create_org(&"after".parse().unwrap()).await.unwrap();
+        tokio::time::timeout(Duration::from_millis(500), rx.wait_for(|r| *r as i64 > rev))
+            .await
+            .expect("follows on after the reload")
+            .unwrap();
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn outage_is_unavailable_fast_and_the_feed_reconnects() {
+        let mut etcd = etcd_or_skip!("etcd::outage_is_unavailable_fast_and_the_feed_reconnects");
+        let a = with_gateway(&etcd).await;
+        let b = etcd.store().await;
+        let mut feed = b.subscribe();
+        tokio::time::timeout(Duration::from_secs(5), feed.wait_for(|r| *r > 0))
+            .await
+            .unwrap()
+            .unwrap();
+        etcd.stop();
+        let t0 = Instant::now();
+        let e = a.create_org(&"down".parse().unwrap()).await.unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+        let e = a.snapshot().await.unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+        etcd.spawn().await;
+        let before = *feed.borrow_and_update();
+        // The writer's client reconnects on its own; the first request may
+        // still find the old connection broken.
+        let t0 = Instant::now();
+        loop {
+            match a.create_org(&"back".parse().unwrap()).await {
+                Ok(_) => break,
+                Err(StoreError::Unavailable(_)) if t0.elapsed() < Duration::from_secs(10) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(10), feed.wait_for(|r| *r > before))
+            .await
+            .expect("the feed follows again after the outage")
+            .unwrap();
+    }
+}

@@ -1,0 +1,204 @@
+//! Operating sixpn: the systemd unit verifies, the Vagrantfile parses, the
+//! daemon speaks systemd's notify protocol (ready after the first sync,
+//! watchdog fed by the reconcile loop, reload on SIGHUP), and `/metrics` and
+//! `/healthz` tell an operator what the gateway is doing.
+
+#[macro_use]
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{run, stderr_of, stdout_of, Gateway, Netns};
+
+const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/sixpn-gateway.service");
+
+#[test]
+fn systemd_unit_verifies() {
+    require_tools!("systemd-analyze");
+    let dir = tempfile::tempdir().unwrap();
+    // verify checks that ExecStart's binary exists: point it at this build.
+    let text = std::fs::read_to_string(UNIT)
+        .unwrap()
+        .replace("/usr/local/bin/sixpn", env!("CARGO_BIN_EXE_sixpn"));
+    for want in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=always",
+        "ExecReload=",
+        "KillMode=process",
+        "ProtectSystem=strict",
+        "StateDirectory=sixpn",
+        "RuntimeDirectory=sixpn",
+        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE",
+    ] {
+        assert!(text.contains(want), "unit lacks {want}");
+    }
+    let unit = dir.path().join("sixpn-gateway.service");
+    std::fs::write(&unit, text).unwrap();
+    let out = run(Command::new("systemd-analyze").arg("verify").arg(&unit));
+    assert!(
+        out.status.success() && stderr_of(&out).trim().is_empty(),
+        "systemd-analyze verify:\n{}{}",
+        stdout_of(&out),
+        stderr_of(&out)
+    );
+}
+
+#[test]
+fn vagrantfile_parses() {
+    require_tools!("ruby");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("vagrant/Vagrantfile");
+    let out = run(Command::new("ruby").arg("-c").arg(&file));
+    assert!(out.status.success(), "ruby -c: {}", stderr_of(&out));
+    for script in [
+        "provision-gateway.sh",
+        "provision-host.sh",
+        "provision-client.sh",
+    ] {
+        let p = file.with_file_name(script);
+        let out = run(Command::new("bash").arg("-n").arg(&p));
+        assert!(
+            out.status.success(),
+            "bash -n {script}: {}",
+            stderr_of(&out)
+        );
+    }
+}
+
+/// Receives notify datagrams until `want` arrives or `limit` passes.
+fn await_state(sock: &UnixDatagram, want: &str, limit: Duration, seen: &mut Vec<String>) -> bool {
+    let t0 = Instant::now();
+    let mut buf = [0u8; 512];
+    while t0.elapsed() < limit {
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let hit = msg.lines().any(|l| l == want);
+            seen.push(msg);
+            if hit {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+fn get(gw: &Gateway, path: &str) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = sixpn::api::client::Client::new(gw.api(), None).unwrap();
+    let (status, body) = rt
+        .block_on(client.raw(hyper::Method::GET, path, Vec::new()))
+        .unwrap();
+    (status.as_u16(), String::from_utf8_lossy(&body).into_owned())
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn notify_readiness_watchdog_reload_metrics_and_healthz() {
+    require_root!();
+    require_tools!("ip", "wireguard-go");
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let ns = Netns::new();
+    let mut gw = Gateway::builder()
+        .netns(&ns)
+        .gateway_toml("backend = \"userspace\"")
+        .env("NOTIFY_SOCKET", sock_path.to_str().unwrap())
+        .env("WATCHDOG_USEC", "1500000")
+        .start();
+    let mut seen = Vec::new();
+    assert!(
+        await_state(&sock, "READY=1", Duration::from_secs(10), &mut seen),
+        "no READY=1; got {seen:?}\n{}",
+        gw.log()
+    );
+    // The watchdog is fed at a third of WATCHDOG_USEC while the loop runs.
+    assert!(
+        await_state(&sock, "WATCHDOG=1", Duration::from_secs(3), &mut seen),
+        "no WATCHDOG=1; got {seen:?}"
+    );
+
+    let (code, body) = get(&gw, "/healthz");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"last_sync\""), "{body}");
+
+    gw.cli_ok(&["orgs", "create", "acme"]);
+    gw.cli_ok(&["wireguard", "create", "acme", "lhr", "laptop", "stdout"]);
+    let (code, text) = get(&gw, "/metrics");
+    assert_eq!(code, 200);
+    assert_eq!(metric(&text, "sixpn_peers_installed"), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "sixpn_peers_registered"), Some(1.0), "{text}");
+    assert!(metric(&text, "sixpn_reconcile_passes_total").unwrap() >= 2.0);
+    assert!(metric(&text, "sixpn_kernel_changes_total").unwrap() >= 3.0);
+    assert!(
+        text.contains("sixpn_org_peers_installed{org=\"acme\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("# TYPE sixpn_peer_handshake_age_seconds histogram"));
+
+    // SIGHUP re-reads the config: RELOADING=1 then READY=1, still running.
+    let pid = gw.pid().unwrap() as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGHUP);
+    }
+    assert!(await_state(
+        &sock,
+        "RELOADING=1",
+        Duration::from_secs(3),
+        &mut seen
+    ));
+    assert!(await_state(
+        &sock,
+        "READY=1",
+        Duration::from_secs(3),
+        &mut seen
+    ));
+    assert!(
+        gw.log()
+            .contains("reload: configuration valid and unchanged"),
+        "{}",
+        gw.log()
+    );
+    gw.cli_ok(&["orgs", "list"]);
+
+    // A broken config on reload is reported; the daemon keeps going.
+    let good = std::fs::read_to_string(&gw.config_path).unwrap();
+    std::fs::write(&gw.config_path, format!("{good}\nbogus_key = 1\n")).unwrap();
+    unsafe {
+        libc::kill(pid, libc::SIGHUP);
+    }
+    assert!(await_state(
+        &sock,
+        "READY=1",
+        Duration::from_secs(3),
+        &mut seen
+    ));
+    assert!(
+        gw.log().contains("keeping the running configuration"),
+        "{}",
+        gw.log()
+    );
+    gw.cli_ok(&["orgs", "list"]);
+    std::fs::write(&gw.config_path, good).unwrap();
+
+    let status = gw.stop().unwrap();
+    assert!(status.success(), "SIGTERM exit: {status}");
+    assert!(
+        await_state(&sock, "STOPPING=1", Duration::from_secs(1), &mut seen)
+            || seen.iter().any(|m| m.contains("STOPPING=1"))
+    );
+}
