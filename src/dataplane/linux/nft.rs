@@ -10,11 +10,12 @@
 //!   the batch costs well under a millisecond). [`ElementPath::Nft`] keeps
 //!   the `nft -j -f -` way for comparison.
 //! - Events: a thread on an nfnetlink socket in group `NFNLGRP_NFTABLES`
-//!   reports every committed transaction (`NFT_MSG_NEWGEN`) that another
-//!   process made. Our own commits are recognised by the pid the kernel puts
-//!   in `NFTA_GEN_PROC_PID` (the committing thread's id, or the `nft` child
-//!   we ran) and not reported; mistaking one of ours for a foreign one costs
-//!   an extra look, nothing more.
+//!   reports every committed transaction (closed by `NFT_MSG_NEWGEN`) that
+//!   touched `inet sixpn` and that another process made: other tables'
+//!   churn is ignored, and our own commits are recognised by the pid the
+//!   kernel puts in `NFTA_GEN_PROC_PID` (the committing thread's id, or the
+//!   `nft` child we ran). Mistaking one of ours for a foreign one costs an
+//!   extra look, nothing more; lost events (ENOBUFS) count as a change.
 //!
 //! Everything is per network namespace: the sockets are opened in
 //! [`LinuxFirewall::new`] and [`Firewall::subscribe`], in the namespace of
@@ -545,9 +546,9 @@ impl NfSocket {
     }
 }
 
-/// The pid in a NEWGEN message's `NFTA_GEN_PROC_PID` (payload after the
-/// netlink header: nfgenmsg, then attributes).
-fn newgen_pid(payload: &[u8]) -> Option<u32> {
+/// The first attribute of type `want` in an nfnetlink payload (after the
+/// 4-byte nfgenmsg); `None` if absent or the payload is malformed.
+fn nf_attr(payload: &[u8], want: u16) -> Option<&[u8]> {
     let mut off = 4;
     while off + 4 <= payload.len() {
         let len = u16::from_ne_bytes([payload[off], payload[off + 1]]) as usize;
@@ -555,14 +556,57 @@ fn newgen_pid(payload: &[u8]) -> Option<u32> {
         if len < 4 || off + len > payload.len() {
             return None;
         }
-        if kind == NFTA_GEN_PROC_PID && len >= 8 {
-            return Some(u32::from_be_bytes(
-                payload[off + 4..off + 8].try_into().ok()?,
-            ));
+        if kind == want {
+            return Some(&payload[off + 4..off + len]);
         }
         off += (len + 3) & !3;
     }
     None
+}
+
+/// The pid in a NEWGEN message's `NFTA_GEN_PROC_PID`.
+fn newgen_pid(payload: &[u8]) -> Option<u32> {
+    let v = nf_attr(payload, NFTA_GEN_PROC_PID)?;
+    Some(u32::from_be_bytes(v.get(..4)?.try_into().ok()?))
+}
+
+/// Every object message carries its table's name as attribute 1
+/// (`NFTA_TABLE_NAME`, `NFTA_CHAIN_TABLE`, `NFTA_RULE_TABLE`,
+/// `NFTA_SET_TABLE`, `NFTA_SET_ELEM_LIST_TABLE`, `NFTA_OBJ_TABLE`, …).
+const NFTA_ANY_TABLE: u16 = 1;
+
+/// Folds the notifications of committed transactions (each a run of
+/// object messages closed by `NFT_MSG_NEWGEN`; commits are serialised, so
+/// runs don't interleave) into "this transaction touched our table".
+/// Other software's tables (docker, kube-proxy, fail2ban…) churn too:
+/// reacting to their commits would re-read a table of 100k elements
+/// (seconds) for nothing.
+#[derive(Debug, Default)]
+struct Transactions {
+    touched: bool,
+}
+
+impl Transactions {
+    /// Feeds one message. At the end of a transaction that touched
+    /// `inet sixpn`, returns `Some(pid of the committer, if the kernel said)`.
+    fn feed(&mut self, nl_type: u16, payload: &[u8]) -> Option<Option<u32>> {
+        if nl_type >> 8 != NFNL_SUBSYS_NFTABLES {
+            return None;
+        }
+        if nl_type & 0xff == NFT_MSG_NEWGEN {
+            let ours = std::mem::take(&mut self.touched);
+            return ours.then(|| newgen_pid(payload));
+        }
+        let family = payload.first().copied();
+        let table = nf_attr(payload, NFTA_ANY_TABLE).map(|v| v.strip_suffix(&[0]).unwrap_or(v));
+        // A message we can't read counts as ours.
+        let ours = match table {
+            None => true,
+            Some(t) => family == Some(NFPROTO_INET) && t == model::TABLE.as_bytes(),
+        };
+        self.touched |= ours;
+        None
+    }
 }
 
 /// Starts the event thread: one `()` per foreign commit (or lost events).
@@ -585,30 +629,33 @@ fn watch(own: Arc<OwnPids>) -> Result<mpsc::Receiver<()>, KernelError> {
     let me = std::process::id();
     std::thread::Builder::new()
         .name("sixpn-nft-events".into())
-        .spawn(move || loop {
-            let changed = match sock.recv::<u16, Buffer>() {
-                Ok((msgs, _)) => msgs.into_iter().any(|m| match m {
-                    Ok(m) => {
-                        let t = *m.nl_type();
-                        if t != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
-                            return false;
-                        }
-                        match m.get_payload().and_then(|p| newgen_pid(p.as_ref())) {
-                            Some(pid) => pid != me && !own.contains(pid),
-                            None => true,
+        .spawn(move || {
+            let mut runs = Transactions::default();
+            loop {
+                let mut changed = false;
+                match sock.recv::<u16, Buffer>() {
+                    Ok((msgs, _)) => {
+                        for m in msgs {
+                            let Ok(m) = m else {
+                                changed = true;
+                                continue;
+                            };
+                            let payload = m.get_payload().map(|p| p.as_ref()).unwrap_or(&[]);
+                            if let Some(pid) = runs.feed(*m.nl_type(), payload) {
+                                changed |= pid.is_none_or(|p| p != me && !own.contains(p));
+                            }
                         }
                     }
-                    Err(_) => true,
-                }),
-                // ENOBUFS: events were lost; anything may have changed.
-                Err(_) => true,
-            };
-            if tx.is_closed() {
-                return;
-            }
-            if changed {
-                // Full: a look is already pending, which is all we ask for.
-                let _ = tx.try_send(());
+                    // ENOBUFS: events were lost; anything may have changed.
+                    Err(_) => changed = true,
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                if changed {
+                    // Full: a look is already pending, which is all we ask.
+                    let _ = tx.try_send(());
+                }
             }
         })
         .map_err(|e| KernelError::io(op, &e))?;
@@ -749,6 +796,44 @@ mod tests {
     }
 
     #[test]
+    fn transactions_are_reported_when_they_touch_our_table() {
+        let encode = |m: Msg| {
+            let mut out = Vec::new();
+            m.finish(&mut out);
+            (u16::from_ne_bytes([out[4], out[5]]), out[16..].to_vec())
+        };
+        let msg = |cmd: u16, family: u8, table: Option<&str>| {
+            let mut m = Msg::new((NFNL_SUBSYS_NFTABLES << 8) | cmd, 0, 1, family, 0);
+            if let Some(t) = table {
+                m.attr_str(NFTA_ANY_TABLE, t);
+            }
+            encode(m)
+        };
+        let mut g = Msg::new((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN, 0, 1, 0, 0);
+        g.attr(NFTA_GEN_PROC_PID, &4242u32.to_be_bytes());
+        let newgen = encode(g);
+        let mut t = Transactions::default();
+        // Someone's own table: nothing.
+        for (k, p) in [msg(3, NFPROTO_INET, Some("docker")), newgen.clone()] {
+            assert_eq!(t.feed(k, &p), None);
+        }
+        // `ip sixpn` is not `inet sixpn`.
+        for (k, p) in [msg(0, 2, Some("sixpn")), newgen.clone()] {
+            assert_eq!(t.feed(k, &p), None);
+        }
+        // A rule deleted from ours: reported with the committer's pid.
+        let (k, p) = msg(8, NFPROTO_INET, Some("sixpn"));
+        assert_eq!(t.feed(k, &p), None);
+        assert_eq!(t.feed(newgen.0, &newgen.1), Some(Some(4242)));
+        // The next transaction starts clean.
+        assert_eq!(t.feed(newgen.0, &newgen.1), None);
+        // A message we can't read counts as ours.
+        let (k, p) = msg(6, NFPROTO_INET, None);
+        t.feed(k, &p);
+        assert_eq!(t.feed(newgen.0, &newgen.1), Some(Some(4242)));
+    }
+
+    #[test]
     fn foreign_commits_are_reported_and_ours_are_not() {
         if !need_root("foreign_commits_are_reported_and_ours_are_not") {
             return;
@@ -762,7 +847,26 @@ mod tests {
                 .unwrap();
             let quiet = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
             assert!(quiet.is_err(), "our own commits were reported");
+            // Other tables are not our business.
             nft(&["add", "table", "inet", "someone-else"]);
+            nft(&["add", "chain", "inet", "someone-else", "c"]);
+            nft(&["add", "table", "ip", "sixpn"]);
+            let quiet = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
+            assert!(quiet.is_err(), "another table's commit was reported");
+            // An element someone else slipped into our set is.
+            nft(&[
+                "add",
+                "element",
+                "inet",
+                "sixpn",
+                "same_org48",
+                "{ fdaa:0:1:: . fdaa:0:2:: }",
+            ]);
+            let got = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await;
+            assert!(
+                matches!(got, Ok(Some(()))),
+                "no event for a foreign element"
+            );
             nft(&["flush", "ruleset"]);
             let got = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await;
             assert!(
