@@ -14,6 +14,7 @@
 //!   org with peers on this gateway, forwarding names outside `.internal`
 //!   upstream, with bounded TCP connections and in-flight forwards.
 
+mod batch;
 pub mod handler;
 pub mod server;
 pub mod zone;
