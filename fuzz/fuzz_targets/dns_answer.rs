@@ -83,7 +83,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, query)) = data.split_first() else {
         return;
     };
-    let transport = if mode & 1 == 0 { Transport::Udp } else { Transport::Tcp };
+    let transport = if mode & 1 == 0 {
+        Transport::Udp
+    } else {
+        Transport::Tcp
+    };
     let src: IpAddr = if mode & 2 == 0 {
         "fdaa:0:18:a7b:d6b:0:a:2".parse().unwrap()
     } else {

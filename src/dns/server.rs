@@ -1047,6 +1047,20 @@ impl DnsService {
 
     /// Stops every listener and the forwarder.
     pub async fn stop(mut self) {
+        let m = self.ctx.metrics.snapshot();
+        info!(
+            udp = m.udp_queries,
+            tcp = m.tcp_queries,
+            noerror = m.rcode(Rcode::NoError),
+            nxdomain = m.rcode(Rcode::NxDomain),
+            refused = m.rcode(Rcode::Refused),
+            servfail = m.rcode(Rcode::ServFail),
+            forwarded = m.forwarded,
+            forward_failed = m.forward_failed,
+            forward_rejected = m.forward_rejected,
+            tcp_rejected = m.tcp_rejected,
+            "DNS stopping"
+        );
         for (_, l) in std::mem::take(&mut self.listeners) {
             l.stop().await;
         }

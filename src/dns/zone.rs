@@ -777,6 +777,43 @@ mod tests {
     }
 
     #[test]
+    fn name_table_finds_every_name_and_only_those() {
+        for n in [0usize, 1, 2, 3, 1000, 4096] {
+            let names: Vec<Vec<u8>> = (0..n)
+                .map(|i| wire_name(&[&format!("n{i}"), "internal"]))
+                .collect();
+            let mut b = NameTableBuilder::with_capacity(n);
+            for (i, name) in names.iter().enumerate() {
+                let rrs = Rrs {
+                    count: i as u32,
+                    ..Rrs::default()
+                };
+                b.push(
+                    name,
+                    Entry {
+                        aaaa: rrs,
+                        ..Entry::default()
+                    },
+                );
+            }
+            let t = b.finish();
+            assert_eq!(t.len(), n);
+            assert!(t.slots.len() >= 2 * n && t.slots.len().is_power_of_two());
+            for (i, name) in names.iter().enumerate() {
+                assert_eq!(t.get(name).map(|e| e.aaaa.count), Some(i as u32));
+            }
+            for miss in [
+                &b""[..],
+                b"\0",
+                b"\x02n0\x08internal",
+                b"\x05n9999\x08internal\x00",
+            ] {
+                assert!(t.get(miss).is_none(), "{miss:?}");
+            }
+        }
+    }
+
+    #[test]
     fn wire_names_round_trip_for_logs() {
         let w = wire_name(&["a", "_peer", "internal"]);
         assert_eq!(w, b"\x01a\x05_peer\x08internal\x00");
