@@ -8,7 +8,7 @@ pkgs=(
   iproute2 iputils-ping procps psmisc               # namespaces, ping, pkill
   wireguard-tools wireguard-go                      # wg, wg-quick, userspace WireGuard
   nftables                                          # nft
-  dnsutils                                          # dig
+  dnsutils dnsmasq-base                             # dig; an upstream resolver for the DNS tests
   sqlite3 jq                                        # inspecting state in tests and the demo
   systemd ruby                                      # systemd-analyze verify; ruby -c on the Vagrantfile
   etcd-server protobuf-compiler                     # the fleet store: etcd for tests, protoc for etcd-client

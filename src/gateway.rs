@@ -1,5 +1,6 @@
 //! `sixpn gateway`: the daemon's wiring. Loads the key, opens the store,
-//! registers this gateway, serves the control API, and stops cleanly on
+//! registers this gateway, runs the reconciler and, following its snapshots,
+//! the DNS listeners, serves the control API, and stops cleanly on
 //! SIGTERM/SIGINT.
 //!
 //! Start-up order matters: everything that can fail on bad local state (key
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use crate::api::server::{self, ApiState};
 use crate::config::{Config, StoreKind};
 use crate::dataplane::{Firewall, KernelError, Netlink, WgDevice};
+use crate::dns::server::{upstreams_or_resolv_conf, DnsService, DnsSettings};
 use crate::model::PrivateKey;
 use crate::plan::Identity;
 use crate::reconcile::{Reconciler, Settings};
@@ -185,19 +187,35 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), GatewayError>
             private_key: key,
         },
     );
+    // DNS follows the snapshots the reconciler works from: the zone and the
+    // set of listeners change with the same store state as the kernel.
+    let upstreams = upstreams_or_resolv_conf(&config.dns.upstream);
+    tracing::info!(upstreams = ?upstreams, "DNS forwards names outside .internal");
+    let dns = DnsService::start(DnsSettings::new(
+        me.name.clone(),
+        me.region.clone(),
+        upstreams,
+    ));
     let state = Arc::new(ApiState {
         store: store.clone(),
         gateway: me.name.clone(),
         region: me.region.clone(),
         admin_token_sha256,
         dataplane: Some(reconciler.view()),
-        metrics: vec![reconciler.metrics()],
+        metrics: vec![
+            reconciler.metrics(),
+            dns.metrics(),
+            Arc::new(crate::api::metrics::FirewallDrops),
+        ],
     });
     let router = server::router(state);
+
+    let snapshots = reconciler.snapshots();
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let installed = reconciler.installed();
     let counters = reconciler.counters();
+    let dns_task = tokio::spawn(dns.run(snapshots, stop_rx.clone()));
     let reconcile_task = tokio::spawn(reconciler.run(stop_rx.clone()));
     tokio::spawn(crate::notify::supervise(
         installed,
@@ -245,6 +263,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), GatewayError>
     })
     .await;
     let _ = reconcile_task.await;
+    let _ = dns_task.await;
     let _ = std::fs::remove_file(&config.api.socket);
     // The interface, its peers, addresses and routes stay: a restarted
     // daemon adopts them and live sessions continue.

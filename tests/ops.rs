@@ -149,6 +149,18 @@ fn notify_readiness_watchdog_reload_metrics_and_healthz() {
         "{text}"
     );
     assert!(text.contains("# TYPE sixpn_peer_handshake_age_seconds histogram"));
+    assert!(
+        text.contains("sixpn_dns_queries_total{transport=\"udp\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE sixpn_firewall_dropped_packets_total counter"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sixpn_firewall_dropped_packets_total{counter=\"forward_dropped\"}"),
+        "{text}"
+    );
 
     // SIGHUP re-reads the config: RELOADING=1 then READY=1, still running.
     let pid = gw.pid().unwrap() as i32;

@@ -9,15 +9,20 @@
 //! - [`SharedZones`] is the atomic swap between the reconciler, which builds
 //!   a new index on every store change, and the listeners, which read it.
 //!
-//! Listeners, upstream forwarding and the bounds on TCP connections and
-//! in-flight work are the socket layer's job, not this module's.
+//! - [`server`] is the socket layer: [`DnsService`] follows the reconciler's
+//!   snapshots, swaps the index in and runs one UDP and one TCP listener per
+//!   org with peers on this gateway, forwarding names outside `.internal`
+//!   upstream, with bounded TCP connections and in-flight forwards.
 
+mod batch;
 pub mod handler;
+pub mod server;
 pub mod zone;
 
 use std::sync::{Arc, RwLock};
 
 pub use handler::{answer, Outcome, Rcode, Transport, MAX_UDP_PAYLOAD};
+pub use server::{DnsMetrics, DnsService, DnsSettings, Limits, MetricsSnapshot};
 pub use zone::{BadCoordinates, OrgZone, RegionDistances, ZoneIndex, TTL};
 
 /// The current [`ZoneIndex`], replaced whole on every store change.

@@ -57,8 +57,10 @@
 //!   [`OrgZone::oversized`]); the handler answers it with TC over UDP and
 //!   SERVFAIL over TCP.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::hash::BuildHasher;
 use std::net::Ipv6Addr;
 use std::sync::Arc;
 
@@ -127,7 +129,7 @@ pub(crate) struct Entry {
 pub struct OrgZone {
     prefix: OrgPrefix,
     /// Lower-cased wire-format name (with the root label) → entry.
-    names: HashMap<Box<[u8]>, Entry>,
+    names: NameTable,
     /// Every record of every entry, back to back.
     arena: Box<[u8]>,
     oversized: Vec<String>,
@@ -178,6 +180,93 @@ impl OrgZone {
         self.arena
             .get(start..start + rrs.len as usize)
             .unwrap_or_default()
+    }
+}
+
+/// Names → entries: an open-addressing hash table (linear probing, load
+/// ≤ 1/2) over one buffer holding every name back to back.
+///
+/// A zone is thus a handful of large allocations however many names it
+/// has. With a `HashMap<Box<[u8]>, Entry>`, 100,000 instances meant ~300k
+/// small key allocations scattered among the builder's freed memory, which
+/// kept ~150 MB of it resident after every rebuild.
+struct NameTable {
+    hasher: RandomState,
+    /// Every name, wire format, back to back.
+    bytes: Box<[u8]>,
+    /// Where each name is in `bytes`: (start, length).
+    spans: Box<[(u32, u32)]>,
+    /// Each name's entry, in the order of `spans`.
+    entries: Box<[Entry]>,
+    /// Index + 1 into `spans`/`entries`; 0 is an empty slot. The length is
+    /// a power of two at least twice the number of names.
+    slots: Box<[u32]>,
+}
+
+impl NameTable {
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn get(&self, name: &[u8]) -> Option<&Entry> {
+        let mask = self.slots.len().checked_sub(1)?;
+        let mut i = self.hasher.hash_one(name) as usize & mask;
+        loop {
+            let k = usize::try_from(*self.slots.get(i)?).ok()?.checked_sub(1)?;
+            let (start, len) = *self.spans.get(k)?;
+            let (start, len) = (start as usize, len as usize);
+            if self.bytes.get(start..start + len)? == name {
+                return self.entries.get(k);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+}
+
+/// Collects unique names for a [`NameTable`].
+struct NameTableBuilder {
+    bytes: Vec<u8>,
+    spans: Vec<(u32, u32)>,
+    entries: Vec<Entry>,
+}
+
+impl NameTableBuilder {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(n * 24),
+            spans: Vec::with_capacity(n),
+            entries: Vec::with_capacity(n),
+        }
+    }
+
+    /// Adds a name (each name once).
+    fn push(&mut self, name: &[u8], entry: Entry) {
+        self.spans
+            .push((self.bytes.len() as u32, name.len() as u32));
+        self.bytes.extend_from_slice(name);
+        self.entries.push(entry);
+    }
+
+    fn finish(self) -> NameTable {
+        let hasher = RandomState::new();
+        let size = (self.entries.len() * 2).next_power_of_two().max(2);
+        let mut slots = vec![0u32; size].into_boxed_slice();
+        let mask = size - 1;
+        for (k, &(start, len)) in self.spans.iter().enumerate() {
+            let name = &self.bytes[start as usize..(start + len) as usize];
+            let mut i = hasher.hash_one(name) as usize & mask;
+            while slots[i] != 0 {
+                i = (i + 1) & mask;
+            }
+            slots[i] = k as u32 + 1;
+        }
+        NameTable {
+            hasher,
+            bytes: self.bytes.into_boxed_slice(),
+            spans: self.spans.into_boxed_slice(),
+            entries: self.entries.into_boxed_slice(),
+            slots,
+        }
     }
 }
 
@@ -247,7 +336,8 @@ impl ZoneIndex {
 /// One name's data before encoding.
 #[derive(Default)]
 struct Draft {
-    aaaa: BTreeSet<Ipv6Addr>,
+    /// Sorted and deduplicated when the zone is finished.
+    aaaa: Vec<Ipv6Addr>,
     txt: Option<String>,
     nearest: Option<Vec<Ipv6Addr>>,
 }
@@ -290,9 +380,11 @@ impl Builder {
 
     fn finish(self, prefix: OrgPrefix) -> OrgZone {
         let mut arena = Vec::new();
-        let mut names = HashMap::with_capacity(self.names.len());
+        let mut names = NameTableBuilder::with_capacity(self.names.len());
         let mut oversized = Vec::new();
-        for (name, draft) in self.names {
+        for (name, mut draft) in self.names {
+            draft.aaaa.sort_unstable();
+            draft.aaaa.dedup();
             let aaaa = encode_aaaa(&mut arena, draft.aaaa.iter().copied());
             let txt = draft
                 .txt
@@ -310,11 +402,11 @@ impl Builder {
             {
                 oversized.push(dotted(&name));
             }
-            names.insert(name.into_boxed_slice(), Entry { aaaa, txt, nearest });
+            names.push(&name, Entry { aaaa, txt, nearest });
         }
         OrgZone {
             prefix,
-            names,
+            names: names.finish(),
             arena: arena.into_boxed_slice(),
             oversized,
         }
@@ -682,6 +774,43 @@ mod tests {
         let mut a3 = Vec::new();
         let big = encode_txt(&mut a3, &"z".repeat(70_000));
         assert!(big.oversize && a3.is_empty());
+    }
+
+    #[test]
+    fn name_table_finds_every_name_and_only_those() {
+        for n in [0usize, 1, 2, 3, 1000, 4096] {
+            let names: Vec<Vec<u8>> = (0..n)
+                .map(|i| wire_name(&[&format!("n{i}"), "internal"]))
+                .collect();
+            let mut b = NameTableBuilder::with_capacity(n);
+            for (i, name) in names.iter().enumerate() {
+                let rrs = Rrs {
+                    count: i as u32,
+                    ..Rrs::default()
+                };
+                b.push(
+                    name,
+                    Entry {
+                        aaaa: rrs,
+                        ..Entry::default()
+                    },
+                );
+            }
+            let t = b.finish();
+            assert_eq!(t.len(), n);
+            assert!(t.slots.len() >= 2 * n && t.slots.len().is_power_of_two());
+            for (i, name) in names.iter().enumerate() {
+                assert_eq!(t.get(name).map(|e| e.aaaa.count), Some(i as u32));
+            }
+            for miss in [
+                &b""[..],
+                b"\0",
+                b"\x02n0\x08internal",
+                b"\x05n9999\x08internal\x00",
+            ] {
+                assert!(t.get(miss).is_none(), "{miss:?}");
+            }
+        }
     }
 
     #[test]
