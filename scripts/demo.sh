@@ -106,6 +106,15 @@ run ip netns exec $GW wg show sixpn-demo0
 run ip -n $GW -6 route show dev sixpn-demo0
 run ip -n $GW -6 addr show dev sixpn-demo0
 run sixpn wireguard status demo laptop
+echo
+echo "== isolation: sixpn's nftables table on the gateway"
+run ip netns exec $GW nft list table inet sixpn
+echo
+echo "== .internal DNS through the tunnel, at the file's DNS address"
+run ip netns exec $CL dig +short aaaa hello.internal "@$DNS_ADDR"
+run ip netns exec $CL dig +short txt _apps.internal "@$DNS_ADDR"
+run ip netns exec $CL dig +short txt _peer.internal "@$DNS_ADDR"
+run ip netns exec $CL dig +short aaaa laptop._peer.internal "@$DNS_ADDR"
 
 echo
 echo "sixpn is running in namespace $GW. Try:"
