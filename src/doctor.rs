@@ -257,8 +257,55 @@ pub async fn run(config_path: &Path, api: &str) -> Vec<Check> {
     }
     if let (Some(c), true) = (&config, daemon_up) {
         out.push(dns_addresses(c, &socket).await);
+        out.push(isolation(c));
     }
     out
+}
+
+/// The daemon's `table inet sixpn` is in place and built for this
+/// interface, with its drop counters (the daemon restores it on its own;
+/// this says whether it is there now).
+fn isolation(config: &Config) -> Check {
+    use crate::plan::nft;
+    let name = "isolation";
+    let out = std::process::Command::new("nft")
+        .args(["-j", "list", "table", "inet", nft::TABLE])
+        .output();
+    let json =
+        match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+            Ok(o) => return check(
+                name,
+                Status::Fail,
+                format!(
+                    "no table inet sixpn: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+            )
+            .fix("the daemon installs it at start and restores it within a second: check its log"),
+            Err(e) => return check(name, Status::Fail, format!("cannot run nft: {e}")),
+        };
+    let want = nft::Ruleset::new(config.gateway.interface.as_str(), Default::default());
+    match nft::parse_listing(&json) {
+        Ok(t) if t.skeleton_matches(&want) => check(
+            name,
+            Status::Ok,
+            format!(
+                "table inet sixpn: {} orgs in {}; dropped so far: {} forwarded, {} to the gateway",
+                t.elements.len(),
+                nft::SET,
+                nft::counter_packets(&json, nft::FORWARD_DROPPED).unwrap_or(0),
+                nft::counter_packets(&json, nft::INPUT_DROPPED).unwrap_or(0),
+            ),
+        ),
+        Ok(_) => check(
+            name,
+            Status::Warn,
+            "table inet sixpn differs from this sixpn's ruleset (another version or edited by hand)",
+        )
+        .fix("the daemon replaces it on its next resync; restart it to do so now"),
+        Err(e) => check(name, Status::Fail, format!("unreadable table inet sixpn: {e}")),
+    }
 }
 
 /// Every org with peers here should have its `::3` on the interface.

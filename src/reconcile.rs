@@ -268,7 +268,7 @@ impl Reconciler {
                     _ = restarts.changed() => {
                         warn!(backend = self.wg.backend_name(),
                             "WireGuard device was restarted; full resync");
-                        need = Need::ALL;
+                        need = Need { fw: need.fw, ..Need::ALL };
                     }
                     Some(ev) = next_event(&mut events) => {
                         debug!(?ev, "netlink event");
@@ -300,7 +300,10 @@ impl Reconciler {
                             next_fw = now + self.fw_interval;
                         }
                         if retry_at.is_some_and(|r| now >= r) {
-                            need = Need::ALL;
+                            // A failed firewall step dropped its cache, so
+                            // it is re-read anyway; other failures need not
+                            // list a table of 100k elements again.
+                            need = Need { fw: need.fw, ..Need::ALL };
                         }
                         if net_due.is_some_and(|d| now >= d) {
                             need.net = true;

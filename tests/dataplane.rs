@@ -274,6 +274,7 @@ fn peer_is_live_through_a_real_tunnel_and_removal_takes_it_down() {
         "1 of 1 peers installed",
         "[ok  ] DNS addresses",
         "[ok  ] IPv6 forwarding",
+        "[ok  ] isolation",
     ] {
         assert!(text.contains(want), "doctor lacks {want:?}:\n{text}");
     }
