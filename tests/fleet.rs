@@ -318,6 +318,83 @@ fn a_fleet_shares_one_etcd_cluster() {
     });
     assert!(seen.is_some(), "instance not visible through iad");
 
+    // DNS on lhr answers for the whole org, every region: a peer and an app
+    // registered through iad (iad region) included. Asked from a probe host
+    // with an address in the org's /48, routed to lhr like an instance host.
+    let out = f.create(&f.iad, "iad", "desk");
+    assert!(out.status.success(), "{}", common::stderr_of(&out));
+    f.iad.cli_ok(&[
+        "instances",
+        "add",
+        "acme",
+        "api",
+        "iad",
+        "--host",
+        "a7b:8e",
+        "--machine",
+        "3:4",
+    ]);
+    let probe = Netns::new();
+    common::veth(
+        &f.lhr_ns,
+        "to-probe",
+        &["fd53:77::1/64"],
+        &probe,
+        "to-gw",
+        &["fd53:77::2/64"],
+    );
+    probe.ip(&["-6", "addr", "add", "fdaa:0:1::99/128", "dev", "lo"]);
+    probe.ip(&["-6", "route", "add", "fdaa::/16", "via", "fd53:77::1"]);
+    f.lhr_ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "fdaa:0:1::99/128",
+        "via",
+        "fd53:77::2",
+    ]);
+    let dig = |qtype: &str, name: &str| {
+        probe.run(&[
+            "dig",
+            "+short",
+            "+time=1",
+            "+tries=2",
+            "-b",
+            "fdaa:0:1::99",
+            "@fdaa:0:1::3",
+            qtype,
+            name,
+        ])
+    };
+    let answered = wait_for(Duration::from_secs(3), || {
+        let peers = common::stdout_of(&dig("txt", "_peer.internal"));
+        let api = common::stdout_of(&dig("aaaa", "api.internal"));
+        (peers.contains("desk")
+            && peers.contains("laptop")
+            && api.contains("fdaa:0:1:a7b:8e:3:4:2"))
+        .then_some((peers, api))
+    });
+    let (peers, api) = answered.unwrap_or_else(|| {
+        panic!(
+            "lhr's DNS lacks iad's records:\n{}\n{}\n{}\n_peer {:?} api {:?}",
+            common::stdout_of(&f.lhr_ns.run(&["ss", "-lnu"])),
+            common::stdout_of(&f.lhr_ns.run(&["nft", "list", "counters"])),
+            common::stdout_of(&probe.run(&["ping", "-c1", "-W1", "fdaa:0:1::3"])),
+            common::stdout_of(&dig("txt", "_peer.internal")),
+            common::stdout_of(&dig("aaaa", "api.internal"))
+        )
+    });
+    eprintln!(
+        "lhr DNS: _peer.internal {} api.internal {}",
+        peers.trim(),
+        api.trim()
+    );
+    let web = common::stdout_of(&dig("aaaa", "web.internal"));
+    assert!(
+        web.contains("fdaa:0:1:a7b:7d:1:2:2"),
+        "web.internal on lhr: {web}"
+    );
+
     // 50 concurrent creates across both APIs, into both regions.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let addrs = rt.block_on(async {
