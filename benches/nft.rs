@@ -14,7 +14,9 @@
 //!
 //! `SIXPN_BENCH=control|forward` runs one part; `SIXPN_BENCH_SECS` sets the
 //! flood length per configuration (default 3); `SIXPN_BENCH_RULES_MAX` caps
-//! the one-rule-per-org baseline (default 100000). Under `cargo test
+//! the one-rule-per-org baseline (default 100000); `SIXPN_BENCH_ROUNDS`
+//! floods each loaded ruleset that many times and keeps the best (default
+//! 3: on a shared 2-CPU machine other work only ever lowers a rate). Under `cargo test
 //! --all-targets` (no `--bench` argument) it runs as a quick smoke test at
 //! 1,000 orgs instead.
 
@@ -397,9 +399,15 @@ fn forward() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(big);
+    let rounds: u32 = std::env::var("SIXPN_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if smoke { 1 } else { 3 })
+        .max(1);
     println!("== forwarding: src ns -> veth -> forwarding ns (the ruleset) -> veth -> dst ns");
     println!(
-        "   UDP flood of 18-byte datagrams for {secs} s, then 100 pings; org 1's /48 on both ends"
+        "   UDP flood of 18-byte datagrams for {secs} s, then 100 pings, best of {rounds}; \
+         org 1's /48 on both ends"
     );
     let (src, fwd, dst) = (Ns::new("src"), Ns::new("fwd"), Ns::new("dst"));
     sh(
@@ -488,7 +496,13 @@ fn forward() {
                 Duration::ZERO
             }
         };
-        let f = flood(&src, &dst, to, dst_addr, secs);
+        let f = (0..rounds)
+            .map(|_| flood(&src, &dst, to, dst_addr, secs))
+            .reduce(|a, b| Flood {
+                pps: a.pps.max(b.pps),
+                rtt_ms: a.rtt_ms.min(b.rtt_ms),
+            })
+            .expect("at least one round");
         println!(
             "   {label:<34} {:>10.0} pps  rtt {:>8.3} ms  (load {:.1} ms)",
             f.pps,
