@@ -283,6 +283,13 @@ impl Ruleset {
                 priority: PRIORITY,
             }),
             rules: vec![
+                // Local processes talking to the gateway's own addresses
+                // (a tool querying an org's ::3 from a 6PN address here):
+                // nothing from another host arrives on lo.
+                accept(
+                    vec![Cond::IifName("lo".into())],
+                    "the gateway's own traffic to itself",
+                ),
                 jump(vec![Cond::IifName(iface.clone())], "from a peer"),
                 // Linux solicits a neighbour from the address of the packet
                 // that needs it: an instance host on a 6PN-addressed link

@@ -87,7 +87,7 @@ fn replace_batch_is_one_atomic_transaction_with_named_elements() {
         .iter()
         .filter(|c| c["add"].get("rule").is_some())
         .count();
-    assert_eq!(rules, 16);
+    assert_eq!(rules, 17);
     assert!(
         json.contains(r#"{"accept":null}"#),
         "verdicts keep their null"
