@@ -152,14 +152,8 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), GatewayError>
 
     let admin_token_sha256 = match config.api.listen {
         Some(_) => {
-            let (token, created) = load_or_create_secret(&config.api.admin_token_file, || {
-                use base64::Engine as _;
-                let raw: [u8; 32] = rand::random();
-                format!(
-                    "sixpn_{}",
-                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-                )
-            })?;
+            let (token, created) =
+                load_or_create_secret(&config.api.admin_token_file, server::new_token)?;
             if created {
                 tracing::info!(path = %config.api.admin_token_file.display(), "created admin API token");
             }

@@ -16,6 +16,22 @@ use super::{
 };
 use crate::model::{AppName, InstanceId, OrgName, PeerName};
 
+/// One HTTP/1.1 request over an open stream.
+async fn exchange<S>(
+    stream: S,
+    req: Request<Full<Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let proto = |e: hyper::Error| ClientError::Protocol(e.to_string());
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(proto)?;
+    tokio::spawn(conn);
+    tx.send_request(req).await.map_err(proto)
+}
+
 /// The largest response the client reads (lists of 100k peers fit).
 const MAX_RESPONSE: usize = 256 * 1024 * 1024;
 
@@ -102,27 +118,18 @@ impl Client {
             target: self.describe(),
             source,
         };
-        let proto = |e: hyper::Error| ClientError::Protocol(e.to_string());
         let resp = match &self.target {
             Target::Unix(path) => {
                 let stream = tokio::net::UnixStream::connect(path)
                     .await
                     .map_err(connect)?;
-                let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(proto)?;
-                tokio::spawn(conn);
-                tx.send_request(req).await.map_err(proto)?
+                exchange(stream, req).await?
             }
             Target::Tcp { authority } => {
                 let stream = tokio::net::TcpStream::connect(authority.as_str())
                     .await
                     .map_err(connect)?;
-                let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(proto)?;
-                tokio::spawn(conn);
-                tx.send_request(req).await.map_err(proto)?
+                exchange(stream, req).await?
             }
         };
         let status = resp.status();
@@ -134,12 +141,13 @@ impl Client {
         Ok((status, body))
     }
 
-    async fn call<B: Serialize, T: DeserializeOwned>(
+    /// A request with the Host and bearer-token headers set.
+    fn request(
         &self,
         method: Method,
         path: &str,
-        body: Option<&B>,
-    ) -> Result<T, ClientError> {
+        json: Option<Vec<u8>>,
+    ) -> Result<Request<Full<Bytes>>, ClientError> {
         let host = match &self.target {
             Target::Unix(_) => "localhost".to_owned(),
             Target::Tcp { authority } => authority.clone(),
@@ -151,16 +159,29 @@ impl Client {
         if let Some(token) = &self.token {
             builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
         }
-        let bytes = match body {
+        let bytes = match json {
             Some(b) => {
                 builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
-                serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?
+                b
             }
             None => Vec::new(),
         };
-        let req = builder
+        builder
             .body(Full::new(Bytes::from(bytes)))
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let json = body
+            .map(serde_json::to_vec)
+            .transpose()
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let req = self.request(method, path, json)?;
         let (status, body) = self.send(req).await?;
         if !status.is_success() {
             let message = serde_json::from_slice::<ErrorBody>(&body)
@@ -284,17 +305,7 @@ impl Client {
         path: &str,
         body: Vec<u8>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, "localhost")
-            .header(hyper::header::CONTENT_TYPE, "application/json");
-        if let Some(token) = &self.token {
-            builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let req = builder
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let req = self.request(method, path, Some(body))?;
         self.send(req).await
     }
 }

@@ -204,6 +204,16 @@ pub fn token_sha256(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// A fresh random bearer token (`sixpn_` + 32 random bytes, base64url).
+pub fn new_token() -> String {
+    use base64::Engine as _;
+    let raw: [u8; 32] = rand::random();
+    format!(
+        "sixpn_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    )
+}
+
 /// Compares two hashes in constant time.
 fn same_hash(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -392,12 +402,7 @@ async fn create_token(
     OrgPath(org): OrgPath,
 ) -> Result<(StatusCode, Json<OrgToken>), ApiError> {
     caller.require_admin()?;
-    use base64::Engine as _;
-    let raw: [u8; 32] = rand::random();
-    let token = format!(
-        "sixpn_{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-    );
+    let token = new_token();
     st.store.add_org_token(&org, token_sha256(&token)).await?;
     tracing::info!(org = %org, "org token created");
     Ok((StatusCode::CREATED, Json(OrgToken { org, token })))
