@@ -210,6 +210,14 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), GatewayError>
     let installed = reconciler.installed();
     let counters = reconciler.counters();
     let dns_task = tokio::spawn(dns.run(snapshots, stop_rx.clone()));
+    // Other gateways' APIs learn from these reports when a peer they placed
+    // here is live.
+    tokio::spawn(crate::report::run(
+        store.clone(),
+        me.name.clone(),
+        installed.clone(),
+        stop_rx.clone(),
+    ));
     let reconcile_task = tokio::spawn(reconciler.run(stop_rx.clone()));
     tokio::spawn(crate::notify::supervise(
         installed,

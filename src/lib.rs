@@ -13,4 +13,5 @@ pub mod model;
 pub mod notify;
 pub mod plan;
 pub mod reconcile;
+pub mod report;
 pub mod store;

@@ -34,6 +34,7 @@ use crate::dataplane::{Firewall, KernelError, NetEvent, Netlink, WgDevice, MTU};
 use crate::model::{GatewayName, InterfaceName, PrivateKey, PublicKey};
 use crate::plan::nft::{self, FirewallPlan, ObservedTable};
 use crate::plan::{self, Desired, Identity, Observed, Plan};
+use crate::store::Revision;
 use crate::store::{Snapshot, Store};
 
 /// The slowest the WireGuard peers are re-read for drift.
@@ -63,6 +64,10 @@ pub struct Installed {
     pub registered: usize,
     /// When the kernel last matched the store.
     pub last_sync: Option<SystemTime>,
+    /// The store revision the pass planned from (0 before the first).
+    pub revision: Revision,
+    /// Peers registered on this gateway but not live, by key.
+    pub missing: Vec<PublicKey>,
 }
 
 /// Counters for metrics and tests.
@@ -651,7 +656,13 @@ impl Reconciler {
             }
         }
         self.since.retain(|k, _| peers.contains_key(k));
-        let complete = peers.len() == desired.installed.len();
+        let missing: Vec<PublicKey> = desired
+            .installed
+            .keys()
+            .filter(|k| !peers.contains_key(*k))
+            .copied()
+            .collect();
+        let complete = missing.is_empty();
         let last_sync = if complete {
             Some(now)
         } else {
@@ -661,6 +672,8 @@ impl Reconciler {
             peers,
             registered: desired.registered,
             last_sync,
+            revision: self.snapshot.as_ref().map_or(0, |s| s.revision),
+            missing,
         }));
     }
 }
@@ -868,6 +881,10 @@ impl DataplaneView for View {
         tokio::time::timeout(timeout, rx.wait_for(|i| i.peers.contains_key(key)))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    fn is_installed(&self, key: &PublicKey) -> bool {
+        self.installed.borrow().peers.contains_key(key)
     }
 
     async fn peer_stats(&self, key: &PublicKey) -> Option<PeerStats> {

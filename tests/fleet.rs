@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use common::{veth, wait_for, Gateway, Netns};
 use sixpn::api::client::Client;
-use sixpn::api::CreatePeer;
+use sixpn::api::{CreatePeer, PeerState};
 use sixpn::model::PrivateKey;
 
 /// One etcd member in the store namespace.
@@ -271,24 +271,32 @@ fn a_fleet_shares_one_etcd_cluster() {
     require_tools!("ip", "wg", "wireguard-go", "etcd", "curl");
     let mut f = fleet();
 
-    // Created through iad for lhr: live on lhr only, listed by both.
+    // Created through iad for lhr: the create returns once lhr has it live
+    // (lhr reports it through the store), so it is in lhr's `wg show` at
+    // once; not on iad; listed as installed by both.
+    let t0 = Instant::now();
     let out = f.create(&f.iad, "lhr", "laptop");
     assert!(out.status.success(), "{}", common::stderr_of(&out));
-    let key = f.key_of(&f.iad, "laptop");
-    let t0 = Instant::now();
+    eprintln!("cross-region create returned after {:?}", t0.elapsed());
     assert!(
-        f.live_on(&f.lhr, &key, Duration::from_secs(3)),
-        "not on lhr: {}",
+        !common::stderr_of(&out).contains("not installed"),
+        "create returned pending: {}\n{}",
+        common::stderr_of(&out),
         f.lhr.log()
     );
-    eprintln!(
-        "peer live on lhr {:?} after the create returned",
-        t0.elapsed()
+    let key = f.key_of(&f.iad, "laptop");
+    assert!(
+        f.wg_peers(&f.lhr).contains(&key),
+        "create returned but the peer is not on lhr: {}",
+        f.lhr.log()
     );
     assert!(!f.wg_peers(&f.iad).contains(&key), "also on iad");
     let from_lhr = f.lhr.cli_json(&["wireguard", "list", "acme"]);
     let p = &from_lhr[0];
     assert_eq!(p["gateway"], "lhr-1");
+    assert_eq!(p["state"], "installed", "{p}");
+    let from_iad = f.iad.cli_json(&["wireguard", "list", "acme"]);
+    assert_eq!(from_iad[0]["state"], "installed", "{}", from_iad[0]);
     assert!(
         p["address"]
             .as_str()
@@ -397,7 +405,7 @@ fn a_fleet_shares_one_etcd_cluster() {
 
     // 50 concurrent creates across both APIs, into both regions.
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let addrs = rt.block_on(async {
+    let created = rt.block_on(async {
         let clients = [
             Client::new(f.iad.api(), None).unwrap(),
             Client::new(f.lhr.api(), None).unwrap(),
@@ -415,14 +423,56 @@ fn a_fleet_shares_one_etcd_cluster() {
                 c.create_peer(&"acme".parse().unwrap(), &req).await
             });
         }
-        let mut addrs = Vec::new();
+        let mut peers = Vec::new();
         while let Some(r) = tasks.join_next().await {
-            addrs.push(r.unwrap().expect("concurrent create").address);
+            peers.push(r.unwrap().expect("concurrent create"));
         }
-        addrs
+        peers
     });
-    let distinct: std::collections::HashSet<_> = addrs.iter().collect();
-    assert_eq!(distinct.len(), 50, "{addrs:?}");
+    let distinct: std::collections::HashSet<_> = created.iter().map(|p| p.address).collect();
+    assert_eq!(distinct.len(), 50, "{created:?}");
+    // Each returned installed, and is live on its own gateway only.
+    let (on_iad, on_lhr) = (f.wg_peers(&f.iad), f.wg_peers(&f.lhr));
+    for p in &created {
+        assert_eq!(p.state, PeerState::Installed, "{} {}", p.name, p.gateway);
+        let key = p.public_key.to_string();
+        let (mine, other) = if p.gateway.as_str() == "iad-1" {
+            (&on_iad, &on_lhr)
+        } else {
+            (&on_lhr, &on_iad)
+        };
+        assert!(mine.contains(&key) && !other.contains(&key), "{}", p.name);
+    }
+
+    // lhr's daemon down: a create for lhr waits its bound, then answers
+    // pending; lhr, back, installs it without another request, and its
+    // earlier peers stayed on the interface throughout.
+    f.lhr.stop();
+    let t0 = Instant::now();
+    let out = f.create(&f.iad, "lhr", "while-down");
+    let took = t0.elapsed();
+    assert!(out.status.success(), "{}", common::stderr_of(&out));
+    assert!(
+        common::stderr_of(&out).contains("has not installed the peer yet"),
+        "{}",
+        common::stderr_of(&out)
+    );
+    assert!(
+        (Duration::from_secs(4)..Duration::from_secs(8)).contains(&took),
+        "pending after {took:?}"
+    );
+    eprintln!("create for a stopped gateway answered pending after {took:?}");
+    assert!(
+        f.wg_peers(&f.lhr).contains(&key),
+        "lhr's peers went with it"
+    );
+    f.lhr.restart();
+    let k = f.key_of(&f.iad, "while-down");
+    assert!(
+        f.live_on(&f.lhr, &k, Duration::from_secs(10)),
+        "while-down not on lhr after its restart: {}",
+        f.lhr.log()
+    );
 
     // One member down: writes go on.
     f.cluster.stop_member(0);

@@ -73,6 +73,7 @@ fn zone() -> &'static ZoneIndex {
                 net: slot.net(prefix(), g.host_id),
                 public_key: PrivateKey::generate().public_key(),
                 created_at: 0,
+                revision: 0,
             });
         }
         ZoneIndex::build(&s, &"lhr".parse().unwrap(), &RegionDistances::builtin())

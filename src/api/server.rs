@@ -26,10 +26,10 @@ use super::{
     PeerInfo, PeerState, PeerStatus, RegionInfo, MAX_BODY,
 };
 use crate::model::{AppName, GatewayName, InstanceId, OrgName, PeerName, PublicKey, RegionName};
-use crate::store::{InstanceAddress, NewInstance, NewPeer, Store, StoreError};
+use crate::store::{InstanceAddress, NewInstance, NewPeer, Peer, Store, StoreError, SyncReports};
 
-/// How long a peer create waits for this gateway to install the peer before
-/// answering `pending`.
+/// How long a peer create waits for the peer's gateway (this one or another)
+/// to install it before answering `pending`.
 pub const INSTALL_WAIT: Duration = Duration::from_secs(5);
 
 /// What the kernel says about one peer.
@@ -54,6 +54,8 @@ pub trait DataplaneView: Send + Sync {
     /// Waits until the peer with `key` is installed on this gateway, at most
     /// `timeout`; returns whether it is.
     async fn wait_installed(&self, key: &PublicKey, timeout: Duration) -> bool;
+    /// Whether the peer with `key` is installed on this gateway now.
+    fn is_installed(&self, key: &PublicKey) -> bool;
     /// The peer's kernel state, if it is installed here.
     async fn peer_stats(&self, key: &PublicKey) -> Option<PeerStats>;
     /// Installed and registered peer counts and the last full sync.
@@ -418,16 +420,12 @@ async fn list_peers(
     if snap.org(&org).is_none() {
         return Err(StoreError::NotFound(format!("org '{org}' not found")).into());
     }
-    let state = if st.dataplane.is_some() {
-        PeerState::Pending
-    } else {
-        PeerState::Registered
-    };
+    let reports = st.store.sync_reports().borrow().clone();
     Ok(Json(
         snap.peers
             .iter()
             .filter(|p| p.org == org)
-            .filter_map(|p| PeerInfo::from_snapshot(p, &snap, state))
+            .filter_map(|p| PeerInfo::from_snapshot(p, &snap, peer_state(&st, &reports, p)))
             .collect(),
     ))
 }
@@ -453,7 +451,6 @@ async fn create_peer(
     tracing::info!(org = %org, peer = %peer.name, gateway = %peer.gateway,
         address = %peer.net.peer_addr(), "peer registered");
     let state = match &st.dataplane {
-        None => PeerState::Registered,
         Some(dp) if peer.gateway == st.gateway => {
             if dp.wait_installed(&peer.public_key, INSTALL_WAIT).await {
                 PeerState::Installed
@@ -461,10 +458,38 @@ async fn create_peer(
                 PeerState::Pending
             }
         }
-        Some(_) => PeerState::Pending,
+        // Another gateway's: wait for its report. Gateways with a dataplane
+        // report; an API without one waits only on gateways seen reporting.
+        _ => {
+            let reports = st.store.sync_reports().borrow().clone();
+            if (st.dataplane.is_some() || reports.contains_key(&peer.gateway))
+                && crate::store::wait_reported(st.store.as_ref(), &peer, INSTALL_WAIT).await
+            {
+                PeerState::Installed
+            } else {
+                peer_state(&st, &reports, &peer)
+            }
+        }
     };
     let info = PeerInfo::new(&peer, prefix, &gateway.public_key, &gateway.endpoint, state);
     Ok((StatusCode::CREATED, Json(info)))
+}
+
+/// What this daemon can tell of `peer` now: live here, reported live by its
+/// gateway, or not yet; `registered` when nothing can tell.
+fn peer_state(st: &ApiState, reports: &SyncReports, peer: &Peer) -> PeerState {
+    match (&st.dataplane, reports.get(&peer.gateway)) {
+        (Some(dp), _) if peer.gateway == st.gateway => {
+            if dp.is_installed(&peer.public_key) {
+                PeerState::Installed
+            } else {
+                PeerState::Pending
+            }
+        }
+        (_, Some(r)) if r.covers(peer) => PeerState::Installed,
+        (Some(_), _) | (_, Some(_)) => PeerState::Pending,
+        (None, None) => PeerState::Registered,
+    }
 }
 
 async fn remove_peer(
@@ -506,7 +531,7 @@ async fn peer_status(
                 "peer is held by gateway '{}'; ask its API for kernel state",
                 peer.gateway
             )),
-            PeerState::Pending,
+            peer_state(&st, &st.store.sync_reports().borrow(), peer),
         ),
         Some(dp) => match dp.peer_stats(&peer.public_key).await {
             Some(s) => (Some(s), None, PeerState::Installed),

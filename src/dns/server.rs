@@ -1151,6 +1151,7 @@ mod tests {
                 net: slot.net(prefix(net), g.host_id),
                 public_key: PrivateKey::generate().public_key(),
                 created_at: 0,
+                revision: 0,
             };
             s.peers.push(p);
         };

@@ -322,6 +322,7 @@ mod tests {
                 net: slot.net(NetworkId::new(net).unwrap().prefix(), g.host_id),
                 public_key: k,
                 created_at: 0,
+                revision: 0,
             });
         }
         s

@@ -19,9 +19,15 @@
 //! | `P instances/<org>/<app>/<id>` | [`InstanceRecord`] | an app instance |
 //! | `P addrs/<address>` | `<org>/<app>/<id>` | instance-address uniqueness |
 //! | `P tokens/<sha256, hex>` | org name | org-scoped API tokens |
+//! | `P synced/<gateway>` | [`SyncReport`] | what the gateway has installed |
 //!
 //! A peer's region and /120 are not stored: they follow from its gateway and
-//! org, exactly as in the SQLite schema.
+//! org, exactly as in the SQLite schema. The revision that registered a peer
+//! is its key's `create_revision`.
+//!
+//! `synced/` keys describe the kernels, not what they should hold: changes
+//! to them update [`Store::sync_reports`] but not the change feed, so a
+//! report never sets off passes (and more reports) on other gateways.
 //!
 //! # Invariants and how they hold
 //!
@@ -57,14 +63,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, Event, EventType, GetOptions, KeyValue, Txn, TxnOp,
+    WatchOptions,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{
     default_instance_id, Gateway, Instance, InstanceAddress, NewInstance, NewPeer, Org, Peer,
-    Revision, Snapshot, Store, StoreError,
+    Revision, Snapshot, Store, StoreError, SyncReport, SyncReports,
 };
 use crate::model::{
     self, AppName, GatewayName, InstanceId, NetworkId, OrgName, PeerName, PeerSlot, ProcessGroup,
@@ -113,6 +120,7 @@ pub struct EtcdStore {
     kv: Client,
     keys: Keys,
     feed: watch::Sender<Revision>,
+    reports: watch::Sender<Arc<SyncReports>>,
     watcher: tokio::task::JoinHandle<()>,
 }
 
@@ -185,6 +193,12 @@ impl Keys {
     }
     fn token(&self, sha: &[u8; 32]) -> String {
         self.k(format_args!("tokens/{}", hex(sha)))
+    }
+    fn synced(&self, gw: &GatewayName) -> String {
+        self.k(format_args!("synced/{gw}"))
+    }
+    fn synceds(&self) -> String {
+        self.k("synced/")
     }
     /// The key relative to the prefix, split on `/`.
     fn parts<'a>(&self, key: &'a [u8]) -> Option<Vec<&'a str>> {
@@ -349,11 +363,21 @@ impl EtcdStore {
             .map_err(etcd_err)?;
         let keys = Keys::new(prefix);
         let (feed, _) = watch::channel(0);
-        let watcher = tokio::spawn(watch_loop(watch_client, keys.clone(), feed.clone(), 0));
+        let (reports, _) = watch::channel(Arc::default());
+        let watcher = tokio::spawn(watch_loop(
+            watch_client,
+            keys.clone(),
+            Feeds {
+                revision: feed.clone(),
+                reports: reports.clone(),
+            },
+            0,
+        ));
         Ok(Self {
             kv,
             keys,
             feed,
+            reports,
             watcher,
         })
     }
@@ -381,16 +405,16 @@ impl EtcdStore {
         Ok(resp.take_kvs())
     }
 
-    /// Commits `txn`; `Ok(true)` if its compares held.
-    async fn commit(&self, txn: Txn) -> Result<bool, StoreError> {
+    /// Commits `txn`; the revision it committed as if its compares held.
+    async fn commit(&self, txn: Txn) -> Result<Option<Revision>, StoreError> {
         let mut kv = self.kv.clone();
         let resp = bounded(kv.txn(txn)).await?;
-        if resp.succeeded() {
-            if let Some(h) = resp.header() {
-                publish(&self.feed, h.revision());
-            }
+        if !resp.succeeded() {
+            return Ok(None);
         }
-        Ok(resp.succeeded())
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        publish(&self.feed, revision);
+        Ok(Some(u64::try_from(revision).unwrap_or(0)))
     }
 
     async fn org(&self, org: &OrgName) -> Result<(Org, KeyValue), StoreError> {
@@ -424,6 +448,7 @@ impl EtcdStore {
         name: PeerName,
         rec: PeerRecord,
         gw: &Gateway,
+        revision: i64,
     ) -> Result<Peer, StoreError> {
         let slot = PeerSlot::new(rec.slot).map_err(corrupt("slot"))?;
         Ok(Peer {
@@ -435,7 +460,32 @@ impl EtcdStore {
             net: slot.net(org.prefix(), gw.host_id),
             public_key: rec.public_key,
             created_at: rec.created_at,
+            revision: u64::try_from(revision).unwrap_or(0),
         })
+    }
+}
+
+/// What the watch keeps current.
+struct Feeds {
+    /// The change feed (everything but sync reports).
+    revision: watch::Sender<Revision>,
+    /// The gateways' sync reports.
+    reports: watch::Sender<Arc<SyncReports>>,
+}
+
+/// Parses one `synced/<gateway>` value; a bad one is logged and skipped
+/// (another gateway's bug must not stop this one following the store).
+fn parse_report(gateway: &str, kv: &KeyValue) -> Option<(GatewayName, SyncReport)> {
+    let parsed = gateway
+        .parse::<GatewayName>()
+        .map_err(|e| e.to_string())
+        .and_then(|g| Ok((g, decode(kv, "sync report").map_err(|e| e.to_string())?)));
+    match parsed {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(gateway, error = %e, "etcd: ignoring a bad sync report");
+            None
+        }
     }
 }
 
@@ -443,20 +493,29 @@ impl EtcdStore {
 ///
 /// `from` is the first revision to watch; 0 means "the current one", which
 /// is what a fresh store does (tests start older to meet a compaction).
-async fn watch_loop(client: Client, keys: Keys, feed: watch::Sender<Revision>, from: i64) {
+async fn watch_loop(client: Client, keys: Keys, feeds: Feeds, from: i64) {
     let mut backoff = BACKOFF_MIN;
     // The next revision to watch from; 0 until we've read the current one.
     let mut next: i64 = from;
     loop {
         if next == 0 {
-            // A full reload: learn the current revision; consumers re-read
-            // their snapshot when the feed moves.
+            // A full reload: learn the current revision and reports;
+            // consumers re-read their snapshot when the feed moves.
             let mut kv = client.kv_client();
-            let opts = GetOptions::new().with_prefix().with_count_only();
-            match bounded(kv.get(keys.prefix.as_str(), Some(opts))).await {
+            let opts = GetOptions::new().with_prefix();
+            match bounded(kv.get(keys.synceds(), Some(opts))).await {
                 Ok(resp) => {
                     let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-                    publish(&feed, rev);
+                    let reports = resp
+                        .kvs()
+                        .iter()
+                        .filter_map(|kv| match keys.parts(kv.key()).as_deref() {
+                            Some(["synced", gw]) => parse_report(gw, kv),
+                            _ => None,
+                        })
+                        .collect();
+                    super::publish_reports(&feeds.reports, reports);
+                    publish(&feeds.revision, rev);
                     next = rev + 1;
                 }
                 Err(e) => {
@@ -503,15 +562,7 @@ async fn watch_loop(client: Client, keys: Keys, feed: watch::Sender<Revision>, f
                         tracing::warn!(reason = resp.cancel_reason(), "etcd: watch canceled");
                         break;
                     }
-                    let last = resp
-                        .events()
-                        .iter()
-                        .filter_map(|e| e.kv().map(|kv| kv.mod_revision()))
-                        .max();
-                    if let Some(rev) = last {
-                        publish(&feed, rev);
-                        next = next.max(rev + 1);
-                    }
+                    follow(&keys, &feeds, resp.events(), &mut next);
                 }
                 Ok(None) => {
                     tracing::warn!("etcd: watch stream ended; reconnecting");
@@ -525,6 +576,37 @@ async fn watch_loop(client: Client, keys: Keys, feed: watch::Sender<Revision>, f
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Applies one batch of watch events: sync reports go to their feed, any
+/// other change bumps the change feed; `next` moves past all of them.
+fn follow(keys: &Keys, feeds: &Feeds, events: &[Event], next: &mut i64) {
+    let mut last_change = None;
+    let mut reports: Option<SyncReports> = None;
+    for e in events {
+        let Some(kv) = e.kv() else { continue };
+        *next = (*next).max(kv.mod_revision() + 1);
+        let parts = keys.parts(kv.key());
+        let Some(["synced", gw]) = parts.as_deref() else {
+            last_change = last_change.max(Some(kv.mod_revision()));
+            continue;
+        };
+        let reports = reports.get_or_insert_with(|| SyncReports::clone(&feeds.reports.borrow()));
+        match e.event_type() {
+            EventType::Put => reports.extend(parse_report(gw, kv)),
+            EventType::Delete => {
+                if let Ok(gw) = gw.parse::<GatewayName>() {
+                    reports.remove(&gw);
+                }
+            }
+        }
+    }
+    if let Some(reports) = reports {
+        super::publish_reports(&feeds.reports, reports);
+    }
+    if let Some(rev) = last_change {
+        publish(&feeds.revision, rev);
     }
 }
 
@@ -545,6 +627,7 @@ fn parse_snapshot(keys: &Keys, revision: i64, kvs: &[KeyValue]) -> Result<Snapsh
                 org.parse::<OrgName>().map_err(corrupt("peer key"))?,
                 name.parse::<PeerName>().map_err(corrupt("peer key"))?,
                 decode::<PeerRecord>(kv, "peer")?,
+                kv.create_revision(),
             )),
             ["instances", org, app, id] => {
                 let rec: InstanceRecord = decode(kv, "instance")?;
@@ -564,14 +647,14 @@ fn parse_snapshot(keys: &Keys, revision: i64, kvs: &[KeyValue]) -> Result<Snapsh
     let org_by: HashMap<&OrgName, &Org> = orgs.iter().map(|o| (&o.name, o)).collect();
     let gw_by: HashMap<&GatewayName, &Gateway> = gateways.iter().map(|g| (&g.name, g)).collect();
     let mut peers = Vec::with_capacity(peers_raw.len());
-    for (org, name, rec) in peers_raw {
+    for (org, name, rec, revision) in peers_raw {
         let o = org_by
             .get(&org)
             .ok_or_else(|| StoreError::Internal(format!("peer {name} has no org")))?;
         let g = gw_by
             .get(&rec.gateway)
             .ok_or_else(|| StoreError::Internal(format!("peer {name} has no gateway")))?;
-        peers.push(EtcdStore::peer_of(o, name, rec, g)?);
+        peers.push(EtcdStore::peer_of(o, name, rec, g, revision)?);
     }
     orgs.sort_by(|a, b| a.name.cmp(&b.name));
     gateways.sort_by(|a, b| a.name.cmp(&b.name));
@@ -647,7 +730,7 @@ impl Store for EtcdStore {
             let txn = Txn::new()
                 .when([not_exists(&key), not_exists(&idkey)])
                 .and_then([put(key.as_str(), encode(&org)?), put(idkey, name.as_str())]);
-            if self.commit(txn).await? {
+            if self.commit(txn).await?.is_some() {
                 return Ok(org);
             }
             jitter(attempt).await;
@@ -700,7 +783,11 @@ impl Store for EtcdStore {
             if holder.is_none() {
                 ops.push(put(hkey.as_str(), gw.name.as_str()));
             }
-            if self.commit(Txn::new().when(cmps).and_then(ops)).await? {
+            if self
+                .commit(Txn::new().when(cmps).and_then(ops))
+                .await?
+                .is_some()
+            {
                 return Ok(());
             }
             jitter(attempt).await;
@@ -786,8 +873,9 @@ impl Store for EtcdStore {
                     put(skey, req.name.as_str()),
                     put(kkey.as_str(), format!("{}/{}", req.org, req.name)),
                 ]);
-            if self.commit(txn).await? {
-                let peer = Self::peer_of(&org, req.name.clone(), rec, &gateway)?;
+            if let Some(revision) = self.commit(txn).await? {
+                let revision = i64::try_from(revision).unwrap_or(i64::MAX);
+                let peer = Self::peer_of(&org, req.name.clone(), rec, &gateway, revision)?;
                 return Ok((peer, gateway));
             }
             jitter(attempt).await;
@@ -813,8 +901,8 @@ impl Store for EtcdStore {
                 TxnOp::delete(self.keys.slot(org, &rec.gateway, rec.slot), None),
                 TxnOp::delete(self.keys.key(&rec.public_key), None),
             ]);
-            if self.commit(txn).await? {
-                return Self::peer_of(&o, name.clone(), rec, &gw);
+            if self.commit(txn).await?.is_some() {
+                return Self::peer_of(&o, name.clone(), rec, &gw, kv.create_revision());
             }
             jitter(attempt).await;
         }
@@ -873,7 +961,7 @@ impl Store for EtcdStore {
                     put(ikey.as_str(), encode(&rec)?),
                     put(akey.as_str(), format!("{}/{}/{id}", req.org, req.app)),
                 ]);
-            if self.commit(txn).await? {
+            if self.commit(txn).await?.is_some() {
                 return Ok(Instance {
                     org: req.org.clone(),
                     app: req.app.clone(),
@@ -906,7 +994,7 @@ impl Store for EtcdStore {
                 TxnOp::delete(ikey.as_str(), None),
                 TxnOp::delete(self.keys.addr(rec.address), None),
             ]);
-            if self.commit(txn).await? {
+            if self.commit(txn).await?.is_some() {
                 return Ok(Instance {
                     org: org.clone(),
                     app: app.clone(),
@@ -928,7 +1016,7 @@ impl Store for EtcdStore {
         let txn = Txn::new()
             .when([not_exists(&tkey), unchanged(&org_kv)])
             .and_then([put(tkey.as_str(), org.as_str())]);
-        if self.commit(txn).await? {
+        if self.commit(txn).await?.is_some() {
             Ok(())
         } else {
             Err(StoreError::Conflict(
@@ -942,6 +1030,24 @@ impl Store for EtcdStore {
             .await?
             .map(|kv| text(&kv, "token org")?.parse().map_err(corrupt("org name")))
             .transpose()
+    }
+
+    async fn report_sync(
+        &self,
+        gateway: &GatewayName,
+        report: &SyncReport,
+    ) -> Result<(), StoreError> {
+        let mut kv = self.kv.clone();
+        // A plain put, not `commit`: reports don't move the change feed.
+        bounded(kv.put(self.keys.synced(gateway), encode(report)?, None)).await?;
+        let mut reports = SyncReports::clone(&self.reports.borrow());
+        reports.insert(gateway.clone(), report.clone());
+        super::publish_reports(&self.reports, reports);
+        Ok(())
+    }
+
+    fn sync_reports(&self) -> watch::Receiver<Arc<SyncReports>> {
+        self.reports.subscribe()
     }
 }
 
@@ -1333,6 +1439,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sync_reports_reach_another_client_and_move_no_revision() {
+        let etcd = etcd_or_skip!("etcd::sync_reports_reach_another_client_and_move_no_revision");
+        let a = with_gateway(&etcd).await;
+        let b = etcd.store().await;
+        let gw: GatewayName = "lhr-1".parse().unwrap();
+        crate::store::conformance::sync_reports(&a, &b, &gw).await;
+        // A new client starts from the reports in the cluster.
+        let c = etcd.store().await;
+        let mut reports = c.sync_reports();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            reports.wait_for(|r| r.contains_key(&gw)),
+        )
+        .await
+        .expect("a new client loads the reports")
+        .unwrap();
+    }
+
+    #[tokio::test]
     async fn a_compacted_watch_reloads_and_follows_on() {
         let etcd = etcd_or_skip!("etcd::a_compacted_watch_reloads_and_follows_on");
         let store = with_gateway(&etcd).await;
@@ -1348,7 +1473,11 @@ mod tests {
         // A watcher that last saw revision 1: its next revision is compacted.
         let (feed, mut rx) = watch::channel(0);
         let client = Client::connect([etcd.url()], None).await.unwrap();
-        let task = tokio::spawn(watch_loop(client, store.keys.clone(), feed, 2));
+        let feeds = Feeds {
+            revision: feed,
+            reports: watch::channel(Arc::default()).0,
+        };
+        let task = tokio::spawn(watch_loop(client, store.keys.clone(), feeds, 2));
         tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|r| *r as i64 >= rev))
             .await
             .expect("reloaded to the compacted revision")

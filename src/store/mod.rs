@@ -12,8 +12,10 @@
 pub mod etcd;
 pub mod sqlite;
 
+use std::collections::BTreeMap;
 use std::net::Ipv6Addr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -77,6 +79,9 @@ pub struct Peer {
     pub public_key: PublicKey,
     /// Unix seconds when it was registered.
     pub created_at: u64,
+    /// The store revision of the write that registered it: a gateway whose
+    /// [`SyncReport`] is at or past it has seen the peer.
+    pub revision: Revision,
 }
 
 /// A registered app instance (what a scheduler would report).
@@ -123,6 +128,54 @@ impl Snapshot {
     pub fn gateway(&self, name: &GatewayName) -> Option<&Gateway> {
         self.gateways.iter().find(|g| &g.name == name)
     }
+}
+
+/// What a gateway last reported about its kernel: after planning from the
+/// store at `revision`, every one of its peers registered by then is
+/// installed except those in `missing`. Gateways publish one whenever their
+/// installed peers change, so that an API on another gateway can tell when
+/// a peer it placed there is live.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncReport {
+    /// The revision of the snapshot the pass planned from.
+    pub revision: Revision,
+    /// The gateway's peers at that revision that failed to install.
+    pub missing: Vec<PublicKey>,
+}
+
+impl SyncReport {
+    /// The most peers a report lists as missing; a gateway missing more
+    /// than this is broken and reports nothing until it recovers.
+    pub const MAX_MISSING: usize = 256;
+
+    /// Whether this report says `peer` is installed on its gateway.
+    pub fn covers(&self, peer: &Peer) -> bool {
+        self.revision >= peer.revision && !self.missing.contains(&peer.public_key)
+    }
+}
+
+/// Every gateway's latest [`SyncReport`].
+pub type SyncReports = BTreeMap<GatewayName, SyncReport>;
+
+/// Waits until `peer`'s gateway reports it installed, at most `timeout`;
+/// returns whether it did.
+pub async fn wait_reported(store: &dyn Store, peer: &Peer, timeout: Duration) -> bool {
+    let mut reports = store.sync_reports();
+    let covered = |r: &Arc<SyncReports>| r.get(&peer.gateway).is_some_and(|s| s.covers(peer));
+    tokio::time::timeout(timeout, reports.wait_for(covered))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
+/// Replaces the published reports if they differ.
+fn publish_reports(tx: &watch::Sender<Arc<SyncReports>>, reports: SyncReports) {
+    tx.send_if_modified(|r| {
+        let changed = **r != reports;
+        if changed {
+            *r = Arc::new(reports);
+        }
+        changed
+    });
 }
 
 /// How an instance's address is given.
@@ -236,6 +289,18 @@ pub trait Store: Send + Sync {
 
     /// The org an API token (by its SHA-256) is scoped to, if any.
     async fn token_org(&self, token_sha256: [u8; 32]) -> Result<Option<OrgName>, StoreError>;
+
+    /// Publishes `gateway`'s report of what it has installed. It changes
+    /// nothing a gateway installs, so it doesn't move the change feed (or
+    /// every report would set off a pass everywhere, and the next report).
+    async fn report_sync(
+        &self,
+        gateway: &GatewayName,
+        report: &SyncReport,
+    ) -> Result<(), StoreError>;
+
+    /// Every gateway's latest report, kept current from the store.
+    fn sync_reports(&self) -> watch::Receiver<Arc<SyncReports>>;
 }
 
 /// The id an instance gets when none is given: its machine id as 8 hex digits
@@ -247,5 +312,77 @@ pub fn default_instance_id(address: Ipv6Addr) -> InstanceId {
         Ok(id) => id,
         // 8 hex digits always form a valid label.
         Err(_) => unreachable!("hex digits are a valid instance id"),
+    }
+}
+
+/// Checks shared by every backend's tests.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use super::*;
+    use crate::model::PrivateKey;
+
+    /// `a` and `b` are two handles on one store (two processes, or two
+    /// gateways' clients); `a` has the lhr gateway `gateway` registered.
+    /// A peer carries the revision that registered it; a report written
+    /// through `a` reaches `b`, says which peers are live, and doesn't move
+    /// `b`'s change feed.
+    pub async fn sync_reports(a: &dyn Store, b: &dyn Store, gateway: &GatewayName) {
+        a.create_org(&"rep".parse().unwrap()).await.unwrap();
+        let (peer, gw) = a
+            .create_peer(&NewPeer {
+                org: "rep".parse().unwrap(),
+                name: "p".parse().unwrap(),
+                region: "lhr".parse().unwrap(),
+                public_key: PrivateKey::generate().public_key(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(&gw.name, gateway);
+        let snap = a.snapshot().await.unwrap();
+        assert_eq!(peer.revision, snap.revision, "the create's own revision");
+        let mut feed = b.subscribe();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            feed.wait_for(|r| *r >= peer.revision),
+        )
+        .await
+        .expect("b follows the create")
+        .unwrap();
+        let seen = b.snapshot().await.unwrap();
+        let in_b = seen.peers.iter().find(|p| p.name == peer.name).unwrap();
+        assert_eq!(in_b.revision, peer.revision);
+        let feed_before = *feed.borrow_and_update();
+
+        // Not yet reported: b doesn't wait long for it.
+        assert!(!wait_reported(b, &peer, Duration::from_millis(50)).await);
+        let older = SyncReport {
+            revision: peer.revision - 1,
+            missing: vec![],
+        };
+        a.report_sync(gateway, &older).await.unwrap();
+        assert!(!wait_reported(b, &peer, Duration::from_millis(200)).await);
+        let failed = SyncReport {
+            revision: peer.revision,
+            missing: vec![peer.public_key],
+        };
+        a.report_sync(gateway, &failed).await.unwrap();
+        assert!(!wait_reported(b, &peer, Duration::from_millis(200)).await);
+        let live = SyncReport {
+            revision: peer.revision,
+            missing: vec![],
+        };
+        let t0 = std::time::Instant::now();
+        a.report_sync(gateway, &live).await.unwrap();
+        assert!(
+            wait_reported(b, &peer, Duration::from_secs(2)).await,
+            "the report never reached b"
+        );
+        eprintln!("report seen by the other handle after {:?}", t0.elapsed());
+        assert_eq!(b.sync_reports().borrow().get(gateway), Some(&live));
+
+        // Reports changed nothing that is planned from.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!feed.has_changed().unwrap(), "a report moved the feed");
+        assert_eq!(*feed.borrow(), feed_before);
     }
 }

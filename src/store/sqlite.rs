@@ -7,7 +7,8 @@
 //!   order at open, each in its own transaction.
 //! - The change feed: writes in this process publish their revision at once;
 //!   a watcher thread polls `PRAGMA data_version` (which changes when *another*
-//!   connection commits) every [`POLL`] and publishes what it finds.
+//!   connection commits) every [`POLL`] and publishes what it finds, the
+//!   gateways' sync reports included.
 
 use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ use tokio::sync::watch;
 
 use super::{
     default_instance_id, Gateway, Instance, InstanceAddress, NewInstance, NewPeer, Org, Peer,
-    Revision, Snapshot, Store, StoreError,
+    Revision, Snapshot, Store, StoreError, SyncReport, SyncReports,
 };
 use crate::model::{self, GatewayName, NetworkId, OrgName, PeerName, PeerSlot};
 
@@ -71,6 +72,13 @@ const MIGRATIONS: &[&str] = &[
          sha256 BLOB PRIMARY KEY,
          org_id INTEGER NOT NULL REFERENCES orgs (id)
      );",
+    // 2: the revision that registered each peer, and gateways' sync reports
+    // (not part of the revision: see `Store::report_sync`).
+    "ALTER TABLE peers ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE sync_reports (
+         gateway TEXT PRIMARY KEY,
+         report TEXT NOT NULL
+     );",
 ];
 
 /// A store in one SQLite file.
@@ -78,6 +86,7 @@ pub struct SqliteStore {
     path: PathBuf,
     conn: Arc<Mutex<Connection>>,
     feed: watch::Sender<Revision>,
+    reports: watch::Sender<Arc<SyncReports>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -235,20 +244,23 @@ impl SqliteStore {
         migrate(&mut conn)?;
         let revision = read_revision(&conn)?;
         let (feed, _) = watch::channel(revision);
+        let (reports, _) = watch::channel(Arc::new(read_reports(&conn)?));
         let stop = Arc::new(AtomicBool::new(false));
         let watcher = open_conn(&path)?;
         {
             let feed = feed.clone();
+            let reports = reports.clone();
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("sixpn-sqlite-watch".into())
-                .spawn(move || watch_loop(watcher, feed, stop))
+                .spawn(move || watch_loop(watcher, feed, reports, stop))
                 .map_err(|e| StoreError::Internal(format!("cannot start watcher: {e}")))?;
         }
         Ok(Self {
             path,
             conn: Arc::new(Mutex::new(conn)),
             feed,
+            reports,
             stop,
         })
     }
@@ -305,7 +317,12 @@ impl Drop for SqliteStore {
     }
 }
 
-fn watch_loop(conn: Connection, feed: watch::Sender<Revision>, stop: Arc<AtomicBool>) {
+fn watch_loop(
+    conn: Connection,
+    feed: watch::Sender<Revision>,
+    reports: watch::Sender<Arc<SyncReports>>,
+    stop: Arc<AtomicBool>,
+) {
     let mut last_version: Option<i64> = None;
     while !stop.load(Ordering::Relaxed) {
         let version = conn
@@ -322,9 +339,29 @@ fn watch_loop(conn: Connection, feed: watch::Sender<Revision>, stop: Arc<AtomicB
                     newer
                 });
             }
+            if let Ok(r) = read_reports(&conn) {
+                super::publish_reports(&reports, r);
+            }
         }
         std::thread::sleep(POLL);
     }
+}
+
+fn read_reports(conn: &Connection) -> Result<SyncReports, StoreError> {
+    let mut st = conn
+        .prepare("SELECT gateway, report FROM sync_reports")
+        .map_err(internal)?;
+    let mut rows = st.query([]).map_err(internal)?;
+    let mut out = SyncReports::new();
+    while let Some(r) = rows.next().map_err(internal)? {
+        let gateway: String = r.get(0).map_err(internal)?;
+        let report: String = r.get(1).map_err(internal)?;
+        out.insert(
+            gateway.parse().map_err(corrupt("gateway name"))?,
+            serde_json::from_str(&report).map_err(corrupt("sync report"))?,
+        );
+    }
+    Ok(out)
 }
 
 fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
@@ -383,7 +420,7 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
     {
         let mut st = tx
             .prepare(
-                "SELECT org_id, name, gateway, slot, public_key, created_at FROM peers
+                "SELECT org_id, name, gateway, slot, public_key, created_at, revision FROM peers
                  ORDER BY org_id, name",
             )
             .map_err(internal)?;
@@ -395,6 +432,7 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
             let slot: i64 = r.get(3).map_err(internal)?;
             let key: String = r.get(4).map_err(internal)?;
             let created: i64 = r.get(5).map_err(internal)?;
+            let peer_revision: i64 = r.get(6).map_err(internal)?;
             let org = org_by_id
                 .get(&org_id)
                 .ok_or_else(|| StoreError::Internal(format!("peer {name} has no org")))?;
@@ -414,6 +452,7 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
                 slot,
                 public_key: key.parse().map_err(corrupt("peer key"))?,
                 created_at: u64::try_from(created).unwrap_or(0),
+                revision: u64::try_from(peer_revision).unwrap_or(0),
             });
         }
     }
@@ -616,16 +655,20 @@ impl Store for SqliteStore {
             })?;
             let slot = free_slot(tx, org_id, &gw_name)?;
             let created_at = now_secs();
+            // The revision this transaction commits as (`write` bumps it by
+            // one; the immediate transaction holds off other writers).
+            let revision = read_revision(tx)? + 1;
             tx.execute(
-                "INSERT INTO peers (org_id, name, gateway, slot, public_key, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO peers (org_id, name, gateway, slot, public_key, created_at, revision)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     org_id,
                     req.name.as_str(),
                     gw_name,
                     slot.index(),
                     req.public_key.to_base64(),
-                    created_at as i64
+                    created_at as i64,
+                    i64::try_from(revision).map_err(corrupt("revision"))?
                 ],
             )
             .map_err(internal)?;
@@ -646,6 +689,7 @@ impl Store for SqliteStore {
                 net: slot.net(net.prefix(), host),
                 public_key: req.public_key,
                 created_at,
+                revision,
             };
             Ok((peer, gateway))
         })
@@ -656,9 +700,11 @@ impl Store for SqliteStore {
         let (org, name) = (org.clone(), name.clone());
         self.write(move |tx| {
             let (org_id, net) = org_row(tx, &org)?;
-            let row: Option<(String, i64, String, i64, String, i64)> = tx
+            type Row = (String, i64, String, i64, String, i64, i64);
+            let row: Option<Row> = tx
                 .query_row(
-                    "SELECT p.gateway, p.slot, p.public_key, p.created_at, g.region, g.host_id
+                    "SELECT p.gateway, p.slot, p.public_key, p.created_at, g.region, g.host_id,
+                            p.revision
                      FROM peers p JOIN gateways g ON g.name = p.gateway
                      WHERE p.org_id = ?1 AND p.name = ?2",
                     params![org_id, name.as_str()],
@@ -670,12 +716,13 @@ impl Store for SqliteStore {
                             r.get(3)?,
                             r.get(4)?,
                             r.get(5)?,
+                            r.get(6)?,
                         ))
                     },
                 )
                 .optional()
                 .map_err(internal)?;
-            let (gateway, slot, key, created, region, host) = row.ok_or_else(|| {
+            let (gateway, slot, key, created, region, host, revision) = row.ok_or_else(|| {
                 StoreError::NotFound(format!("peer '{name}' not found in org '{org}'"))
             })?;
             tx.execute(
@@ -696,6 +743,7 @@ impl Store for SqliteStore {
                 net: slot.net(net.prefix(), host),
                 public_key: key.parse().map_err(corrupt("peer key"))?,
                 created_at: u64::try_from(created).unwrap_or(0),
+                revision: u64::try_from(revision).unwrap_or(0),
             })
         })
         .await
@@ -846,6 +894,33 @@ impl Store for SqliteStore {
                 .transpose()
         })
         .await
+    }
+
+    async fn report_sync(
+        &self,
+        gateway: &GatewayName,
+        report: &SyncReport,
+    ) -> Result<(), StoreError> {
+        let (gateway, text) = (gateway.clone(), serde_json::to_string(report));
+        let text = text.map_err(|e| StoreError::Internal(format!("encode sync report: {e}")))?;
+        // Not `write`: a report moves neither the revision nor the feed.
+        let reports = self
+            .with_conn(move |conn| {
+                conn.execute(
+                    "INSERT INTO sync_reports (gateway, report) VALUES (?1, ?2)
+                     ON CONFLICT (gateway) DO UPDATE SET report = excluded.report",
+                    params![gateway.as_str(), text],
+                )
+                .map_err(internal)?;
+                read_reports(conn)
+            })
+            .await?;
+        super::publish_reports(&self.reports, reports);
+        Ok(())
+    }
+
+    fn sync_reports(&self) -> watch::Receiver<Arc<SyncReports>> {
+        self.reports.subscribe()
     }
 }
 
@@ -1047,6 +1122,19 @@ mod tests {
             .unwrap();
         assert!(*feed.borrow() > before);
         eprintln!("cross-handle change seen after {:?}", t0.elapsed());
+    }
+
+    #[tokio::test]
+    async fn sync_reports_reach_another_process_and_move_no_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = store_with_gateway(dir.path()).await;
+        let b = SqliteStore::open(dir.path().join("state.db")).unwrap();
+        let gw = a.snapshot().await.unwrap().gateways[0].name.clone();
+        crate::store::conformance::sync_reports(&a, &b, &gw).await;
+        // A reopened store starts from the reports on disk.
+        drop(a);
+        let c = SqliteStore::open(dir.path().join("state.db")).unwrap();
+        assert!(c.sync_reports().borrow().contains_key(&gw));
     }
 
     #[tokio::test]

@@ -1,0 +1,183 @@
+//! Sync reports: each gateway tells the store what it has installed, so an
+//! API on any gateway can answer a `wireguard create` with `installed` once
+//! the gateway holding the peer has it live (see [`SyncReport`]).
+//!
+//! A report is written only when the installed peers change (or the peers
+//! that failed to install do), not after every pass: a store change in an
+//! org this gateway doesn't hold costs no write. Reports never move the
+//! store's change feed, so they set off no passes elsewhere.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::model::{GatewayName, PublicKey};
+use crate::reconcile::Installed;
+use crate::store::{Store, SyncReport};
+
+/// The first wait before retrying a report the store refused.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+/// The longest wait between retries.
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// What was last written, to tell whether a new report says anything new.
+#[derive(Debug, Default)]
+pub struct Published {
+    report: Option<SyncReport>,
+    installed: HashSet<PublicKey>,
+}
+
+impl Published {
+    fn new(installed: &Installed, report: SyncReport) -> Self {
+        Self {
+            report: Some(report),
+            installed: installed.peers.keys().copied().collect(),
+        }
+    }
+}
+
+/// The report to write for `now`, if it says something `last` didn't:
+/// the first one after start, or one whose installed or missing peers
+/// differ. Nothing before the first pass that read the store, nothing that
+/// would go back in revisions, and nothing from a gateway missing more than
+/// [`SyncReport::MAX_MISSING`] peers (it is broken; waiters time out).
+pub fn next_report(now: &Installed, last: &Published) -> Option<SyncReport> {
+    if now.revision == 0 || now.missing.len() > SyncReport::MAX_MISSING {
+        return None;
+    }
+    let mut missing = now.missing.clone();
+    missing.sort_unstable_by_key(|k| *k.as_bytes());
+    if let Some(prev) = &last.report {
+        let same_installed = now.peers.len() == last.installed.len()
+            && now.peers.keys().all(|k| last.installed.contains(k));
+        if now.revision < prev.revision || (same_installed && missing == prev.missing) {
+            return None;
+        }
+    }
+    Some(SyncReport {
+        revision: now.revision,
+        missing,
+    })
+}
+
+/// Writes this gateway's reports as its installed peers change, until
+/// `shutdown` turns true. A refused write is retried with backoff.
+pub async fn run(
+    store: Arc<dyn Store>,
+    gateway: GatewayName,
+    mut installed: watch::Receiver<Arc<Installed>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut last = Published::default();
+    let mut retry = RETRY_MIN;
+    let mut failed = false;
+    loop {
+        let now = installed.borrow_and_update().clone();
+        failed = match next_report(&now, &last) {
+            None => false,
+            Some(report) => match store.report_sync(&gateway, &report).await {
+                Ok(()) => {
+                    debug!(gateway = %gateway, revision = report.revision,
+                        missing = report.missing.len(), "sync report written");
+                    last = Published::new(&now, report);
+                    retry = RETRY_MIN;
+                    false
+                }
+                Err(e) => {
+                    if !failed {
+                        warn!(gateway = %gateway, error = %e, "cannot write sync report; retrying");
+                    }
+                    true
+                }
+            },
+        };
+        let backoff = retry;
+        if failed {
+            retry = (retry * 2).min(RETRY_MAX);
+        }
+        tokio::select! {
+            r = shutdown.changed() => {
+                if r.is_err() || *shutdown.borrow() { return; }
+            }
+            r = installed.changed() => {
+                if r.is_err() { return; }
+            }
+            _ = tokio::time::sleep(backoff), if failed => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::PrivateKey;
+    use std::time::SystemTime;
+
+    fn installed(revision: u64, peers: &[PublicKey], missing: &[PublicKey]) -> Installed {
+        Installed {
+            peers: peers.iter().map(|k| (*k, SystemTime::now())).collect(),
+            registered: peers.len() + missing.len(),
+            last_sync: None,
+            revision,
+            missing: missing.to_vec(),
+        }
+    }
+
+    fn keys(n: usize) -> Vec<PublicKey> {
+        (0..n)
+            .map(|_| PrivateKey::generate().public_key())
+            .collect()
+    }
+
+    #[test]
+    fn nothing_before_the_first_snapshot() {
+        assert_eq!(
+            next_report(&Installed::default(), &Published::default()),
+            None
+        );
+    }
+
+    #[test]
+    fn the_first_pass_reports_then_only_changes_do() {
+        let k = keys(3);
+        let first = installed(5, &k[..1], &[]);
+        let r = next_report(&first, &Published::default()).expect("first report");
+        assert_eq!(r.revision, 5);
+        let last = Published::new(&first, r);
+
+        // A later revision that changed nothing here: no write.
+        assert_eq!(next_report(&installed(9, &k[..1], &[]), &last), None);
+        // A peer added: reported at the new revision.
+        let r = next_report(&installed(9, &k[..2], &[]), &last).expect("added");
+        assert_eq!(r.revision, 9);
+        // A peer removed, and a peer swapped for another: both reported.
+        assert!(next_report(&installed(9, &[], &[]), &last).is_some());
+        assert!(next_report(&installed(9, &k[1..2], &[]), &last).is_some());
+    }
+
+    #[test]
+    fn a_peer_that_failed_is_missing_until_it_is_installed() {
+        let k = keys(2);
+        let failed = installed(7, &k[..1], &k[1..]);
+        let r = next_report(&failed, &Published::default()).unwrap();
+        assert_eq!(r.missing, vec![k[1]]);
+        let last = Published::new(&failed, r);
+        // Same state again: nothing; fixed by a later pass: reported.
+        assert_eq!(next_report(&failed, &last), None);
+        let r = next_report(&installed(7, &k, &[]), &last).unwrap();
+        assert!(r.missing.is_empty());
+    }
+
+    #[test]
+    fn never_back_in_revisions_nor_with_too_many_missing() {
+        let k = keys(1);
+        let now = installed(10, &k, &[]);
+        let last = Published::new(&now, next_report(&now, &Published::default()).unwrap());
+        assert_eq!(next_report(&installed(8, &[], &[]), &last), None);
+        let broken = installed(11, &[], &keys(SyncReport::MAX_MISSING + 1));
+        assert_eq!(next_report(&broken, &Published::default()), None);
+    }
+}
