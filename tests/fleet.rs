@@ -50,6 +50,11 @@ struct Cluster {
 
 const STORE_ADDR: &str = "fd53:e::1";
 
+/// Org `acme` is network 1, `fdaa:0:1::/48`: its DNS server, and the probe
+/// host's address ([`Fleet::probe`]).
+const ACME_DNS: &str = "fdaa:0:1::3";
+const PROBE_ADDR: &str = "fdaa:0:1::99";
+
 impl Cluster {
     fn start() -> Self {
         let ns = Netns::new();
@@ -263,6 +268,27 @@ impl Fleet {
     fn live_on(&self, gw: &Gateway, key: &str, within: Duration) -> bool {
         wait_for(within, || self.wg_peers(gw).contains(key).then_some(())).is_some()
     }
+
+    /// A probe host routed to lhr like an instance host: a namespace with
+    /// [`PROBE_ADDR`] (in acme's /48) on its loopback and a veth to lhr, so
+    /// it can ask lhr's DNS at [`ACME_DNS`].
+    fn probe(&self) -> Netns {
+        let probe = Netns::new();
+        veth(
+            &self.lhr_ns,
+            "to-probe",
+            &["fd53:77::1/64"],
+            &probe,
+            "to-gw",
+            &["fd53:77::2/64"],
+        );
+        let host = format!("{PROBE_ADDR}/128");
+        probe.ip(&["-6", "addr", "add", &host, "dev", "lo"]);
+        probe.ip(&["-6", "route", "add", "fdaa::/16", "via", "fd53:77::1"]);
+        self.lhr_ns
+            .ip(&["-6", "route", "add", &host, "via", "fd53:77::2"]);
+        probe
+    }
 }
 
 #[test]
@@ -334,25 +360,7 @@ fn a_fleet_shares_one_etcd_cluster() {
         "--machine",
         "3:4",
     ]);
-    let probe = Netns::new();
-    common::veth(
-        &f.lhr_ns,
-        "to-probe",
-        &["fd53:77::1/64"],
-        &probe,
-        "to-gw",
-        &["fd53:77::2/64"],
-    );
-    probe.ip(&["-6", "addr", "add", "fdaa:0:1::99/128", "dev", "lo"]);
-    probe.ip(&["-6", "route", "add", "fdaa::/16", "via", "fd53:77::1"]);
-    f.lhr_ns.ip(&[
-        "-6",
-        "route",
-        "add",
-        "fdaa:0:1::99/128",
-        "via",
-        "fd53:77::2",
-    ]);
+    let probe = f.probe();
     let dig = |qtype: &str, name: &str| {
         probe.run(&[
             "dig",
@@ -360,8 +368,8 @@ fn a_fleet_shares_one_etcd_cluster() {
             "+time=1",
             "+tries=2",
             "-b",
-            "fdaa:0:1::99",
-            "@fdaa:0:1::3",
+            PROBE_ADDR,
+            &format!("@{ACME_DNS}"),
             qtype,
             name,
         ])
