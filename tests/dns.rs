@@ -13,14 +13,12 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::{Ipv6Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{veth, Gateway, Netns};
-use hickory_proto::op::{Message, Query, ResponseCode};
-use hickory_proto::rr::{Name, RecordType};
+use common::{aaaa_query, enter_netns, veth, Gateway, Netns};
+use hickory_proto::op::{Message, ResponseCode};
 
 /// The upstream resolver's address and the name it serves.
 const UPSTREAM: &str = "fd53:9::2";
@@ -630,7 +628,7 @@ fn every_name_over_udp_and_tcp_through_the_tunnel_org_scoped_and_fresh_within_10
             sock.connect(server).unwrap();
             sock.set_read_timeout(Some(Duration::from_millis(2)))
                 .unwrap();
-            let q = query(0x5151, "w5.vm.web.internal.");
+            let q = aaaa_query(0x5151, "w5.vm.web.internal.");
             let mut buf = [0u8; 1500];
             let deadline = Instant::now() + Duration::from_secs(5);
             let mut warm = false;
@@ -795,22 +793,4 @@ fn removing_the_last_peer_stops_the_listener_and_a_new_one_starts_it() {
         "example.test",
     ]));
     assert!(out.contains("status: SERVFAIL"), "{out}");
-}
-
-/// Moves the calling thread into network namespace `ns`.
-fn enter_netns(ns: &str) {
-    let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-    // SAFETY: setns only changes this thread's network namespace.
-    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-}
-
-fn query(id: u16, name: &str) -> Vec<u8> {
-    let mut m = Message::query();
-    m.metadata.id = id;
-    m.add_query(Query::query(
-        Name::from_ascii(name).unwrap(),
-        RecordType::AAAA,
-    ));
-    m.to_vec().unwrap()
 }

@@ -32,6 +32,7 @@ use std::ffi::OsStr;
 use std::fmt::Display;
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -555,6 +556,27 @@ pub fn veth(a: &Netns, a_if: &str, a_addrs: &[&str], b: &Netns, b_if: &str, b_ad
         }
         ns.ip(&["link", "set", dev, "up"]);
     }
+}
+
+/// Moves the calling thread into the network namespace named `ns` (only this
+/// thread: sockets it opens afterwards live in `ns`). Spawn a thread for it
+/// and keep fixtures off that thread.
+pub fn enter_netns(ns: &str) {
+    let f = File::open(format!("/run/netns/{ns}")).unwrap();
+    // SAFETY: setns only changes this thread's network namespace.
+    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// A DNS query for `name`'s AAAA records, in wire format, with id `id`.
+pub fn aaaa_query(id: u16, name: &str) -> Vec<u8> {
+    let mut m = hickory_proto::op::Message::query();
+    m.metadata.id = id;
+    m.add_query(hickory_proto::op::Query::query(
+        hickory_proto::rr::Name::from_ascii(name).unwrap(),
+        hickory_proto::rr::RecordType::AAAA,
+    ));
+    m.to_vec().unwrap()
 }
 
 // ---------------------------------------------------------------------------
