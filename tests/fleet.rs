@@ -201,6 +201,9 @@ struct Fleet {
     dir: tempfile::TempDir,
 }
 
+/// The address lhr's tunnel clients dial it on (see [`Fleet::tunnel`]).
+const LHR_ENDPOINT: &str = "fd53:c1::1";
+
 fn gateway(ns: &Netns, cluster: &Cluster, name: &str, region: &str, host: &str) -> Gateway {
     Gateway::builder()
         .netns(ns)
@@ -208,6 +211,7 @@ fn gateway(ns: &Netns, cluster: &Cluster, name: &str, region: &str, host: &str) 
         .region(region)
         .host_id(host)
         .listen_port(51820)
+        .endpoint(&format!("[{LHR_ENDPOINT}]:51820"))
         .gateway_toml("backend = \"userspace\"")
         .store_toml("kind = \"etcd\"")
         .store_toml(&cluster.endpoints_toml())
@@ -274,6 +278,25 @@ impl Fleet {
         wait_for(within, || self.wg_peers(gw).contains(key).then_some(())).is_some()
     }
 
+    /// A laptop on the Internet side of lhr with the tunnel of peer `name`
+    /// (created into lhr's region through [`Fleet::create`]) up.
+    fn tunnel(&self, name: &str) -> Netns {
+        let laptop = Netns::new();
+        veth(
+            &self.lhr_ns,
+            "to-cli",
+            &[&format!("{LHR_ENDPOINT}/64")],
+            &laptop,
+            "to-gw",
+            &["fd53:c1::2/64"],
+        );
+        let conf = self.dir.path().join(format!("{name}.conf"));
+        common::strip_dns_line(&conf);
+        let script = common::wg_quick_userspace_script(self.dir.path());
+        common::wg_quick(&laptop, &script, &["up", conf.to_str().unwrap()]);
+        laptop
+    }
+
     /// A probe host routed to lhr like an instance host: a namespace with
     /// [`PROBE_ADDR`] (in acme's /48) on its loopback and a veth to lhr, so
     /// it can ask lhr's DNS at [`ACME_DNS`].
@@ -328,6 +351,9 @@ fn a_fleet_shares_one_etcd_cluster() {
     assert_eq!(p["state"], "installed", "{p}");
     let from_iad = f.iad.cli_json(&["wireguard", "list", "acme"]);
     assert_eq!(from_iad[0]["state"], "installed", "{}", from_iad[0]);
+    // The laptop's tunnel carries traffic to lhr's `::3`.
+    let laptop = f.tunnel("laptop");
+    laptop.run_ok(&["ping", "-6", "-c", "1", "-W", "3", ACME_DNS]);
     assert!(
         p["address"]
             .as_str()
@@ -504,7 +530,16 @@ fn a_fleet_shares_one_etcd_cluster() {
         "one-down not on iad"
     );
 
-    // All down: writes fail fast with 503; tunnels stay.
+    // All down: writes fail fast with 503; tunnels carry on (a ping runs
+    // through the laptop's tunnel from here until the cluster is back and
+    // converged) and DNS answers from the last snapshot.
+    let ping = laptop
+        .cmd("ping")
+        .args(["-6", "-n", "-i", "0.2", "-W", "1", ACME_DNS])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     f.cluster.stop_member(1);
     f.cluster.stop_member(2);
     let t0 = Instant::now();
@@ -520,6 +555,13 @@ fn a_fleet_shares_one_etcd_cluster() {
     eprintln!("write with etcd down failed after {took:?}: {}", err.trim());
     std::thread::sleep(Duration::from_secs(2));
     assert!(f.wg_peers(&f.lhr).contains(&key), "lhr lost its peers");
+    let peers = common::stdout_of(&dig("txt", "_peer.internal"));
+    assert!(
+        peers.contains("laptop") && peers.contains("one-down"),
+        "lhr's DNS with etcd down: {peers:?}"
+    );
+    let api = common::stdout_of(&dig("aaaa", "api.internal"));
+    assert!(api.contains("fdaa:0:1:a7b:8e:3:4:2"), "{api:?}");
 
     // Back: a change made now reaches both gateways.
     for i in 0..3 {
@@ -543,6 +585,23 @@ fn a_fleet_shares_one_etcd_cluster() {
     );
     assert!(f.wg_peers(&f.lhr).contains(&key), "lhr lost its peers");
     assert_eq!(f.key_of(&f.iad, "after"), k);
+    // Not one ping lost across the outage and the recovery.
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(ping.id() as i32, libc::SIGINT) };
+    let out = ping.wait_with_output().unwrap();
+    let stats = common::stdout_of(&out);
+    let summary = stats
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary: {stats}"));
+    eprintln!("ping through the outage: {summary}");
+    let counts: Vec<u64> = summary
+        .split(',')
+        .filter_map(|part| part.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(counts.len() >= 2 && counts[0] > 20, "{summary}");
+    // The last echo may still be in flight when ping is interrupted.
+    assert!(counts[0] - counts[1] <= 1, "lost pings: {summary}");
 }
 
 /// How many changes a benchmark times: `SIXPN_BENCH_N`, default 1000.

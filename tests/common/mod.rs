@@ -705,6 +705,18 @@ exit 1
     path
 }
 
+/// Drops the `DNS =` line from a wg-quick file: wg-quick would hand it to
+/// resolvconf, which changes the host.
+pub fn strip_dns_line(conf: &Path) {
+    let text = std::fs::read_to_string(conf).unwrap();
+    let kept: String = text
+        .lines()
+        .filter(|l| !l.starts_with("DNS"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(conf, kept).unwrap();
+}
+
 /// `ip netns exec NS wg-quick ARGS…` with the userspace `script`; panics
 /// unless it succeeds. Drop the `DNS =` line from the file first: wg-quick
 /// would hand it to resolvconf, which changes the host.
