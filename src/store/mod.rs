@@ -130,6 +130,48 @@ impl Snapshot {
     }
 }
 
+/// One committed write, as a change to a [`Snapshot`]: how a backend keeps
+/// a snapshot current without reading everything again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Delta {
+    /// Nothing a snapshot holds changed (e.g. a token was added).
+    Unchanged,
+    /// An org was created.
+    OrgAdded(Org),
+    /// A peer was registered.
+    PeerAdded(Peer),
+    /// A peer was removed.
+    PeerRemoved(OrgName, PeerName),
+    /// An instance was registered.
+    InstanceAdded(Instance),
+    /// An instance was removed.
+    InstanceRemoved(OrgName, AppName, InstanceId),
+}
+
+impl Snapshot {
+    /// Applies one write, keeping every list in its sort order.
+    pub(crate) fn apply(&mut self, delta: Delta) {
+        fn insert<T>(v: &mut Vec<T>, item: T, cmp: impl Fn(&T, &T) -> std::cmp::Ordering) {
+            let at = v.partition_point(|x| cmp(x, &item).is_lt());
+            v.insert(at, item);
+        }
+        match delta {
+            Delta::Unchanged => {}
+            Delta::OrgAdded(o) => insert(&mut self.orgs, o, |a, b| a.name.cmp(&b.name)),
+            Delta::PeerAdded(p) => insert(&mut self.peers, p, |a, b| {
+                (&a.org, &a.name).cmp(&(&b.org, &b.name))
+            }),
+            Delta::PeerRemoved(org, name) => self.peers.retain(|p| p.org != org || p.name != name),
+            Delta::InstanceAdded(i) => insert(&mut self.instances, i, |a, b| {
+                (&a.org, &a.app, &a.id).cmp(&(&b.org, &b.app, &b.id))
+            }),
+            Delta::InstanceRemoved(org, app, id) => self
+                .instances
+                .retain(|i| i.org != org || i.app != app || i.id != id),
+        }
+    }
+}
+
 /// What a gateway last reported about its kernel: after planning from the
 /// store at `revision`, every one of its peers registered by then is
 /// installed except those in `missing`. Gateways publish one whenever their
