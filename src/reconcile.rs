@@ -9,7 +9,12 @@
 //! applied, so a store change costs a plan and the changes, not a full dump.
 //!
 //! Failures never stop the loop: a failed item is logged, the cache is
-//! dropped so the next pass re-reads the kernel, and the pass is retried.
+//! dropped so the next pass re-reads the kernel, and the pass is retried
+//! (with backoff, up to 5 s). What did go in is still published, so one
+//! failing peer doesn't hold up the others; a peer counts as installed only
+//! once both its WireGuard entry and our route to it are in. A route to a
+//! peer's /120 that someone else already holds is never taken over: that
+//! peer's route fails, naming it, on every retry until they remove theirs.
 //! If the store can't be read the last snapshot stays in force; before the
 //! first snapshot nothing is deleted (see [`crate::plan`]).
 //!
@@ -31,7 +36,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::api::server::{DataplaneHealth, DataplaneView, PeerStats};
 use crate::dataplane::{Firewall, KernelError, NetEvent, Netlink, WgDevice, MTU};
-use crate::model::{GatewayName, InterfaceName, PrivateKey, PublicKey};
+use crate::model::{GatewayName, InterfaceName, PeerNet, PrivateKey, PublicKey};
 use crate::plan::nft::{self, FirewallPlan, ObservedTable};
 use crate::plan::{self, Desired, Identity, Observed, Plan};
 use crate::store::Revision;
@@ -533,33 +538,47 @@ impl Reconciler {
                 )]);
             }
         }
+        let mut errors = Vec::new();
         if !plan.is_empty() {
-            let n = plan.len() as u64;
+            if !store_changed {
+                info!(changes = plan.len(), "repairing drift");
+            }
+            let done;
+            (done, errors) = self.apply(&plan, desired.as_ref()).await;
+            // Count what happened: a change that keeps failing (a foreign
+            // route in the way) must not count again on every retry.
+            let n = done.len() as u64;
             self.counters.changes.fetch_add(n, Ordering::Relaxed);
             if !store_changed {
-                info!(changes = n, "repairing drift");
                 self.counters.drift_repairs.fetch_add(n, Ordering::Relaxed);
             }
-            let errors = self.apply(&plan, desired.as_ref()).await;
-            if !errors.is_empty() {
-                return Err(errors);
-            }
-            plan::apply_to(&mut self.cache, &plan, &me);
+            plan::apply_to(&mut self.cache, &done, &me);
         }
-        self.publish(desired.as_ref());
-        Ok(())
+        // Also after a partial failure: the peers that did go in are live,
+        // and the API is waiting for them.
+        self.publish(desired.as_ref(), errors.is_empty());
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
     }
 
-    /// Carries out `plan`. One failed item doesn't stop the others.
-    async fn apply(&self, plan: &Plan, desired: Option<&Desired>) -> Vec<KernelError> {
+    /// Carries out `plan`. One failed item doesn't stop the others. Returns
+    /// the part of the plan that took effect, and what failed.
+    async fn apply(&self, plan: &Plan, desired: Option<&Desired>) -> (Plan, Vec<KernelError>) {
         let mut errors = Vec::new();
+        let mut done = Plan::default();
         let Some(link) = self.cache.link else {
-            return vec![KernelError::new("apply", "interface vanished")];
+            return (done, vec![KernelError::new("apply", "interface vanished")]);
         };
         let index = link.index;
         if plan.link_up {
             match self.nl.set_link_up(index, MTU).await {
-                Ok(()) => info!(mtu = MTU, "interface up"),
+                Ok(()) => {
+                    done.link_up = true;
+                    info!(mtu = MTU, "interface up");
+                }
                 Err(e) => errors.push(e),
             }
         }
@@ -572,11 +591,14 @@ impl Reconciler {
                 )
                 .await
             {
-                Ok(()) => info!(
-                    listen_port = self.settings.identity.listen_port,
-                    public_key = %self.settings.identity.public_key,
-                    "WireGuard device configured"
-                ),
+                Ok(()) => {
+                    done.configure_device = true;
+                    info!(
+                        listen_port = self.settings.identity.listen_port,
+                        public_key = %self.settings.identity.public_key,
+                        "WireGuard device configured"
+                    );
+                }
                 Err(e) => errors.push(e),
             }
         }
@@ -587,6 +609,8 @@ impl Reconciler {
                 .await
             {
                 Ok(()) => {
+                    done.upsert_peers.clone_from(&plan.upsert_peers);
+                    done.remove_peers.clone_from(&plan.remove_peers);
                     for u in &plan.upsert_peers {
                         match desired.and_then(|d| d.installed.get(&u.public_key)) {
                             Some(p) => info!(org = %p.org, peer = %p.name, net = %u.net,
@@ -603,42 +627,65 @@ impl Reconciler {
         }
         for a in &plan.add_addresses {
             match self.nl.add_address(index, *a).await {
-                Ok(()) => info!(address = %a, "org DNS address added"),
+                Ok(()) => {
+                    done.add_addresses.push(*a);
+                    info!(address = %a, "org DNS address added");
+                }
                 Err(e) => errors.push(e),
             }
         }
         for (a, len) in &plan.remove_addresses {
             match self.nl.del_address(index, *a, *len).await {
-                Ok(()) => info!(address = %a, "org DNS address removed"),
+                Ok(()) => {
+                    done.remove_addresses.push((*a, *len));
+                    info!(address = %a, "org DNS address removed");
+                }
                 Err(e) => errors.push(e),
             }
         }
         if !plan.add_routes.is_empty() {
             let results = self.nl.add_routes(index, &plan.add_routes).await;
-            let mut ok = 0usize;
-            for r in results {
+            // Failures name the peer: the operator has to find whose traffic
+            // a route in the way (someone else's) is taking.
+            let peers: HashMap<_, _> = match desired {
+                Some(d) if results.iter().any(Result::is_err) => d
+                    .installed
+                    .values()
+                    .map(|p| ((p.net.network(), PeerNet::LEN), p))
+                    .collect(),
+                _ => HashMap::new(),
+            };
+            for (r, net) in results.into_iter().zip(&plan.add_routes) {
                 match r {
-                    Ok(()) => ok += 1,
-                    Err(e) => errors.push(e),
+                    Ok(()) => done.add_routes.push(*net),
+                    Err(mut e) => {
+                        if let Some(p) = peers.get(net) {
+                            e.op = format!("{} for peer {} of org {}", e.op, p.name, p.org);
+                        }
+                        errors.push(e);
+                    }
                 }
             }
-            info!(routes = ok, "peer routes added");
+            info!(routes = done.add_routes.len(), "peer routes added");
         }
         if !plan.remove_routes.is_empty() {
             let results = self.nl.del_routes(index, &plan.remove_routes).await;
-            let mut ok = 0usize;
-            for r in results {
+            for (r, net) in results.into_iter().zip(&plan.remove_routes) {
                 match r {
-                    Ok(()) => ok += 1,
+                    Ok(()) => done.remove_routes.push(*net),
                     Err(e) => errors.push(e),
                 }
             }
-            info!(routes = ok, "peer routes removed");
+            info!(routes = done.remove_routes.len(), "peer routes removed");
         }
-        errors
+        (done, errors)
     }
 
-    fn publish(&mut self, desired: Option<&Desired>) {
+    /// Publishes which desired peers are live: on the device with their
+    /// /120 and with our route to it (without the route, traffic to the
+    /// peer goes wherever the route in the way sends it). `ok`: the pass
+    /// had no failure, so a complete set means the kernel matches the store.
+    fn publish(&mut self, desired: Option<&Desired>, ok: bool) {
         let Some(desired) = desired else { return };
         let Some(device) = self.cache.device.as_ref() else {
             return;
@@ -646,11 +693,15 @@ impl Reconciler {
         let now = SystemTime::now();
         let mut peers = HashMap::with_capacity(desired.installed.len());
         for (k, want) in &desired.installed {
-            let live = device
+            let on_device = device
                 .peers
                 .get(k)
                 .is_some_and(|p| p.allowed_ips == [crate::dataplane::AllowedIp::from(want.net)]);
-            if live {
+            let routed = self
+                .cache
+                .routes
+                .contains(&(want.net.network(), PeerNet::LEN));
+            if on_device && routed {
                 let since = *self.since.entry(*k).or_insert(now);
                 peers.insert(*k, since);
             }
@@ -662,7 +713,7 @@ impl Reconciler {
             .filter(|k| !peers.contains_key(*k))
             .copied()
             .collect();
-        let complete = missing.is_empty();
+        let complete = ok && missing.is_empty();
         let last_sync = if complete {
             Some(now)
         } else {
@@ -922,6 +973,8 @@ impl DataplaneView for View {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv6Addr;
+
     use super::*;
     use crate::dataplane::fake::{peer_ips, FakeKernel};
     use crate::model::PeerName;
@@ -1046,6 +1099,75 @@ mod tests {
         assert_eq!(peer_ips(&r.kernel).len(), 2, "peers went in");
         assert!(r.rec.pass_all().await);
         assert_eq!(r.kernel.state().routes.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_foreign_route_in_the_way_is_reported_not_taken_and_others_go_in() {
+        let mut r = rig().await;
+        let a = add_peer(&r.store, "a").await;
+        // The next peer's /120 (slots are handed out from the lowest free).
+        let net_b: Ipv6Addr = "fdaa:0:1:a7b:d6b:0:a:100".parse().unwrap();
+        r.kernel.state().foreign_routes.insert((net_b, 120));
+        let b = add_peer(&r.store, "b").await;
+        let snap = r.store.snapshot().await.unwrap();
+        let got = snap.peers.iter().find(|p| p.public_key == b).unwrap().net;
+        assert_eq!(got.network(), net_b, "the layout this test assumes");
+
+        let installed = r.rec.installed();
+        assert!(!r.rec.pass_all().await);
+        assert_eq!(r.rec.counters.errors.load(Ordering::Relaxed), 1);
+        {
+            let s = r.kernel.state();
+            assert!(s.foreign_routes.contains(&(net_b, 120)), "left alone");
+            assert!(!s.routes.contains(&(net_b, 120)));
+            assert_eq!(s.routes.len(), 1, "a's route went in");
+        }
+        assert_eq!(peer_ips(&r.kernel).len(), 2);
+        // a is live and published despite the failed pass; b, whose traffic
+        // the foreign route takes, is not; the kernel does not match the
+        // store, so no sync time.
+        let now = installed.borrow().clone();
+        assert!(now.peers.contains_key(&a));
+        assert!(!now.peers.contains_key(&b));
+        assert_eq!(now.last_sync, None);
+
+        // Retries keep failing the same way, without counting phantom
+        // changes; then the operator removes the route and b goes in.
+        let changes = r.rec.counters.changes.load(Ordering::Relaxed);
+        assert!(!r.rec.pass_all().await);
+        assert!(!r.rec.pass_all().await);
+        assert_eq!(r.rec.counters.errors.load(Ordering::Relaxed), 3);
+        assert_eq!(r.rec.counters.changes.load(Ordering::Relaxed), changes);
+        assert_eq!(r.rec.counters.drift_repairs.load(Ordering::Relaxed), 0);
+        r.kernel.state().foreign_routes.clear();
+        assert!(r.rec.pass_all().await);
+        assert!(r.kernel.state().routes.contains(&(net_b, 120)));
+        let now = installed.borrow().clone();
+        assert!(now.peers.contains_key(&b));
+        assert!(now.last_sync.is_some());
+    }
+
+    #[tokio::test]
+    async fn the_loop_backs_off_while_a_foreign_route_stays_in_the_way() {
+        let r = rig().await;
+        let net_a: Ipv6Addr = "fdaa:0:1:a7b:d6b:0:a:0".parse().unwrap();
+        r.kernel.state().foreign_routes.insert((net_a, 120));
+        add_peer(&r.store, "a").await;
+        let view = r.rec.view();
+        let counters = r.rec.counters();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let store = r.store.clone();
+        let task = tokio::spawn(r.rec.run(stop_rx));
+        // Another peer arriving meanwhile is installed at once.
+        let b = add_peer(&store, "b").await;
+        assert!(view.wait_installed(&b, Duration::from_secs(2)).await);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Backoff from 100 ms doubling: a handful of passes, not hundreds.
+        let passes = counters.passes.load(Ordering::Relaxed);
+        assert!((3..=10).contains(&passes), "{passes} passes in 1.5 s");
+        assert_eq!(counters.errors.load(Ordering::Relaxed), passes);
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
     }
 
     #[tokio::test]

@@ -471,3 +471,90 @@ fn drift_is_repaired_and_foreign_state_left_alone() {
         "foreign route removed:\n{routes}"
     );
 }
+
+#[test]
+fn a_foreign_route_to_a_peer_net_is_left_alone_and_reported() {
+    require_root!();
+    require_tools!("ip", "wg", "wireguard-go");
+    let gw_ns = Netns::new();
+    let gw = Gateway::builder()
+        .netns(&gw_ns)
+        .endpoint("[fd53:1::1]:51820")
+        .listen_port(51820)
+        .gateway_toml(&format!("backend = \"{}\"", backend()))
+        .start();
+    let iface = gw.interface.clone();
+    gw.cli_ok(&["orgs", "create", "acme"]);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = |name: &str| dir.path().join(format!("{name}.conf"));
+    // Creates a peer; returns its /120 and whether create saw it installed.
+    let create = |name: &str| {
+        let out = gw.cli(&[
+            "wireguard",
+            "create",
+            "acme",
+            "lhr",
+            name,
+            path(&conf(name)),
+        ]);
+        assert!(out.status.success(), "{}", common::stderr_of(&out));
+        let status = gw.cli_json(&["wireguard", "status", "acme", name]);
+        let net = status["peer"]["network"].as_str().unwrap().to_owned();
+        let pending = common::stderr_of(&out).contains("has not installed");
+        (
+            net,
+            pending,
+            status["peer"]["state"].as_str().unwrap().to_owned(),
+        )
+    };
+    let our_routes = || gw_ns.ip(&["-6", "route", "show", "dev", &iface, "proto", "110"]);
+
+    // The /120 the next peer will get: the lowest free slot, freed again.
+    let (net, _, _) = create("first");
+    gw.cli_ok(&["wireguard", "remove", "acme", "first"]);
+    wait_for(scaled(Duration::from_secs(3)), || {
+        (!our_routes().contains(&net)).then_some(())
+    })
+    .expect("first peer's route not removed");
+    // An operator's route to it, at the default metric like ours.
+    gw_ns.ip(&["-6", "route", "add", &net, "dev", "lo", "proto", "static"]);
+    let foreign = || gw_ns.ip(&["-6", "route", "show", "table", "all", &net]);
+    let before = foreign();
+    assert!(before.contains("dev lo proto static"), "{before}");
+
+    let (blocked_net, pending, state) = create("blocked");
+    assert_eq!(blocked_net, net, "slot not reused; the test's premise");
+    assert!(
+        pending,
+        "create reported a peer whose route is someone else's as installed"
+    );
+    assert_eq!(state, "pending");
+    // Retried (backoff) without ever touching it.
+    std::thread::sleep(scaled(Duration::from_secs(2)));
+    assert_eq!(foreign(), before, "the foreign route changed");
+    assert!(!our_routes().contains(&net), "{}", our_routes());
+    let log = gw.log();
+    assert!(
+        log.contains(&format!("{net} not owned by sixpn"))
+            && log.contains("peer blocked of org acme"),
+        "the conflict is not reported:\n{log}"
+    );
+
+    // The daemon lives on and installs the next peer as usual.
+    assert!(common::health(&gw.socket), "daemon not answering");
+    let (next_net, pending, state) = create("next");
+    assert_ne!(next_net, net);
+    assert!(!pending, "the next peer was not installed in time");
+    assert_eq!(state, "installed");
+    assert!(our_routes().contains(&next_net), "{}", our_routes());
+    let show = gw_ns.run_ok(&["wg", "show", &iface, "allowed-ips"]);
+    assert!(show.contains(&next_net), "{show}");
+    assert_eq!(foreign(), before, "the foreign route changed");
+
+    // Once the operator's route goes, the blocked peer gets ours.
+    gw_ns.ip(&["-6", "route", "del", &net, "dev", "lo", "proto", "static"]);
+    wait_for(scaled(Duration::from_secs(8)), || {
+        our_routes().contains(&net).then_some(())
+    })
+    .expect("blocked peer's route not added after the foreign one went");
+}

@@ -28,7 +28,9 @@ pub struct FakeState {
     pub addresses: BTreeSet<(Ipv6Addr, u8)>,
     /// Our routes on the interface.
     pub routes: BTreeSet<(Ipv6Addr, u8)>,
-    /// Routes of other protocols (never touched by sixpn).
+    /// Someone else's routes at our metric in the main table: an add of
+    /// ours to one of these fails with `EEXIST`, as in the kernel, and
+    /// leaves it alone.
     pub foreign_routes: BTreeSet<(Ipv6Addr, u8)>,
     /// IPv6 forwarding.
     pub forwarding: bool,
@@ -252,6 +254,13 @@ impl Netlink for FakeKernel {
                         format!("add route {a}/{l}"),
                         "injected failure",
                     ));
+                }
+                if s.foreign_routes.contains(&(a, l)) {
+                    return Err(KernelError {
+                        op: format!("add route {a}/{l}"),
+                        message: format!("a route to {a}/{l} not owned by sixpn exists"),
+                        errno: Some(libc::EEXIST),
+                    });
                 }
                 s.routes.insert((a, l));
                 s.calls.push(format!("add route {a}/{l}"));

@@ -190,7 +190,10 @@ pub trait Netlink: Send + Sync {
     async fn routes(&self, index: u32) -> Result<Vec<(Ipv6Addr, u8)>, KernelError>;
 
     /// Ensures a route to each `net` via the link with [`ROUTE_PROTOCOL`]
-    /// (replace: idempotent). Returns one result per net, in order.
+    /// in the main table: already there is success (idempotent); any other
+    /// route to the net at the same metric is never replaced, the net's
+    /// result is then an error (errno `EEXIST`) describing it. Returns one
+    /// result per net, in order.
     async fn add_routes(&self, index: u32, nets: &[(Ipv6Addr, u8)])
         -> Vec<Result<(), KernelError>>;
 

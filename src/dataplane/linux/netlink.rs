@@ -4,10 +4,19 @@
 //! netlink-packet-route whose types are not interchangeable).
 //!
 //! Our routes: IPv6, in the main table, out of our interface, carrying
-//! [`ROUTE_PROTOCOL`]. Adds use `NLM_F_REPLACE` (idempotent); deletes name
-//! the protocol, which IPv6 route deletion matches on, so a foreign route to
-//! the same prefix survives them.
+//! [`ROUTE_PROTOCOL`]. Adds are exclusive (`NLM_F_CREATE|NLM_F_EXCL`): a
+//! replace would silently take over an operator's route to the same prefix
+//! and metric, whatever its device or protocol. On `EEXIST` one dump tells
+//! whose route is there: ours is success (idempotent), anyone else's is an
+//! error and stays untouched. Deletes name the protocol, which IPv6 route
+//! deletion matches on, so a foreign route to the same prefix survives them.
+//!
+//! Addresses are different: `add_address` keeps `NLM_F_REPLACE`, because the
+//! kernel looks the address up on the one link named (the same address on
+//! another link is a separate entry), and that link is our interface, which
+//! sixpn owns whole.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 
 use async_trait::async_trait;
@@ -36,6 +45,10 @@ const EVENT_QUEUE: usize = 256;
 /// Receive buffer of the event socket (bursts: 10k routes at once).
 const EVENT_RCVBUF: usize = 4 << 20;
 const FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+/// The metric the kernel gives an IPv6 route added without one
+/// (`IP6_RT_PRIO_USER`): our routes', so the one an exclusive add of ours
+/// collides with.
+const DEFAULT_METRIC: u32 = 1024;
 
 /// rtnetlink in the network namespace of the thread that created it.
 pub struct LinuxNetlink {
@@ -102,11 +115,67 @@ fn route_destination(r: &RouteMessage) -> (Ipv6Addr, u8) {
     (addr, r.header.destination_prefix_length)
 }
 
+fn route_metric(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Priority(m) => Some(*m),
+            _ => None,
+        })
+        .unwrap_or(DEFAULT_METRIC)
+}
+
+/// Whether `r` is one of our routes on link `index`.
+fn is_ours(r: &RouteMessage, index: u32) -> bool {
+    r.header.address_family == AddressFamily::Inet6
+        && r.header.protocol == RouteProtocol::from(ROUTE_PROTOCOL)
+        && route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN)
+        && route_oif(r) == Some(index)
+}
+
+/// The main-table IPv6 routes at our metric, by destination: the routes an
+/// exclusive add of ours collides with.
+fn at_our_metric(dump: &[RouteMessage]) -> HashMap<(Ipv6Addr, u8), Vec<&RouteMessage>> {
+    let mut by_dst: HashMap<_, Vec<_>> = HashMap::new();
+    for r in dump.iter().filter(|r| {
+        r.header.address_family == AddressFamily::Inet6
+            && route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN)
+            && route_metric(r) == DEFAULT_METRIC
+    }) {
+        by_dst.entry(route_destination(r)).or_default().push(r);
+    }
+    by_dst
+}
+
+/// Whose route blocked an add of ours with `EEXIST`, given what holds the
+/// destination (see [`at_our_metric`]): `Ok` if ours (the add is done);
+/// otherwise what to tell the operator.
+fn whose_route(holders: Option<&Vec<&RouteMessage>>, index: u32) -> Result<(), String> {
+    let Some(holders) = holders.filter(|h| !h.is_empty()) else {
+        return Err("a route to it existed but was gone when checked".into());
+    };
+    // More than one only for multipath siblings; any foreign one conflicts.
+    let Some(r) = holders.iter().find(|r| !is_ours(r, index)) else {
+        return Ok(());
+    };
+    let (addr, len) = route_destination(r);
+    let kind = format!("{:?}", r.header.kind).to_lowercase();
+    let dev = match route_oif(r) {
+        Some(i) => format!("ifindex {i}"),
+        None => "no single device".into(),
+    };
+    Err(format!(
+        "a route to {addr}/{len} not owned by sixpn exists ({kind} route, proto {}, {dev}, \
+         metric {DEFAULT_METRIC}); left untouched",
+        r.header.protocol
+    ))
+}
+
 /// Runs one request per net, `PIPELINE` at a time, results in order.
-async fn pipelined<F, Fut>(nets: &[(Ipv6Addr, u8)], f: F) -> Vec<Result<(), KernelError>>
+async fn pipelined<F, Fut, T>(nets: &[(Ipv6Addr, u8)], f: F) -> Vec<T>
 where
     F: Fn(Ipv6Addr, u8) -> Fut,
-    Fut: std::future::Future<Output = Result<(), KernelError>>,
+    Fut: std::future::Future<Output = T>,
 {
     // Owned items: a closure over `&(Ipv6Addr, u8)` trips async_trait's
     // higher-ranked Send check.
@@ -115,6 +184,19 @@ where
         .buffered(PIPELINE)
         .collect()
         .await
+}
+
+impl LinuxNetlink {
+    /// Every IPv6 route. Without strict checking the dump returns every
+    /// table; callers filter.
+    async fn dump_routes(&self) -> Result<Vec<RouteMessage>, rtnetlink::Error> {
+        self.handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+    }
 }
 
 #[async_trait]
@@ -207,23 +289,13 @@ impl Netlink for LinuxNetlink {
     }
 
     async fn routes(&self, index: u32) -> Result<Vec<(Ipv6Addr, u8)>, KernelError> {
-        // Without strict checking the dump returns every table; filter here.
-        let all: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
-            .execute()
-            .try_collect()
+        let all = self
+            .dump_routes()
             .await
             .map_err(|e| rtnl_error(format!("list routes of link {index}"), &e))?;
         let mut ours: Vec<(Ipv6Addr, u8)> = all
             .iter()
-            .filter(|r| {
-                r.header.address_family == AddressFamily::Inet6
-                    && r.header.protocol == RouteProtocol::from(ROUTE_PROTOCOL)
-                    && route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN)
-                    && route_oif(r) == Some(index)
-            })
+            .filter(|r| is_ours(r, index))
             .map(route_destination)
             .collect();
         ours.sort();
@@ -235,19 +307,44 @@ impl Netlink for LinuxNetlink {
         index: u32,
         nets: &[(Ipv6Addr, u8)],
     ) -> Vec<Result<(), KernelError>> {
-        pipelined(nets, |addr, len| {
-            let req = self
-                .handle
-                .route()
-                .add(route_message(index, addr, len))
-                .replace();
-            async move {
-                req.execute()
-                    .await
-                    .map_err(|e| rtnl_error(format!("add route {addr}/{len} dev {index}"), &e))
-            }
+        // No `.replace()`: rtnetlink then sends NLM_F_CREATE|NLM_F_EXCL, and
+        // the kernel answers EEXIST when the main table holds any route to
+        // the prefix at our metric (fib6_add_rt2) instead of taking it over.
+        let sent = pipelined(nets, |addr, len| {
+            let req = self.handle.route().add(route_message(index, addr, len));
+            async move { req.execute().await }
         })
-        .await
+        .await;
+        // The common case costs nothing more; conflicts cost one dump.
+        let conflicts = sent
+            .iter()
+            .any(|r| matches!(r, Err(e) if rtnl_errno(e) == Some(libc::EEXIST)));
+        let dump = if conflicts {
+            Some(self.dump_routes().await)
+        } else {
+            None
+        };
+        let holders = dump
+            .as_ref()
+            .map(|d| d.as_ref().map(|all| at_our_metric(all)));
+        sent.into_iter()
+            .zip(nets)
+            .map(|(r, &(addr, len))| {
+                let Err(e) = r else { return Ok(()) };
+                let err = rtnl_error(format!("add route {addr}/{len} dev {index}"), &e);
+                match &holders {
+                    Some(Ok(by_dst)) if err.errno == Some(libc::EEXIST) => {
+                        whose_route(by_dst.get(&(addr, len)), index)
+                            .map_err(|message| KernelError { message, ..err })
+                    }
+                    Some(Err(d)) if err.errno == Some(libc::EEXIST) => Err(KernelError {
+                        message: format!("{}; can't tell whose route it is: {d}", err.message),
+                        ..err
+                    }),
+                    _ => Err(err),
+                }
+            })
+            .collect()
     }
 
     async fn del_routes(
@@ -478,6 +575,84 @@ mod tests {
     }
 
     #[test]
+    fn adds_never_take_over_a_foreign_route() {
+        if !need_root("adds_never_take_over_a_foreign_route") {
+            return;
+        }
+        in_netns(|| async {
+            let nl = LinuxNetlink::new().unwrap();
+            let idx = veth(&nl).await;
+            let net = |g: u16| (a(&format!("fdaa:0:18:0:1:0:b:{g:x}")), 120u8);
+            // Someone else's, at our metric: on another device; on ours with
+            // another protocol; a blackhole (no device at all).
+            let foreign = [
+                (net(0x000), vec!["dev", "lo"]),
+                (net(0x100), vec!["dev", "sxv0", "proto", "static"]),
+                (net(0x200), vec!["blackhole"]),
+            ];
+            // Not in the way: another table; another metric.
+            let beside = [
+                (net(0x300), vec!["dev", "lo", "table", "100"]),
+                (net(0x400), vec!["dev", "lo", "metric", "100"]),
+            ];
+            let show = |n: (Ipv6Addr, u8)| {
+                run(&[
+                    "-6",
+                    "route",
+                    "show",
+                    "table",
+                    "all",
+                    &format!("{}/{}", n.0, n.1),
+                ])
+            };
+            for (n, how) in foreign.iter().chain(&beside) {
+                let dst = format!("{}/{}", n.0, n.1);
+                let mut args = vec!["-6", "route", "add"];
+                match how[0] {
+                    "blackhole" => args.extend(["blackhole", dst.as_str()]),
+                    _ => {
+                        args.push(&dst);
+                        args.extend(how.iter().copied());
+                    }
+                }
+                run(&args);
+            }
+            let before: Vec<String> = foreign.iter().map(|(n, _)| show(*n)).collect();
+
+            let ours = net(0x500);
+            let nets = [
+                ours,
+                foreign[0].0,
+                foreign[1].0,
+                foreign[2].0,
+                beside[0].0,
+                beside[1].0,
+            ];
+            let r = nl.add_routes(idx, &nets).await;
+            assert!(r[0].is_ok() && r[4].is_ok() && r[5].is_ok(), "{r:?}");
+            for (i, (n, _)) in foreign.iter().enumerate() {
+                let e = r[i + 1].as_ref().unwrap_err();
+                let text = e.to_string();
+                assert_eq!(e.errno, Some(libc::EEXIST), "{text}");
+                assert!(
+                    text.contains(&format!("{}/120 not owned by sixpn", n.0)),
+                    "{text}"
+                );
+            }
+            let after: Vec<String> = foreign.iter().map(|(n, _)| show(*n)).collect();
+            assert_eq!(before, after, "a foreign route changed");
+            assert!(after[0].contains("dev lo") && after[1].contains("proto static"));
+            let mut want = vec![ours, beside[0].0, beside[1].0];
+            want.sort();
+            assert_eq!(nl.routes(idx).await.unwrap(), want);
+            // Ours already there: success, nothing changes.
+            let again = nl.add_routes(idx, &[ours, beside[1].0]).await;
+            assert!(again.iter().all(Result::is_ok), "{again:?}");
+            assert_eq!(nl.routes(idx).await.unwrap(), want);
+        });
+    }
+
+    #[test]
     fn ten_thousand_routes() {
         if !need_root("ten_thousand_routes") {
             return;
@@ -515,7 +690,7 @@ mod tests {
             assert!(nl.routes(idx).await.unwrap().is_empty());
             // Timing is printed, not asserted: emulated VMs are 100x slower.
             eprintln!(
-                "10k routes: add {add:?}, list {list:?}, re-add (replace) {readd:?}, delete {del:?}"
+                "10k routes: add {add:?}, list {list:?}, re-add (all exist, ours) {readd:?}, delete {del:?}"
             );
         });
     }
