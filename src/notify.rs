@@ -2,7 +2,11 @@
 //! datagram per state to `$NOTIFY_SOCKET`.
 //!
 //! - `READY=1` once the first reconcile pass has made the kernel match the
-//!   store (so `Type=notify` units are "started" only when peers work);
+//!   store (so `Type=notify` units are "started" only when peers work), or
+//!   [`DEGRADED_READY`] after a first pass that left some peers out (a route
+//!   in the way that someone else owns): those are retried and named in
+//!   `STATUS=` and the log, and the rest of the gateway serves, rather than
+//!   systemd restarting it over and over for one peer;
 //! - `WATCHDOG=1` at a third of `$WATCHDOG_USEC`, but only while the
 //!   reconcile loop keeps making passes: a wedged loop gets the daemon
 //!   restarted by systemd;
@@ -16,6 +20,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::reconcile::{Counters, Installed};
+
+/// How long after a first pass that left peers out the gateway still waits
+/// for its retries before it reports ready anyway.
+pub const DEGRADED_READY: Duration = Duration::from_secs(5);
 
 /// Sends `state` to `$NOTIFY_SOCKET`; does nothing outside systemd.
 pub fn notify(state: &str) {
@@ -57,10 +65,23 @@ pub async fn supervise(
     counters: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut first_pass = installed.clone();
+    let degraded = async move {
+        // A pass that got as far as publishing what it installed.
+        let _ = first_pass.wait_for(|i| i.revision > 0).await;
+        tokio::time::sleep(DEGRADED_READY).await;
+        first_pass.borrow().missing.len()
+    };
     tokio::select! {
         _ = installed.wait_for(|i| i.last_sync.is_some()) => {
             notify("READY=1\nSTATUS=kernel matches the store");
             tracing::info!("ready: first sync done");
+        }
+        missing = degraded => {
+            notify(&format!(
+                "READY=1\nSTATUS=serving; {missing} peers not installed yet, retrying (see the log)"
+            ));
+            tracing::warn!(missing, "ready, but some peers are not installed yet; retrying");
         }
         _ = stop.wait_for(|s| *s) => return,
     }

@@ -476,16 +476,24 @@ fn drift_is_repaired_and_foreign_state_left_alone() {
 fn a_foreign_route_to_a_peer_net_is_left_alone_and_reported() {
     require_root!();
     require_tools!("ip", "wg", "wireguard-go");
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
     let gw_ns = Netns::new();
-    let gw = Gateway::builder()
+    let mut gw = Gateway::builder()
         .netns(&gw_ns)
         .endpoint("[fd53:1::1]:51820")
         .listen_port(51820)
         .gateway_toml(&format!("backend = \"{}\"", backend()))
+        .env("NOTIFY_SOCKET", notify_path.to_str().unwrap())
         .start();
     let iface = gw.interface.clone();
     gw.cli_ok(&["orgs", "create", "acme"]);
-    let dir = tempfile::tempdir().unwrap();
+    let mut seen = Vec::new();
+    let ready = |seen: &mut Vec<String>, within| {
+        common::await_notify(&notify, "READY=1", scaled(within), seen)
+    };
+    assert!(ready(&mut seen, Duration::from_secs(10)), "{seen:?}");
     let conf = |name: &str| dir.path().join(format!("{name}.conf"));
     // Creates a peer; returns its /120 and whether create saw it installed.
     let create = |name: &str| {
@@ -549,6 +557,22 @@ fn a_foreign_route_to_a_peer_net_is_left_alone_and_reported() {
     assert!(our_routes().contains(&next_net), "{}", our_routes());
     let show = gw_ns.run_ok(&["wg", "show", &iface, "allowed-ips"]);
     assert!(show.contains(&next_net), "{show}");
+    assert_eq!(foreign(), before, "the foreign route changed");
+
+    // A restart with the route still in the way: the gateway reports ready
+    // (naming what is missing) instead of never, which under systemd would
+    // mean a restart every TimeoutStartSec for one peer.
+    gw.restart();
+    seen.clear();
+    assert!(
+        ready(&mut seen, Duration::from_secs(15)),
+        "no READY=1 with one peer blocked: {seen:?}\n{}",
+        gw.log()
+    );
+    assert!(
+        seen.iter().any(|m| m.contains("1 peers not installed")),
+        "{seen:?}"
+    );
     assert_eq!(foreign(), before, "the foreign route changed");
 
     // Once the operator's route goes, the blocked peer gets ours.

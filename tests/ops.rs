@@ -9,7 +9,7 @@ mod common;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{run, stderr_of, stdout_of, Gateway, Netns};
 
@@ -68,25 +68,6 @@ fn vagrantfile_parses() {
     }
 }
 
-/// Receives notify datagrams until `want` arrives or `limit` passes.
-fn await_state(sock: &UnixDatagram, want: &str, limit: Duration, seen: &mut Vec<String>) -> bool {
-    let t0 = Instant::now();
-    let mut buf = [0u8; 512];
-    while t0.elapsed() < limit {
-        sock.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        if let Ok(n) = sock.recv(&mut buf) {
-            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-            let hit = msg.lines().any(|l| l == want);
-            seen.push(msg);
-            if hit {
-                return true;
-            }
-        }
-    }
-    false
-}
-
 fn get(gw: &Gateway, path: &str) -> (u16, String) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -122,13 +103,13 @@ fn notify_readiness_watchdog_reload_metrics_and_healthz() {
         .start();
     let mut seen = Vec::new();
     assert!(
-        await_state(&sock, "READY=1", Duration::from_secs(10), &mut seen),
+        common::await_notify(&sock, "READY=1", Duration::from_secs(10), &mut seen),
         "no READY=1; got {seen:?}\n{}",
         gw.log()
     );
     // The watchdog is fed at a third of WATCHDOG_USEC while the loop runs.
     assert!(
-        await_state(&sock, "WATCHDOG=1", Duration::from_secs(3), &mut seen),
+        common::await_notify(&sock, "WATCHDOG=1", Duration::from_secs(3), &mut seen),
         "no WATCHDOG=1; got {seen:?}"
     );
 
@@ -167,13 +148,13 @@ fn notify_readiness_watchdog_reload_metrics_and_healthz() {
     unsafe {
         libc::kill(pid, libc::SIGHUP);
     }
-    assert!(await_state(
+    assert!(common::await_notify(
         &sock,
         "RELOADING=1",
         Duration::from_secs(3),
         &mut seen
     ));
-    assert!(await_state(
+    assert!(common::await_notify(
         &sock,
         "READY=1",
         Duration::from_secs(3),
@@ -193,7 +174,7 @@ fn notify_readiness_watchdog_reload_metrics_and_healthz() {
     unsafe {
         libc::kill(pid, libc::SIGHUP);
     }
-    assert!(await_state(
+    assert!(common::await_notify(
         &sock,
         "READY=1",
         Duration::from_secs(3),
@@ -210,7 +191,7 @@ fn notify_readiness_watchdog_reload_metrics_and_healthz() {
     let status = gw.stop().unwrap();
     assert!(status.success(), "SIGTERM exit: {status}");
     assert!(
-        await_state(&sock, "STOPPING=1", Duration::from_secs(1), &mut seen)
+        common::await_notify(&sock, "STOPPING=1", Duration::from_secs(1), &mut seen)
             || seen.iter().any(|m| m.contains("STOPPING=1"))
     );
 }

@@ -34,7 +34,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -703,6 +703,31 @@ exit 1
     .expect("cannot write the wg-quick userspace script");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     path
+}
+
+/// Receives sd_notify datagrams on `sock` until one has the line `want` or
+/// `limit` passes; every datagram seen is appended to `seen`.
+pub fn await_notify(
+    sock: &UnixDatagram,
+    want: &str,
+    limit: Duration,
+    seen: &mut Vec<String>,
+) -> bool {
+    let t0 = Instant::now();
+    let mut buf = [0u8; 512];
+    while t0.elapsed() < limit {
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let hit = msg.lines().any(|l| l == want);
+            seen.push(msg);
+            if hit {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// Drops the `DNS =` line from a wg-quick file: wg-quick would hand it to
