@@ -702,6 +702,121 @@ mod tests {
     }
 
     #[test]
+    fn an_update_rebuilds_only_the_orgs_that_changed_and_answers_as_a_build() {
+        let before = fixture();
+        let old = build(&before);
+        let update = |s: &Snapshot| {
+            ZoneIndex::update(
+                Some((&old, &before)),
+                s,
+                &r("lhr"),
+                &RegionDistances::builtin(),
+            )
+        };
+        let zone = |i: &ZoneIndex, net| i.org(prefix(net)).unwrap().clone();
+
+        // Nothing changed: nothing built, the same zones.
+        let (same, built) = update(&before);
+        assert_eq!(built, 0);
+        assert!(std::sync::Arc::ptr_eq(
+            &zone(&same, ACME),
+            &zone(&old, ACME)
+        ));
+
+        // An instance and a peer added to acme: acme rebuilt and answering
+        // them, other's zone taken over as it was.
+        let mut after = before.clone();
+        instance(&mut after, A, "api", "n1", "lhr", 0x77, None, true);
+        peer(&mut after, A, "desk", "lhr-1", 1);
+        after.revision = 8;
+        let (new, built) = update(&after);
+        assert_eq!(built, 1);
+        assert_eq!(new.revision(), 8);
+        assert!(std::sync::Arc::ptr_eq(
+            &zone(&new, OTHER),
+            &zone(&old, OTHER)
+        ));
+        assert!(!std::sync::Arc::ptr_eq(
+            &zone(&new, ACME),
+            &zone(&old, ACME)
+        ));
+        assert_eq!(ok_aaaa(&new, "api.internal"), vec![addr(ACME, 0x77)]);
+        let fresh = build(&after);
+        for name in ["_peer.internal", "_apps.internal", "_instances.internal"] {
+            assert_eq!(ok_txt(&new, name), ok_txt(&fresh, name), "{name}");
+        }
+        for name in ["web.internal", "api.internal", "desk._peer.internal"] {
+            assert_eq!(ok_aaaa(&new, name), ok_aaaa(&fresh, name), "{name}");
+        }
+
+        // An org removed goes; one added is built.
+        let mut orgs = before.clone();
+        orgs.orgs.retain(|o| o.name.as_str() != "other");
+        orgs.instances.retain(|i| i.org.as_str() != "other");
+        orgs.peers.retain(|p| p.org.as_str() != "other");
+        org(&mut orgs, "third", 3);
+        let (new, built) = update(&orgs);
+        assert_eq!(built, 1);
+        assert!(new.org(prefix(OTHER)).is_none());
+        assert!(new.org(prefix(3)).is_some());
+        assert!(std::sync::Arc::ptr_eq(&zone(&new, ACME), &zone(&old, ACME)));
+    }
+
+    /// `cargo test --release --lib bench_zone_update -- --ignored --nocapture`:
+    /// one instance added to a store of 1,000 orgs × 100 instances, as a
+    /// full build and as an update from the previous index.
+    #[test]
+    #[ignore = "benchmark"]
+    fn bench_zone_update_at_100k_instances() {
+        let mut s = Snapshot::default();
+        gateway(&mut s, "lhr-1", "lhr", 0x0a7b_0d6b);
+        for o in 1..=1000u32 {
+            let name = format!("org{o:04}");
+            org(&mut s, &name, o);
+            for i in 0..100u32 {
+                let app = format!("app{}", i % 10);
+                let id = format!("i{i:03}");
+                instance(&mut s, (&name, o), &app, &id, "lhr", i + 1, None, true);
+            }
+        }
+        // In store order, as snapshots come.
+        let by_key =
+            |a: &Instance, b: &Instance| (&a.org, &a.app, &a.id).cmp(&(&b.org, &b.app, &b.id));
+        s.instances.sort_by(by_key);
+        let t = std::time::Instant::now();
+        let old = build(&s);
+        let full = t.elapsed();
+        let mut next = s.clone();
+        instance(
+            &mut next,
+            ("org0500", 500),
+            "new",
+            "n1",
+            "lhr",
+            999,
+            None,
+            true,
+        );
+        next.instances
+            .sort_by(|a, b| (&a.org, &a.app, &a.id).cmp(&(&b.org, &b.app, &b.id)));
+        let t = std::time::Instant::now();
+        let (new, built) = ZoneIndex::update(
+            Some((&old, &s)),
+            &next,
+            &r("lhr"),
+            &RegionDistances::builtin(),
+        );
+        let update = t.elapsed();
+        assert_eq!(built, 1);
+        assert!(new.org(prefix(500)).is_some());
+        println!(
+            "zone, 100k instances in 1,000 orgs: full build {full:?}, update after one change \
+             {update:?} ({:.1}x faster)",
+            full.as_secs_f64() / update.as_secs_f64()
+        );
+    }
+
+    #[test]
     fn app_and_global_names_list_started_instances_in_any_region() {
         let z = build(&fixture());
         let started = vec![a(0xa1), a(0xb1), a(0xc1), a(0xe1)];
