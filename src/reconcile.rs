@@ -24,7 +24,7 @@
 //! anyone else (an `nft flush ruleset`) triggers a firewall-only pass at
 //! once; a failed firewall change makes the next one a full replace.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -36,9 +36,9 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::api::server::{DataplaneHealth, DataplaneView, PeerStats};
 use crate::dataplane::{Firewall, KernelError, NetEvent, Netlink, WgDevice, MTU};
-use crate::model::{GatewayName, InterfaceName, PeerNet, PrivateKey, PublicKey};
+use crate::model::{GatewayName, InterfaceName, OrgPrefix, PeerNet, PrivateKey, PublicKey};
 use crate::plan::nft::{self, FirewallPlan, ObservedTable};
-use crate::plan::{self, Desired, Identity, Observed, Plan};
+use crate::plan::{self, Desired, Identity, Observed, Plan, Touched};
 use crate::store::Revision;
 use crate::store::{Snapshot, Store};
 
@@ -90,6 +90,9 @@ pub struct Counters {
     pub firewall_changes: AtomicU64,
     /// Total time spent in passes, in microseconds.
     pub pass_micros: AtomicU64,
+    /// Store-change passes that followed the store's writes instead of
+    /// comparing everything.
+    pub followed: AtomicU64,
 }
 
 /// Settings of one reconciler.
@@ -140,6 +143,13 @@ pub struct Reconciler {
     store: Arc<dyn Store>,
     settings: Settings,
     snapshot: Option<Arc<Snapshot>>,
+    /// What the kernel should hold for `snapshot`.
+    desired: Option<Desired>,
+    /// The last pass left the kernel (and `cache`) matching `desired`, so
+    /// the next store change can be followed write by write.
+    in_sync: bool,
+    /// Desired peers not live, as last published.
+    missing: BTreeSet<PublicKey>,
     cache: Observed,
     /// The table as last observed and changed; `None`: must be re-read.
     fw_cache: Option<Option<ObservedTable>>,
@@ -169,6 +179,9 @@ impl Reconciler {
             store,
             settings,
             snapshot: None,
+            desired: None,
+            in_sync: false,
+            missing: BTreeSet::new(),
             cache: Observed::default(),
             fw_cache: None,
             fw_force_replace: false,
@@ -363,15 +376,40 @@ impl Reconciler {
         // may not move again once the store is back), while the kernel
         // keeps the last applied state.
         let mut store_ok = true;
+        // A store change on a kernel that matched the last snapshot: follow
+        // the writes (if the store still has them) and look at what they
+        // touched only, instead of comparing everything.
+        let only_store = need.snapshot && !(need.wg || need.net || need.fw);
+        let from = self
+            .snapshot
+            .as_ref()
+            .filter(|_| only_store && self.in_sync && self.desired.is_some())
+            .map(|s| s.revision);
+        let mut touched = None;
         if need.snapshot {
-            match self.store.snapshot().await {
-                Ok(s) => {
+            let read = match from {
+                Some(from) => self.store.snapshot_since(from).await,
+                None => self.store.snapshot().await.map(|s| (s, None)),
+            };
+            match read {
+                Ok((s, deltas)) => {
                     let newer = self
                         .snapshot
                         .as_ref()
                         .is_none_or(|old| old.revision != s.revision);
                     if newer {
                         self.snapshots.send_replace(Some(s.clone()));
+                    }
+                    let gw = &self.settings.gateway;
+                    match (deltas, self.desired.as_mut()) {
+                        (Some(deltas), Some(desired)) if from.is_some() => {
+                            let mut t = Touched::default();
+                            for d in &deltas {
+                                desired.follow(d, gw, &mut t);
+                            }
+                            touched = Some(t);
+                        }
+                        _ => self.desired = Some(Desired::from_snapshot(&s, gw)),
                     }
                     self.snapshot = Some(s);
                 }
@@ -381,7 +419,16 @@ impl Reconciler {
                 }
             }
         }
-        let result = self.observe_plan_apply(need, store_changed).await;
+        let desired = self.desired.take();
+        let result = match &touched {
+            Some(t) => self.follow_plan_apply(desired.as_ref(), t).await,
+            None => {
+                self.observe_plan_apply(need, store_changed, desired.as_ref())
+                    .await
+            }
+        };
+        self.desired = desired;
+        self.in_sync = result.is_ok();
         match result {
             Ok(()) => store_ok,
             Err(errors) => {
@@ -432,11 +479,13 @@ impl Reconciler {
     /// The firewall step: observe (if stale) → plan → apply. On failure the
     /// previous table is still in force (each change is one transaction),
     /// and the next step replaces the table whole.
+    /// `touched`: only these orgs changed since the table last matched.
     async fn firewall(
         &mut self,
         desired: Option<&Desired>,
         fresh: bool,
         store_changed: bool,
+        touched: Option<&BTreeSet<OrgPrefix>>,
     ) -> Result<(), Vec<KernelError>> {
         if fresh || self.fw_cache.is_none() {
             let t0 = std::time::Instant::now();
@@ -444,12 +493,18 @@ impl Reconciler {
             self.fw_interval = (t0.elapsed() * FW_READ_SHARE).clamp(FULL_RESYNC, MAX_FW_INTERVAL);
         }
         let seen = self.fw_cache.as_ref().and_then(Option::as_ref);
-        let plan = nft::plan_firewall(
-            self.settings.interface.as_str(),
-            desired.map(|d| &d.orgs),
-            seen,
-            self.fw_force_replace,
-        );
+        let interface = self.settings.interface.as_str();
+        let plan = match (desired, touched) {
+            (Some(d), Some(t)) if !fresh => {
+                nft::plan_firewall_touched(interface, &d.orgs, seen, self.fw_force_replace, t)
+            }
+            _ => nft::plan_firewall(
+                interface,
+                desired.map(|d| &d.orgs),
+                seen,
+                self.fw_force_replace,
+            ),
+        };
         let result = match &plan {
             FirewallPlan::Nothing => return Ok(()),
             FirewallPlan::Replace { ruleset, reason } => {
@@ -508,21 +563,72 @@ impl Reconciler {
         }
     }
 
+    /// A store change followed write by write: the firewall elements, peers,
+    /// addresses and routes it touched, against the cache (which matched
+    /// the kernel after the last pass).
+    async fn follow_plan_apply(
+        &mut self,
+        desired: Option<&Desired>,
+        touched: &Touched,
+    ) -> Result<(), Vec<KernelError>> {
+        let Some(want) = desired else {
+            return self.observe_plan_apply(Need::ALL, true, desired).await;
+        };
+        self.counters.followed.fetch_add(1, Ordering::Relaxed);
+        self.firewall(desired, false, true, Some(&touched.orgs))
+            .await?;
+        let me = self.settings.identity;
+        let plan = plan::plan_touched(want, &self.cache, &me, touched);
+        if plan.create_interface {
+            // The cache has lost the interface: not a case to follow.
+            return self.observe_plan_apply(Need::ALL, true, desired).await;
+        }
+        let errors = self.apply_and_count(&plan, want, true).await;
+        self.publish_touched(want, touched, errors.is_empty());
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Carries out `plan` and counts what took effect into the counters and
+    /// the cache; returns what failed.
+    async fn apply_and_count(
+        &mut self,
+        plan: &Plan,
+        desired: &Desired,
+        store_changed: bool,
+    ) -> Vec<KernelError> {
+        if plan.is_empty() {
+            return Vec::new();
+        }
+        if !store_changed {
+            info!(changes = plan.len(), "repairing drift");
+        }
+        let (done, errors) = self.apply(plan, Some(desired)).await;
+        // Count what happened: a change that keeps failing (a foreign route
+        // in the way) must not count again on every retry.
+        let n = done.len() as u64;
+        self.counters.changes.fetch_add(n, Ordering::Relaxed);
+        if !store_changed {
+            self.counters.drift_repairs.fetch_add(n, Ordering::Relaxed);
+        }
+        plan::apply_to(&mut self.cache, &done, &self.settings.identity);
+        errors
+    }
+
     async fn observe_plan_apply(
         &mut self,
         need: Need,
         store_changed: bool,
+        desired: Option<&Desired>,
     ) -> Result<(), Vec<KernelError>> {
-        let desired = self
-            .snapshot
-            .as_ref()
-            .map(|s| Desired::from_snapshot(s, &self.settings.gateway));
         // First, and nothing else until it is in: fail closed.
-        self.firewall(desired.as_ref(), need.fw, store_changed)
-            .await?;
+        self.firewall(desired, need.fw, store_changed, None).await?;
         self.observe(need).await?;
         let me = self.settings.identity;
-        let mut plan = plan::plan(desired.as_ref(), &self.cache, &me);
+        let mut plan = plan::plan(desired, &self.cache, &me);
         if plan.create_interface {
             info!(
                 backend = self.wg.backend_name(),
@@ -530,7 +636,7 @@ impl Reconciler {
             );
             self.wg.ensure().await.map_err(|e| vec![e])?;
             self.observe(Need::ALL).await?;
-            plan = plan::plan(desired.as_ref(), &self.cache, &me);
+            plan = plan::plan(desired, &self.cache, &me);
             if plan.create_interface {
                 return Err(vec![KernelError::new(
                     format!("create interface {}", self.settings.interface),
@@ -538,25 +644,18 @@ impl Reconciler {
                 )]);
             }
         }
-        let mut errors = Vec::new();
-        if !plan.is_empty() {
-            if !store_changed {
-                info!(changes = plan.len(), "repairing drift");
+        let errors = match desired {
+            Some(d) => self.apply_and_count(&plan, d, store_changed).await,
+            // Before the store loaded only the interface itself is planned.
+            None => {
+                let (done, errors) = self.apply(&plan, None).await;
+                plan::apply_to(&mut self.cache, &done, &me);
+                errors
             }
-            let done;
-            (done, errors) = self.apply(&plan, desired.as_ref()).await;
-            // Count what happened: a change that keeps failing (a foreign
-            // route in the way) must not count again on every retry.
-            let n = done.len() as u64;
-            self.counters.changes.fetch_add(n, Ordering::Relaxed);
-            if !store_changed {
-                self.counters.drift_repairs.fetch_add(n, Ordering::Relaxed);
-            }
-            plan::apply_to(&mut self.cache, &done, &me);
-        }
+        };
         // Also after a partial failure: the peers that did go in are live,
         // and the API is waiting for them.
-        self.publish(desired.as_ref(), errors.is_empty());
+        self.publish(desired, errors.is_empty());
         if errors.is_empty() {
             Ok(())
         } else {
@@ -740,12 +839,13 @@ impl Reconciler {
             }
         }
         self.since.retain(|k, _| peers.contains_key(k));
-        let missing: Vec<PublicKey> = desired
+        self.missing = desired
             .installed
             .keys()
             .filter(|k| !peers.contains_key(*k))
             .copied()
             .collect();
+        let missing: Vec<PublicKey> = self.missing.iter().copied().collect();
         let complete = ok && missing.is_empty();
         let last_sync = if complete {
             Some(now)
@@ -759,6 +859,47 @@ impl Reconciler {
             revision: self.snapshot.as_ref().map_or(0, |s| s.revision),
             missing,
         }));
+    }
+
+    /// [`Reconciler::publish`] for the peers a followed store change
+    /// touched; the others are as last published.
+    fn publish_touched(&mut self, desired: &Desired, touched: &Touched, ok: bool) {
+        let Some(device) = self.cache.device.as_ref() else {
+            return;
+        };
+        let (since, missing, routes) = (&mut self.since, &mut self.missing, &self.cache.routes);
+        let now = SystemTime::now();
+        let revision = self.snapshot.as_ref().map_or(0, |s| s.revision);
+        self.installed.send_modify(|installed| {
+            // Copies only if a reader holds the previous one.
+            let i = Arc::make_mut(installed);
+            for k in &touched.peers {
+                let want = desired.installed.get(k);
+                let live = want.is_some_and(|w| {
+                    let ip = crate::dataplane::AllowedIp::from(w.net);
+                    device.peers.get(k).is_some_and(|p| p.allowed_ips == [ip])
+                        && routes.contains(&(w.net.network(), PeerNet::LEN))
+                });
+                if live {
+                    i.peers.insert(*k, *since.entry(*k).or_insert(now));
+                    missing.remove(k);
+                } else {
+                    i.peers.remove(k);
+                    since.remove(k);
+                    if want.is_some() {
+                        missing.insert(*k);
+                    } else {
+                        missing.remove(k);
+                    }
+                }
+            }
+            i.registered = desired.registered;
+            i.revision = revision;
+            i.missing = missing.iter().copied().collect();
+            if ok && missing.is_empty() {
+                i.last_sync = Some(now);
+            }
+        });
     }
 }
 
@@ -810,6 +951,13 @@ impl crate::api::metrics::MetricsSource for Metrics {
             "counter",
             "Kernel changes made (peers, addresses, routes, link, firewall).",
             load(&c.changes),
+        );
+        family(
+            out,
+            "sixpn_reconcile_followed_passes_total",
+            "counter",
+            "Store-change passes that followed the store's writes (cost: the change) instead of comparing everything.",
+            load(&c.followed),
         );
         family(
             out,
@@ -1091,6 +1239,77 @@ mod tests {
         assert_eq!(peer_ips(&r.kernel).len(), 1);
         assert!(r.rec.installed().borrow().peers.contains_key(&a));
 
+        assert!(r.rec.pass_all().await);
+        assert_eq!(r.kernel.take_calls(), Vec::<String>::new());
+    }
+
+    /// Store changes on a kernel in sync are followed write by write, and
+    /// end where comparing everything would: a full pass afterwards finds
+    /// nothing to do, and what is published matches.
+    #[tokio::test]
+    async fn store_changes_are_followed_and_end_where_a_full_pass_would() {
+        let mut r = rig().await;
+        for i in 0..5 {
+            add_peer(&r.store, &format!("p{i}")).await;
+        }
+        assert!(r.rec.pass_all().await);
+        r.kernel.take_calls();
+        let followed = || r.rec.counters.followed.load(Ordering::Relaxed);
+        assert_eq!(followed(), 0);
+
+        // One add: one peer, one route, nothing else looked at or changed.
+        let k = add_peer(&r.store, "new").await;
+        assert!(r.rec.pass_store_change().await);
+        assert_eq!(r.rec.counters.followed.load(Ordering::Relaxed), 1);
+        let calls = r.kernel.take_calls();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert!(r.rec.installed().borrow().peers.contains_key(&k));
+
+        // Several writes between passes, a removal of the org's last peers
+        // on the way, and a new org: still followed, still exact.
+        for name in ["p0", "p1", "p2", "p3", "p4", "new"] {
+            r.store
+                .remove_peer(&"acme".parse().unwrap(), &name.parse().unwrap())
+                .await
+                .unwrap();
+        }
+        r.store
+            .create_org(&"globex".parse().unwrap())
+            .await
+            .unwrap();
+        let g = PrivateKey::generate().public_key();
+        r.store
+            .create_peer(&NewPeer {
+                org: "globex".parse().unwrap(),
+                name: "g".parse().unwrap(),
+                region: "lhr".parse().unwrap(),
+                public_key: g,
+            })
+            .await
+            .unwrap();
+        assert!(r.rec.pass_store_change().await);
+        assert_eq!(r.rec.counters.followed.load(Ordering::Relaxed), 2);
+        let published = r.rec.installed().borrow().clone();
+        assert_eq!(published.peers.keys().collect::<Vec<_>>(), vec![&g]);
+        assert!(published.missing.is_empty() && published.last_sync.is_some());
+        {
+            let state = r.kernel.state();
+            assert_eq!(state.device.peers.len(), 1);
+            assert_eq!(state.routes.len(), 1);
+            // acme's ::3 went with its last peer; globex's came.
+            assert_eq!(
+                state
+                    .addresses
+                    .iter()
+                    .map(|a| a.0.to_string())
+                    .collect::<Vec<_>>(),
+                vec!["fdaa:0:2::3"]
+            );
+            let elements = state.firewall.as_ref().map_or(0, |t| t.elements.len());
+            assert_eq!(elements, 2, "both orgs in the isolation set");
+        }
+
+        r.kernel.take_calls();
         assert!(r.rec.pass_all().await);
         assert_eq!(r.kernel.take_calls(), Vec::<String>::new());
     }

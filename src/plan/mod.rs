@@ -23,7 +23,7 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use crate::dataplane::{AllowedIp, DeviceState, LinkState, PeerUpsert, MTU};
 use crate::model::{GatewayName, HostId, OrgName, OrgPrefix, PeerName, PeerNet, PublicKey};
-use crate::store::Snapshot;
+use crate::store::{Delta, Peer, Snapshot};
 
 /// A peer that should be on this gateway's interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +49,29 @@ pub struct Desired {
     /// with no peers here still has instances that peers of other orgs must
     /// not reach, and its own peers may arrive at any moment.
     pub orgs: BTreeMap<OrgPrefix, String>,
+    /// How many installed peers each org has here (what keeps its `::3`).
+    pub org_peers: BTreeMap<OrgPrefix, usize>,
+}
+
+/// What store writes changed in a [`Desired`]: the only things a plan for
+/// them needs to look at ([`plan_touched`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    /// Peers added or removed here, by key.
+    pub peers: BTreeSet<PublicKey>,
+    /// Their routes.
+    pub routes: BTreeSet<(Ipv6Addr, u8)>,
+    /// `::3` addresses of their orgs.
+    pub dns_addresses: BTreeSet<Ipv6Addr>,
+    /// Orgs added to the store (the isolation set).
+    pub orgs: BTreeSet<OrgPrefix>,
+}
+
+impl Touched {
+    /// Whether nothing the kernel holds is touched.
+    pub fn is_empty(&self) -> bool {
+        *self == Touched::default()
+    }
 }
 
 impl Desired {
@@ -60,20 +83,70 @@ impl Desired {
                 .insert(o.network_id.prefix(), o.name.as_str().to_owned());
         }
         for p in snap.peers.iter().filter(|p| &p.gateway == me) {
-            d.registered += 1;
-            d.installed.insert(
-                p.public_key,
-                DesiredPeer {
-                    org: p.org.clone(),
-                    name: p.name.clone(),
-                    net: p.net,
-                },
-            );
-            if let Some(prefix) = OrgPrefix::of(p.net.network()) {
-                d.dns_addresses.insert(prefix.dns_addr());
-            }
+            d.add_peer(p);
         }
         d
+    }
+
+    fn add_peer(&mut self, p: &Peer) -> Option<OrgPrefix> {
+        self.registered += 1;
+        self.installed.insert(
+            p.public_key,
+            DesiredPeer {
+                org: p.org.clone(),
+                name: p.name.clone(),
+                net: p.net,
+            },
+        );
+        let prefix = OrgPrefix::of(p.net.network())?;
+        *self.org_peers.entry(prefix).or_default() += 1;
+        self.dns_addresses.insert(prefix.dns_addr());
+        Some(prefix)
+    }
+
+    /// Follows one store write (`delta`) on gateway `me`, noting in
+    /// `touched` what it changed. Starting from `from_snapshot(s)` and
+    /// following the writes from `s` to `t` gives `from_snapshot(t)`.
+    pub fn follow(&mut self, delta: &Delta, me: &GatewayName, touched: &mut Touched) {
+        let route = |p: &Peer| (p.net.network(), PeerNet::LEN);
+        match delta {
+            Delta::OrgAdded(o) => {
+                let prefix = o.network_id.prefix();
+                self.orgs.insert(prefix, o.name.as_str().to_owned());
+                touched.orgs.insert(prefix);
+            }
+            Delta::PeerAdded(p) if &p.gateway == me => {
+                if let Some(prefix) = self.add_peer(p) {
+                    touched.dns_addresses.insert(prefix.dns_addr());
+                }
+                touched.peers.insert(p.public_key);
+                touched.routes.insert(route(p));
+            }
+            Delta::PeerRemoved(p) if &p.gateway == me => {
+                if self.installed.remove(&p.public_key).is_none() {
+                    return;
+                }
+                self.registered = self.registered.saturating_sub(1);
+                if let Some(prefix) = OrgPrefix::of(p.net.network()) {
+                    let left = self.org_peers.get_mut(&prefix).map(|n| {
+                        *n = n.saturating_sub(1);
+                        *n
+                    });
+                    if left == Some(0) {
+                        self.org_peers.remove(&prefix);
+                        self.dns_addresses.remove(&prefix.dns_addr());
+                    }
+                    touched.dns_addresses.insert(prefix.dns_addr());
+                }
+                touched.peers.insert(p.public_key);
+                touched.routes.insert(route(p));
+            }
+            Delta::PeerAdded(_)
+            | Delta::PeerRemoved(_)
+            | Delta::Unchanged
+            | Delta::InstanceAdded(_)
+            | Delta::InstanceRemoved(..) => {}
+        }
     }
 
     /// The routes the installed peers need.
@@ -228,6 +301,72 @@ pub fn plan(desired: Option<&Desired>, observed: &Observed, me: &Identity) -> Pl
     p
 }
 
+/// The part of [`plan`] that concerns `touched`, for an `observed` that
+/// matched `desired` except there: what a store change costs when the
+/// kernel was in sync before it. Gives what [`plan`] would, without looking
+/// at the peers, addresses and routes nobody touched.
+pub fn plan_touched(
+    desired: &Desired,
+    observed: &Observed,
+    me: &Identity,
+    touched: &Touched,
+) -> Plan {
+    let mut p = Plan::default();
+    let (Some(link), Some(device)) = (observed.link, observed.device.as_ref()) else {
+        p.create_interface = true;
+        return p;
+    };
+    p.link_up = !link.up || link.mtu != MTU;
+    p.configure_device =
+        device.public_key != Some(me.public_key) || device.listen_port != me.listen_port;
+    let mut routes = BTreeSet::new();
+    for key in &touched.peers {
+        let have = device.peers.get(key);
+        match desired.installed.get(key) {
+            Some(want) => {
+                routes.insert((want.net.network(), PeerNet::LEN));
+                if have.is_none_or(|h| h.allowed_ips != [AllowedIp::from(want.net)]) {
+                    p.upsert_peers.push(PeerUpsert {
+                        public_key: *key,
+                        net: want.net,
+                    });
+                }
+            }
+            None => {
+                let ours = have.is_some_and(|h| {
+                    h.allowed_ips
+                        .iter()
+                        .any(|ip| is_our_peer_net(ip, me.host_id))
+                });
+                if ours {
+                    p.remove_peers.push(*key);
+                }
+            }
+        }
+    }
+    for a in &touched.dns_addresses {
+        let want = desired.dns_addresses.contains(a);
+        let have = observed.addresses.contains(&(*a, 128));
+        if want && !have {
+            p.add_addresses.push(*a);
+        } else if have && !want {
+            p.remove_addresses.push((*a, 128));
+        }
+    }
+    // A touched route is wanted only by a touched peer: /120s are unique,
+    // so a peer nobody touched can't hold one that changed hands.
+    for r in &touched.routes {
+        let want = routes.contains(r);
+        let have = observed.routes.contains(r);
+        if want && !have {
+            p.add_routes.push(*r);
+        } else if have && !want {
+            p.remove_routes.push(*r);
+        }
+    }
+    p
+}
+
 /// What `observed` becomes once `plan` has been applied in full: the
 /// reconciler uses it to keep its cache without re-reading the kernel.
 pub fn apply_to(observed: &mut Observed, plan: &Plan, me: &Identity) {
@@ -311,21 +450,27 @@ mod tests {
             });
         }
         for &(net, name, slot, k, gw) in peers {
-            let g = s.gateways.iter().find(|g| g.name.as_str() == gw).unwrap();
-            let slot = PeerSlot::new(slot).unwrap();
-            s.peers.push(Peer {
-                org: format!("org{net}").parse().unwrap(),
-                name: name.parse().unwrap(),
-                gateway: g.name.clone(),
-                region: g.region.clone(),
-                slot,
-                net: slot.net(NetworkId::new(net).unwrap().prefix(), g.host_id),
-                public_key: k,
-                created_at: 0,
-                revision: 0,
-            });
+            let p = peer(&s, (net, name, slot, k, gw));
+            s.peers.push(p);
         }
         s
+    }
+
+    /// Peer `name` of org`net` in `slot` on gateway `gw` of `s`.
+    fn peer(s: &Snapshot, (net, name, slot, k, gw): (u32, &str, u32, PublicKey, &str)) -> Peer {
+        let g = s.gateways.iter().find(|g| g.name.as_str() == gw).unwrap();
+        let slot = PeerSlot::new(slot).unwrap();
+        Peer {
+            org: format!("org{net}").parse().unwrap(),
+            name: name.parse().unwrap(),
+            gateway: g.name.clone(),
+            region: g.region.clone(),
+            slot,
+            net: slot.net(NetworkId::new(net).unwrap().prefix(), g.host_id),
+            public_key: k,
+            created_at: 0,
+            revision: 0,
+        }
     }
 
     fn live(me: &Identity) -> Observed {
@@ -569,6 +714,104 @@ mod tests {
             p.remove_addresses,
             vec![("fdaa:0:7::3".parse().unwrap(), 128)]
         );
+    }
+
+    /// The plan's parts in a canonical order, to compare plans made by
+    /// walking different collections.
+    fn sorted(mut p: Plan) -> Plan {
+        p.upsert_peers.sort_by_key(|u| u.public_key);
+        p.remove_peers.sort();
+        p.add_addresses.sort();
+        p.remove_addresses.sort();
+        p.add_routes.sort();
+        p.remove_routes.sort();
+        p
+    }
+
+    #[derive(Debug, Clone)]
+    enum Write {
+        /// A peer in org 1 or 2, in a slot, on lhr-1 (us) or lhr-2.
+        Add(u32, u32, bool),
+        /// The n-th peer (mod the count) goes.
+        Remove(usize),
+        Org(u32),
+        Noise,
+    }
+
+    mod follow {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn write() -> impl Strategy<Value = Write> {
+            prop_oneof![
+                4 => (1u32..3, 0u32..24, any::<bool>()).prop_map(|(n, s, me)| Write::Add(n, s, me)),
+                3 => (0usize..64).prop_map(Write::Remove),
+                1 => (3u32..6).prop_map(Write::Org),
+                1 => Just(Write::Noise),
+            ]
+        }
+
+        /// Applies `w` to `s` as the store would (a taken slot or a missing
+        /// peer is no write at all).
+        fn delta(s: &Snapshot, w: &Write, n: usize) -> Option<Delta> {
+            match *w {
+                Write::Add(net, slot, mine) => {
+                    let gw = if mine { GW } else { "lhr-2" };
+                    let p = peer(s, (net, &format!("w{n}"), slot, key(), gw));
+                    let taken = s.peers.iter().any(|q| q.net == p.net);
+                    (!taken).then_some(Delta::PeerAdded(p))
+                }
+                Write::Remove(i) if !s.peers.is_empty() => {
+                    Some(Delta::PeerRemoved(s.peers[i % s.peers.len()].clone()))
+                }
+                Write::Remove(_) => None,
+                Write::Org(net) => {
+                    let org = Org {
+                        name: format!("org{net}").parse().unwrap(),
+                        network_id: NetworkId::new(net).unwrap(),
+                    };
+                    (s.org(&org.name).is_none()).then_some(Delta::OrgAdded(org))
+                }
+                Write::Noise => Some(Delta::Unchanged),
+            }
+        }
+
+        proptest! {
+            /// From a kernel in sync with one snapshot, following the writes
+            /// to the next gives the desired state and the plan that a full
+            /// comparison gives.
+            #[test]
+            fn following_writes_plans_what_a_full_compare_plans(
+                before in proptest::collection::vec(write(), 0..30),
+                after in proptest::collection::vec(write(), 1..12),
+            ) {
+                let me = me();
+                let gw: GatewayName = GW.parse().unwrap();
+                let mut s = snapshot(&[]);
+                for (n, w) in before.iter().enumerate() {
+                    if let Some(d) = delta(&s, w, n) { s.apply(d); }
+                }
+                let mut desired = Desired::from_snapshot(&s, &gw);
+                let mut observed = live(&me);
+                converge(&desired, &mut observed, &me);
+
+                let mut touched = Touched::default();
+                for (n, w) in after.iter().enumerate() {
+                    if let Some(d) = delta(&s, w, 100 + n) {
+                        desired.follow(&d, &gw, &mut touched);
+                        s.apply(d);
+                    }
+                }
+                let full = Desired::from_snapshot(&s, &gw);
+                prop_assert_eq!(&desired, &full);
+                let want = sorted(plan(Some(&full), &observed, &me));
+                let got = sorted(plan_touched(&desired, &observed, &me, &touched));
+                prop_assert_eq!(&got, &want);
+                // And once applied, nothing is left for either.
+                apply_to(&mut observed, &got, &me);
+                prop_assert!(plan(Some(&full), &observed, &me).is_empty());
+            }
+        }
     }
 
     #[test]

@@ -30,7 +30,7 @@
 //! - The interface is matched by name (`iifname`), not index: the ruleset
 //!   goes in before the interface exists and survives its re-creation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv6Addr};
 
@@ -918,6 +918,42 @@ pub fn plan_firewall(
         return replace(orgs.clone(), "the chains or rules differ from sixpn's");
     }
     let (add, remove) = diff(orgs, &seen.elements);
+    if add.is_empty() && remove.is_empty() {
+        FirewallPlan::Nothing
+    } else {
+        FirewallPlan::Update { add, remove }
+    }
+}
+
+/// [`plan_firewall`] for a table that held `orgs` as they were before the
+/// writes that `touched` these orgs: looks at those elements only, so a
+/// store change costs what it changed. Anything else (no table, a failed
+/// change, a skeleton that differs) gets the full plan.
+pub fn plan_firewall_touched(
+    interface: &str,
+    orgs: &BTreeMap<OrgPrefix, String>,
+    observed: Option<&ObservedTable>,
+    force_replace: bool,
+    touched: &BTreeSet<OrgPrefix>,
+) -> FirewallPlan {
+    let seen = match observed {
+        Some(seen)
+            if !force_replace
+                && seen.skeleton_matches(&Ruleset::new(interface, BTreeMap::new())) =>
+        {
+            seen
+        }
+        _ => return plan_firewall(interface, Some(orgs), observed, force_replace),
+    };
+    let (mut add, mut remove) = (Vec::new(), Vec::new());
+    for p in touched {
+        let key = element_key(*p);
+        match (orgs.get(p), seen.elements.contains_key(&key)) {
+            (Some(name), false) => add.push((*p, name.clone())),
+            (None, true) => remove.push(key),
+            _ => {}
+        }
+    }
     if add.is_empty() && remove.is_empty() {
         FirewallPlan::Nothing
     } else {

@@ -133,15 +133,15 @@ impl Snapshot {
 /// One committed write, as a change to a [`Snapshot`]: how a backend keeps
 /// a snapshot current without reading everything again.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Delta {
+pub enum Delta {
     /// Nothing a snapshot holds changed (e.g. a token was added).
     Unchanged,
     /// An org was created.
     OrgAdded(Org),
     /// A peer was registered.
     PeerAdded(Peer),
-    /// A peer was removed.
-    PeerRemoved(OrgName, PeerName),
+    /// A peer was removed (as it was).
+    PeerRemoved(Peer),
     /// An instance was registered.
     InstanceAdded(Instance),
     /// An instance was removed.
@@ -150,7 +150,7 @@ pub(crate) enum Delta {
 
 impl Snapshot {
     /// Applies one write, keeping every list in its sort order.
-    pub(crate) fn apply(&mut self, delta: Delta) {
+    pub fn apply(&mut self, delta: Delta) {
         fn insert<T>(v: &mut Vec<T>, item: T, cmp: impl Fn(&T, &T) -> std::cmp::Ordering) {
             let at = v.partition_point(|x| cmp(x, &item).is_lt());
             v.insert(at, item);
@@ -161,7 +161,9 @@ impl Snapshot {
             Delta::PeerAdded(p) => insert(&mut self.peers, p, |a, b| {
                 (&a.org, &a.name).cmp(&(&b.org, &b.name))
             }),
-            Delta::PeerRemoved(org, name) => self.peers.retain(|p| p.org != org || p.name != name),
+            Delta::PeerRemoved(gone) => self
+                .peers
+                .retain(|p| p.org != gone.org || p.name != gone.name),
             Delta::InstanceAdded(i) => insert(&mut self.instances, i, |a, b| {
                 (&a.org, &a.app, &a.id).cmp(&(&b.org, &b.app, &b.id))
             }),
@@ -343,6 +345,18 @@ pub trait Store: Send + Sync {
 
     /// Every gateway's latest report, kept current from the store.
     fn sync_reports(&self) -> watch::Receiver<Arc<SyncReports>>;
+
+    /// The current snapshot and, if the backend still has them, the writes
+    /// that led to it from revision `from`, in order: a consumer holding
+    /// the snapshot at `from` can then follow on at the cost of the change
+    /// instead of comparing everything. `None`: compare everything.
+    async fn snapshot_since(
+        &self,
+        from: Revision,
+    ) -> Result<(Arc<Snapshot>, Option<Vec<Delta>>), StoreError> {
+        let _ = from;
+        Ok((self.snapshot().await?, None))
+    }
 }
 
 /// The id an instance gets when none is given: its machine id as 8 hex digits

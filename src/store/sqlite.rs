@@ -15,6 +15,7 @@
 //!   of ~15). The revision tells whether the chain is whole: any write by
 //!   another process breaks it, and the next snapshot reads everything.
 
+use std::collections::VecDeque;
 use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -108,6 +109,9 @@ struct Cache {
     pending: Vec<Delta>,
     /// The revision of `base` with `pending` applied.
     revision: Revision,
+    /// The writes already in `base`, the last of them its revision's: what
+    /// [`Store::snapshot_since`] hands to those a snapshot or more behind.
+    log: VecDeque<Delta>,
 }
 
 impl Cache {
@@ -131,7 +135,11 @@ impl Cache {
         if !self.pending.is_empty() {
             let mut next = Snapshot::clone(base);
             for d in self.pending.drain(..) {
-                next.apply(d);
+                next.apply(d.clone());
+                self.log.push_back(d);
+            }
+            while self.log.len() > MAX_PENDING {
+                self.log.pop_front();
             }
             next.revision = revision;
             self.base = Some(Arc::new(next));
@@ -139,11 +147,20 @@ impl Cache {
         self.base.clone()
     }
 
+    /// The writes from revision `from` to the cached snapshot (called right
+    /// after [`Cache::snapshot`]), if the log reaches back that far.
+    fn since(&self, from: Revision) -> Option<Vec<Delta>> {
+        let behind = usize::try_from(self.revision.checked_sub(from)?).ok()?;
+        let start = self.log.len().checked_sub(behind)?;
+        Some(self.log.range(start..).cloned().collect())
+    }
+
     fn reset(&mut self, snapshot: Arc<Snapshot>) {
         *self = Cache {
             revision: snapshot.revision,
             base: Some(snapshot),
             pending: Vec::new(),
+            log: VecDeque::new(),
         };
     }
 }
@@ -572,16 +589,23 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
+        Ok(self.snapshot_since(Revision::MAX).await?.0)
+    }
+
+    async fn snapshot_since(
+        &self,
+        from: Revision,
+    ) -> Result<(Arc<Snapshot>, Option<Vec<Delta>>), StoreError> {
         let cache = self.cache.clone();
         self.with_conn(move |conn| {
             let revision = read_revision(conn)?;
             let mut cache = lock(&cache)?;
             if let Some(s) = cache.snapshot(revision) {
-                return Ok(s);
+                return Ok((s, cache.since(from)));
             }
             let s = Arc::new(load_snapshot(conn)?);
             cache.reset(s.clone());
-            Ok(s)
+            Ok((s, (from == revision).then(Vec::new)))
         })
         .await
     }
@@ -837,7 +861,7 @@ impl Store for SqliteStore {
                     revision: u64::try_from(revision).unwrap_or(0),
                 })
             },
-            |p| Some(Delta::PeerRemoved(p.org.clone(), p.name.clone())),
+            |p| Some(Delta::PeerRemoved(p.clone())),
         )
         .await
     }
@@ -1315,6 +1339,7 @@ mod tests {
                     let other = SqliteStore::open(&path).unwrap();
                     let orgs = ["o0", "o1", "o2"];
                     store.create_org(&"o0".parse().unwrap()).await.unwrap();
+                    let mut last = None;
                     for (w, look) in writes {
                         let org = |o: u8| orgs[o as usize].parse::<OrgName>().unwrap();
                         let app: model::AppName = "web".parse().unwrap();
@@ -1359,12 +1384,24 @@ mod tests {
                             }
                         };
                         if look {
-                            let cached = store.snapshot().await.unwrap();
+                            let from = last.as_ref().map_or(0, |s: &Arc<Snapshot>| s.revision);
+                            let (cached, deltas) = store.snapshot_since(from).await.unwrap();
                             let full = {
                                 let mut conn = open_conn(&path).unwrap();
                                 load_snapshot(&mut conn).unwrap()
                             };
                             prop_assert_eq!(&*cached, &full);
+                            // The writes handed out lead from the last
+                            // snapshot to this one.
+                            if let (Some(deltas), Some(last)) = (deltas, &last) {
+                                let mut followed = Snapshot::clone(last);
+                                for d in deltas {
+                                    followed.apply(d);
+                                }
+                                followed.revision = cached.revision;
+                                prop_assert_eq!(&followed, &full);
+                            }
+                            last = Some(cached);
                         }
                     }
                     Ok(())

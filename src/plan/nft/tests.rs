@@ -394,6 +394,38 @@ fn adding_or_removing_an_org_changes_elements_only() {
 }
 
 #[test]
+fn a_plan_for_touched_orgs_looks_at_those_only_and_falls_back_when_unsure() {
+    let seen = Some(Ruleset::new(WG, orgs(&[1, 2])).as_observed());
+    let touched = |ids: &[u32]| ids.iter().map(|i| org(*i)).collect::<BTreeSet<_>>();
+    let now = orgs(&[1, 2, 3]);
+    assert_eq!(
+        plan_firewall_touched(WG, &now, seen.as_ref(), false, &touched(&[3])),
+        FirewallPlan::Update {
+            add: vec![(org(3), "org3".into())],
+            remove: vec![]
+        }
+    );
+    // Untouched orgs are not compared: that is the point.
+    assert_eq!(
+        plan_firewall_touched(WG, &now, seen.as_ref(), false, &touched(&[])),
+        FirewallPlan::Nothing
+    );
+    let gone = orgs(&[2]);
+    assert_eq!(
+        plan_firewall_touched(WG, &gone, seen.as_ref(), false, &touched(&[1])),
+        FirewallPlan::Update {
+            add: vec![],
+            remove: vec![element_key(org(1))]
+        }
+    );
+    // No table, or a failed last change: the full plan.
+    for (seen, force) in [(None, false), (seen.clone(), true)] {
+        let p = plan_firewall_touched(WG, &now, seen.as_ref(), force, &touched(&[3]));
+        assert!(matches!(p, FirewallPlan::Replace { .. }), "{p:?}");
+    }
+}
+
+#[test]
 fn a_cross_org_element_is_removed() {
     let mut seen = Ruleset::new(WG, orgs(&[1, 2])).as_observed();
     let bridge = (org(1).addr(), org(2).addr());
