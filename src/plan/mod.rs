@@ -384,11 +384,22 @@ pub fn apply_to(observed: &mut Observed, plan: &Plan, me: &Identity) {
         for k in &plan.remove_peers {
             d.peers.remove(k);
         }
+        // An upserted /120 leaves whichever other peer had it (as the kernel
+        // moves it): one walk over the peers for the whole plan, not one
+        // per upsert (10,000 upserts on 10,000 peers took 0.1 s).
+        let moved: std::collections::HashMap<AllowedIp, PublicKey> = plan
+            .upsert_peers
+            .iter()
+            .map(|u| (AllowedIp::from(u.net), u.public_key))
+            .collect();
+        if !moved.is_empty() {
+            for (k, p) in d.peers.iter_mut() {
+                p.allowed_ips
+                    .retain(|a| moved.get(a).is_none_or(|owner| owner == k));
+            }
+        }
         for u in &plan.upsert_peers {
             let ip = AllowedIp::from(u.net);
-            for other in d.peers.values_mut() {
-                other.allowed_ips.retain(|a| *a != ip);
-            }
             d.peers
                 .entry(u.public_key)
                 .or_insert_with(|| crate::dataplane::ObservedPeer {
