@@ -529,6 +529,15 @@ fn a_fleet_shares_one_etcd_cluster() {
         f.live_on(&f.iad, &k, Duration::from_secs(5)),
         "one-down not on iad"
     );
+    // And in lhr's snapshot (its DNS), so the outage below starts from a
+    // known last snapshot: lhr may still be retrying a read that went to
+    // the stopped member.
+    let seen = wait_for(Duration::from_secs(15), || {
+        common::stdout_of(&dig("txt", "_peer.internal"))
+            .contains("one-down")
+            .then_some(())
+    });
+    assert!(seen.is_some(), "one-down never reached lhr's DNS");
 
     // All down: writes fail fast with 503; tunnels carry on (a ping runs
     // through the laptop's tunnel from here until the cluster is back and
