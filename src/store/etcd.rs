@@ -70,8 +70,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{
-    default_instance_id, Gateway, Instance, InstanceAddress, NewInstance, NewPeer, Org, Peer,
-    Revision, Snapshot, Store, StoreError, SyncReport, SyncReports,
+    Gateway, Instance, NewInstance, NewPeer, Org, Peer, Revision, Snapshot, Store, StoreError,
+    SyncReport, SyncReports,
 };
 use crate::model::{
     self, AppName, GatewayName, InstanceId, NetworkId, OrgName, PeerName, PeerSlot, ProcessGroup,
@@ -912,27 +912,7 @@ impl Store for EtcdStore {
     async fn add_instance(&self, req: &NewInstance) -> Result<Instance, StoreError> {
         let (org, org_kv) = self.org(&req.org).await?;
         let prefix = org.prefix();
-        let address: Ipv6Addr = match req.address {
-            InstanceAddress::Address(a) => a,
-            InstanceAddress::HostMachine { host, machine } => {
-                model::instance_addr(prefix, host, machine)
-            }
-        };
-        if !prefix.contains(address) {
-            return Err(StoreError::Invalid(format!(
-                "address {address} is outside org '{}' ({prefix})",
-                req.org
-            )));
-        }
-        if address == prefix.dns_addr() {
-            return Err(StoreError::Invalid(format!(
-                "address {address} is the org's DNS address"
-            )));
-        }
-        let id = req
-            .id
-            .clone()
-            .unwrap_or_else(|| default_instance_id(address));
+        let (address, id) = req.resolve(prefix)?;
         let ikey = self.keys.instance(&req.org, &req.app, &id);
         let akey = self.keys.addr(address);
         for attempt in 0..MAX_ATTEMPTS {
@@ -1055,6 +1035,7 @@ impl Store for EtcdStore {
 mod tests {
     use super::*;
     use crate::model::{HostId, PrivateKey};
+    use crate::store::InstanceAddress;
     use std::collections::HashSet;
     use std::path::PathBuf;
     use std::process::{Child, Command, Stdio};

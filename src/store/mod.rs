@@ -359,6 +359,36 @@ pub trait Store: Send + Sync {
     }
 }
 
+impl NewInstance {
+    /// The instance's address and id inside the org's /48 `prefix`: the
+    /// address given or derived, which must lie in the org and not be its
+    /// DNS address; the id given or derived from the address.
+    pub fn resolve(&self, prefix: OrgPrefix) -> Result<(Ipv6Addr, InstanceId), StoreError> {
+        let address = match self.address {
+            InstanceAddress::Address(a) => a,
+            InstanceAddress::HostMachine { host, machine } => {
+                crate::model::instance_addr(prefix, host, machine)
+            }
+        };
+        if !prefix.contains(address) {
+            return Err(StoreError::Invalid(format!(
+                "address {address} is outside org '{}' ({prefix})",
+                self.org
+            )));
+        }
+        if address == prefix.dns_addr() {
+            return Err(StoreError::Invalid(format!(
+                "address {address} is the org's DNS address"
+            )));
+        }
+        let id = self
+            .id
+            .clone()
+            .unwrap_or_else(|| default_instance_id(address));
+        Ok((address, id))
+    }
+}
+
 /// The id an instance gets when none is given: its machine id as 8 hex digits
 /// (`fdaa:0:18:a7b:7d:f066:b83b:2` → `f066b83b`), as Fly's hostnames are.
 pub fn default_instance_id(address: Ipv6Addr) -> InstanceId {

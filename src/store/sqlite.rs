@@ -16,7 +16,6 @@
 //!   another process breaks it, and the next snapshot reads everything.
 
 use std::collections::VecDeque;
-use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,8 +26,8 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::watch;
 
 use super::{
-    default_instance_id, Delta, Gateway, Instance, InstanceAddress, NewInstance, NewPeer, Org,
-    Peer, Revision, Snapshot, Store, StoreError, SyncReport, SyncReports,
+    Delta, Gateway, Instance, NewInstance, NewPeer, Org, Peer, Revision, Snapshot, Store,
+    StoreError, SyncReport, SyncReports,
 };
 use crate::model::{self, GatewayName, NetworkId, OrgName, PeerName, PeerSlot};
 
@@ -872,27 +871,7 @@ impl Store for SqliteStore {
             move |tx| {
                 let (org_id, net) = org_row(tx, &req.org)?;
                 let prefix = net.prefix();
-                let address: Ipv6Addr = match req.address {
-                    InstanceAddress::Address(a) => a,
-                    InstanceAddress::HostMachine { host, machine } => {
-                        model::instance_addr(prefix, host, machine)
-                    }
-                };
-                if !prefix.contains(address) {
-                    return Err(StoreError::Invalid(format!(
-                        "address {address} is outside org '{}' ({prefix})",
-                        req.org
-                    )));
-                }
-                if address == prefix.dns_addr() {
-                    return Err(StoreError::Invalid(format!(
-                        "address {address} is the org's DNS address"
-                    )));
-                }
-                let id = req
-                    .id
-                    .clone()
-                    .unwrap_or_else(|| default_instance_id(address));
+                let (address, id) = req.resolve(prefix)?;
                 let taken: Option<String> = tx
                     .query_row(
                         "SELECT app || '/' || id FROM instances WHERE address = ?1",
@@ -1060,6 +1039,7 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
     use crate::model::{HostId, PrivateKey};
+    use crate::store::InstanceAddress;
     use std::collections::HashSet;
 
     fn key() -> model::PublicKey {
