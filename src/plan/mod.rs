@@ -246,18 +246,31 @@ pub fn is_our_address(addr: Ipv6Addr, len: u8) -> bool {
     len == 128 && OrgPrefix::of(addr).is_some_and(|p| p.dns_addr() == addr)
 }
 
+/// The interface's part of a plan, and the device to plan peers against;
+/// no device: the interface is missing, and creating it is the whole plan.
+fn plan_interface<'a>(observed: &'a Observed, me: &Identity) -> (Plan, Option<&'a DeviceState>) {
+    let (Some(link), Some(device)) = (observed.link, observed.device.as_ref()) else {
+        let create = Plan {
+            create_interface: true,
+            ..Plan::default()
+        };
+        return (create, None);
+    };
+    let p = Plan {
+        link_up: !link.up || link.mtu != MTU,
+        configure_device: device.public_key != Some(me.public_key)
+            || device.listen_port != me.listen_port,
+        ..Plan::default()
+    };
+    (p, Some(device))
+}
+
 /// Plans the changes from `observed` to `desired`. With `desired` absent
 /// (the store has not loaded yet) only the interface itself is ensured:
 /// nothing is added or removed on it.
 pub fn plan(desired: Option<&Desired>, observed: &Observed, me: &Identity) -> Plan {
-    let mut p = Plan::default();
-    let (Some(link), Some(device)) = (observed.link, observed.device.as_ref()) else {
-        p.create_interface = true;
-        return p;
-    };
-    p.link_up = !link.up || link.mtu != MTU;
-    p.configure_device =
-        device.public_key != Some(me.public_key) || device.listen_port != me.listen_port;
+    let (mut p, device) = plan_interface(observed, me);
+    let Some(device) = device else { return p };
     let Some(desired) = desired else {
         return p;
     };
@@ -311,14 +324,8 @@ pub fn plan_touched(
     me: &Identity,
     touched: &Touched,
 ) -> Plan {
-    let mut p = Plan::default();
-    let (Some(link), Some(device)) = (observed.link, observed.device.as_ref()) else {
-        p.create_interface = true;
-        return p;
-    };
-    p.link_up = !link.up || link.mtu != MTU;
-    p.configure_device =
-        device.public_key != Some(me.public_key) || device.listen_port != me.listen_port;
+    let (mut p, device) = plan_interface(observed, me);
+    let Some(device) = device else { return p };
     let mut routes = BTreeSet::new();
     for key in &touched.peers {
         let have = device.peers.get(key);
