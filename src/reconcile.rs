@@ -73,6 +73,9 @@ pub struct Installed {
     pub revision: Revision,
     /// Peers registered on this gateway but not live, by key.
     pub missing: Vec<PublicKey>,
+    /// Bumped whenever the set of live peers changes, so that a reader
+    /// can tell without comparing them.
+    pub peer_set: u64,
 }
 
 /// Counters for metrics and tests.
@@ -156,7 +159,6 @@ pub struct Reconciler {
     /// The last firewall change failed: replace the table whole next time.
     fw_force_replace: bool,
     fw_interval: Duration,
-    since: HashMap<PublicKey, SystemTime>,
     wg_interval: Duration,
     installed: watch::Sender<Arc<Installed>>,
     snapshots: watch::Sender<Option<Arc<Snapshot>>>,
@@ -186,7 +188,6 @@ impl Reconciler {
             fw_cache: None,
             fw_force_replace: false,
             fw_interval: FULL_RESYNC,
-            since: HashMap::new(),
             wg_interval: MIN_WG_INTERVAL,
             installed: watch::channel(Arc::new(Installed::default())).0,
             snapshots: watch::channel(None).0,
@@ -813,51 +814,38 @@ impl Reconciler {
         (done, errors)
     }
 
-    /// Publishes which desired peers are live: on the device with their
-    /// /120 and with our route to it (without the route, traffic to the
-    /// peer goes wherever the route in the way sends it). `ok`: the pass
-    /// had no failure, so a complete set means the kernel matches the store.
+    /// Publishes which desired peers are live ([`is_live`]), each with when
+    /// it first was. `ok`: the pass had no failure, so a complete set means
+    /// the kernel matches the store.
     fn publish(&mut self, desired: Option<&Desired>, ok: bool) {
         let Some(desired) = desired else { return };
         let Some(device) = self.cache.device.as_ref() else {
             return;
         };
         let now = SystemTime::now();
+        let prev = self.installed.borrow().clone();
         let mut peers = HashMap::with_capacity(desired.installed.len());
         for (k, want) in &desired.installed {
-            let on_device = device
-                .peers
-                .get(k)
-                .is_some_and(|p| p.allowed_ips == [crate::dataplane::AllowedIp::from(want.net)]);
-            let routed = self
-                .cache
-                .routes
-                .contains(&(want.net.network(), PeerNet::LEN));
-            if on_device && routed {
-                let since = *self.since.entry(*k).or_insert(now);
-                peers.insert(*k, since);
+            if is_live(device, &self.cache.routes, k, want) {
+                peers.insert(*k, prev.peers.get(k).copied().unwrap_or(now));
             }
         }
-        self.since.retain(|k, _| peers.contains_key(k));
         self.missing = desired
             .installed
             .keys()
             .filter(|k| !peers.contains_key(*k))
             .copied()
             .collect();
-        let missing: Vec<PublicKey> = self.missing.iter().copied().collect();
-        let complete = ok && missing.is_empty();
-        let last_sync = if complete {
-            Some(now)
-        } else {
-            self.installed.borrow().last_sync
-        };
+        let changed =
+            peers.len() != prev.peers.len() || peers.keys().any(|k| !prev.peers.contains_key(k));
+        let complete = ok && self.missing.is_empty();
         self.installed.send_replace(Arc::new(Installed {
             peers,
             registered: desired.registered,
-            last_sync,
+            last_sync: if complete { Some(now) } else { prev.last_sync },
             revision: self.snapshot.as_ref().map_or(0, |s| s.revision),
-            missing,
+            missing: self.missing.iter().copied().collect(),
+            peer_set: prev.peer_set + u64::from(changed),
         }));
     }
 
@@ -867,25 +855,23 @@ impl Reconciler {
         let Some(device) = self.cache.device.as_ref() else {
             return;
         };
-        let (since, missing, routes) = (&mut self.since, &mut self.missing, &self.cache.routes);
+        let (missing, routes) = (&mut self.missing, &self.cache.routes);
         let now = SystemTime::now();
         let revision = self.snapshot.as_ref().map_or(0, |s| s.revision);
         self.installed.send_modify(|installed| {
             // Copies only if a reader holds the previous one.
             let i = Arc::make_mut(installed);
+            let mut changed = false;
             for k in &touched.peers {
                 let want = desired.installed.get(k);
-                let live = want.is_some_and(|w| {
-                    let ip = crate::dataplane::AllowedIp::from(w.net);
-                    device.peers.get(k).is_some_and(|p| p.allowed_ips == [ip])
-                        && routes.contains(&(w.net.network(), PeerNet::LEN))
-                });
-                if live {
-                    i.peers.insert(*k, *since.entry(*k).or_insert(now));
+                if want.is_some_and(|w| is_live(device, routes, k, w)) {
+                    if let std::collections::hash_map::Entry::Vacant(e) = i.peers.entry(*k) {
+                        e.insert(now);
+                        changed = true;
+                    }
                     missing.remove(k);
                 } else {
-                    i.peers.remove(k);
-                    since.remove(k);
+                    changed |= i.peers.remove(k).is_some();
                     if want.is_some() {
                         missing.insert(*k);
                     } else {
@@ -896,11 +882,26 @@ impl Reconciler {
             i.registered = desired.registered;
             i.revision = revision;
             i.missing = missing.iter().copied().collect();
+            i.peer_set += u64::from(changed);
             if ok && missing.is_empty() {
                 i.last_sync = Some(now);
             }
         });
     }
+}
+
+/// Whether the desired peer `want` (key `key`) is live: on the device with
+/// its /120 and with our route to it (without the route, traffic to the
+/// peer goes wherever the route in the way sends it).
+fn is_live(
+    device: &crate::dataplane::DeviceState,
+    routes: &BTreeSet<(std::net::Ipv6Addr, u8)>,
+    key: &PublicKey,
+    want: &plan::DesiredPeer,
+) -> bool {
+    let ip = crate::dataplane::AllowedIp::from(want.net);
+    device.peers.get(key).is_some_and(|p| p.allowed_ips == [ip])
+        && routes.contains(&(want.net.network(), PeerNet::LEN))
 }
 
 async fn next_fw_event(events: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> Option<()> {

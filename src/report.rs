@@ -7,14 +7,13 @@
 //! org this gateway doesn't hold costs no write. Reports never move the
 //! store's change feed, so they set off no passes elsewhere.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::model::{GatewayName, PublicKey};
+use crate::model::GatewayName;
 use crate::reconcile::Installed;
 use crate::store::{Store, SyncReport};
 
@@ -27,14 +26,15 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 pub struct Published {
     report: Option<SyncReport>,
-    installed: HashSet<PublicKey>,
+    /// [`Installed::peer_set`] when it was written.
+    peer_set: u64,
 }
 
 impl Published {
     fn new(installed: &Installed, report: SyncReport) -> Self {
         Self {
             report: Some(report),
-            installed: installed.peers.keys().copied().collect(),
+            peer_set: installed.peer_set,
         }
     }
 }
@@ -51,8 +51,7 @@ pub fn next_report(now: &Installed, last: &Published) -> Option<SyncReport> {
     let mut missing = now.missing.clone();
     missing.sort_unstable_by_key(|k| *k.as_bytes());
     if let Some(prev) = &last.report {
-        let same_installed = now.peers.len() == last.installed.len()
-            && now.peers.keys().all(|k| last.installed.contains(k));
+        let same_installed = now.peer_set == last.peer_set;
         if now.revision < prev.revision || (same_installed && missing == prev.missing) {
             return None;
         }
@@ -113,16 +112,23 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::PrivateKey;
+    use crate::model::{PrivateKey, PublicKey};
     use std::time::SystemTime;
 
+    /// `peer_set` stands in for the reconciler's counter: it differs
+    /// whenever the set of live peers does.
     fn installed(revision: u64, peers: &[PublicKey], missing: &[PublicKey]) -> Installed {
+        let mut keys: Vec<_> = peers.iter().map(|k| *k.as_bytes()).collect();
+        keys.sort_unstable();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&keys, &mut h);
         Installed {
             peers: peers.iter().map(|k| (*k, SystemTime::now())).collect(),
             registered: peers.len() + missing.len(),
             last_sync: None,
             revision,
             missing: missing.to_vec(),
+            peer_set: std::hash::Hasher::finish(&h),
         }
     }
 
