@@ -121,14 +121,7 @@ fn topo() -> Topo {
     let peer_net = p["network"].as_str().unwrap().to_owned();
     let peer_key = p["public_key"].as_str().unwrap().to_owned();
 
-    // The DNS line would make wg-quick call resolvconf on the host.
-    let text = std::fs::read_to_string(&conf).unwrap();
-    let no_dns: String = text
-        .lines()
-        .filter(|l| !l.starts_with("DNS"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&conf, no_dns).unwrap();
+    common::strip_dns_line(&conf);
     let script = common::wg_quick_userspace_script(dir.path());
     common::wg_quick(&client, &script, &["up", path(&conf)]);
     Topo {

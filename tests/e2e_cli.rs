@@ -242,13 +242,8 @@ fn created_file_loads_into_wireguard_go() {
     let up_ns = Netns::new();
     let up_iface = common::unique_ifname();
     let up_file = dir.path().join(format!("{up_iface}.conf"));
-    let text = std::fs::read_to_string(&file).unwrap();
-    let no_dns: String = text
-        .lines()
-        .filter(|l| !l.starts_with("DNS"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&up_file, no_dns).unwrap();
+    std::fs::copy(&file, &up_file).unwrap();
+    common::strip_dns_line(&up_file);
     std::fs::set_permissions(&up_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let script = common::wg_quick_userspace_script(dir.path());
     common::wg_quick(&up_ns, &script, &["up", path_str(&up_file)]);
