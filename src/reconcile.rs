@@ -584,7 +584,7 @@ impl Reconciler {
             // The cache has lost the interface: not a case to follow.
             return self.observe_plan_apply(Need::ALL, true, desired).await;
         }
-        let errors = self.apply_and_count(&plan, want, true).await;
+        let errors = self.apply_and_count(&plan, desired, true).await;
         self.publish_touched(want, touched, errors.is_empty());
         if errors.is_empty() {
             Ok(())
@@ -598,7 +598,7 @@ impl Reconciler {
     async fn apply_and_count(
         &mut self,
         plan: &Plan,
-        desired: &Desired,
+        desired: Option<&Desired>,
         store_changed: bool,
     ) -> Vec<KernelError> {
         if plan.is_empty() {
@@ -607,7 +607,7 @@ impl Reconciler {
         if !store_changed {
             info!(changes = plan.len(), "repairing drift");
         }
-        let (done, errors) = self.apply(plan, Some(desired)).await;
+        let (done, errors) = self.apply(plan, desired).await;
         // Count what happened: a change that keeps failing (a foreign route
         // in the way) must not count again on every retry.
         let n = done.len() as u64;
@@ -645,15 +645,7 @@ impl Reconciler {
                 )]);
             }
         }
-        let errors = match desired {
-            Some(d) => self.apply_and_count(&plan, d, store_changed).await,
-            // Before the store loaded only the interface itself is planned.
-            None => {
-                let (done, errors) = self.apply(&plan, None).await;
-                plan::apply_to(&mut self.cache, &done, &me);
-                errors
-            }
-        };
+        let errors = self.apply_and_count(&plan, desired, store_changed).await;
         // Also after a partial failure: the peers that did go in are live,
         // and the API is waiting for them.
         self.publish(desired, errors.is_empty());
