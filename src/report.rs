@@ -31,12 +31,23 @@ pub struct Published {
 }
 
 impl Published {
-    fn new(installed: &Installed, report: SyncReport) -> Self {
+    fn new(peer_set: u64, report: SyncReport) -> Self {
         Self {
             report: Some(report),
-            peer_set: installed.peer_set,
+            peer_set,
         }
     }
+}
+
+/// The report to write now and the peer set it describes, read without
+/// keeping the published state: holding it across the write would make
+/// the reconciler copy every installed peer to publish the next change.
+fn next(
+    installed: &mut watch::Receiver<Arc<Installed>>,
+    last: &Published,
+) -> Option<(SyncReport, u64)> {
+    let now = installed.borrow_and_update();
+    next_report(&now, last).map(|r| (r, now.peer_set))
 }
 
 /// The report to write for `now`, if it says something `last` didn't:
@@ -74,14 +85,13 @@ pub async fn run(
     let mut retry = RETRY_MIN;
     let mut failed = false;
     loop {
-        let now = installed.borrow_and_update().clone();
-        failed = match next_report(&now, &last) {
+        failed = match next(&mut installed, &last) {
             None => false,
-            Some(report) => match store.report_sync(&gateway, &report).await {
+            Some((report, peer_set)) => match store.report_sync(&gateway, &report).await {
                 Ok(()) => {
                     debug!(gateway = %gateway, revision = report.revision,
                         missing = report.missing.len(), "sync report written");
-                    last = Published::new(&now, report);
+                    last = Published::new(peer_set, report);
                     retry = RETRY_MIN;
                     false
                 }
@@ -152,7 +162,7 @@ mod tests {
         let first = installed(5, &k[..1], &[]);
         let r = next_report(&first, &Published::default()).expect("first report");
         assert_eq!(r.revision, 5);
-        let last = Published::new(&first, r);
+        let last = Published::new(first.peer_set, r);
 
         // A later revision that changed nothing here: no write.
         assert_eq!(next_report(&installed(9, &k[..1], &[]), &last), None);
@@ -170,7 +180,7 @@ mod tests {
         let failed = installed(7, &k[..1], &k[1..]);
         let r = next_report(&failed, &Published::default()).unwrap();
         assert_eq!(r.missing, vec![k[1]]);
-        let last = Published::new(&failed, r);
+        let last = Published::new(failed.peer_set, r);
         // Same state again: nothing; fixed by a later pass: reported.
         assert_eq!(next_report(&failed, &last), None);
         let r = next_report(&installed(7, &k, &[]), &last).unwrap();
@@ -181,7 +191,10 @@ mod tests {
     fn never_back_in_revisions_nor_with_too_many_missing() {
         let k = keys(1);
         let now = installed(10, &k, &[]);
-        let last = Published::new(&now, next_report(&now, &Published::default()).unwrap());
+        let last = Published::new(
+            now.peer_set,
+            next_report(&now, &Published::default()).unwrap(),
+        );
         assert_eq!(next_report(&installed(8, &[], &[]), &last), None);
         let broken = installed(11, &[], &keys(SyncReport::MAX_MISSING + 1));
         assert_eq!(next_report(&broken, &Published::default()), None);
