@@ -68,7 +68,7 @@ pub async fn supervise(
     let mut first_pass = installed.clone();
     let degraded = async move {
         // A pass that got as far as publishing what it installed.
-        let _ = first_pass.wait_for(|i| i.revision > 0).await;
+        let _ = first_pass.wait_for(|i| i.published()).await;
         tokio::time::sleep(DEGRADED_READY).await;
         first_pass.borrow().missing.len()
     };

@@ -78,6 +78,15 @@ pub struct Installed {
     pub peer_set: u64,
 }
 
+impl Installed {
+    /// Whether a pass got as far as publishing: before that, the peers map
+    /// says nothing of the kernel (it may well have every peer, after a
+    /// restart).
+    pub fn published(&self) -> bool {
+        self.revision > 0
+    }
+}
+
 /// Counters for metrics and tests.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -1104,6 +1113,13 @@ impl DataplaneView for View {
     async fn wait_installed(&self, key: &PublicKey, timeout: Duration) -> bool {
         let mut rx = self.installed.clone();
         tokio::time::timeout(timeout, rx.wait_for(|i| i.peers.contains_key(key)))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    async fn wait_published(&self, timeout: Duration) -> bool {
+        let mut rx = self.installed.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|i| i.published()))
             .await
             .is_ok_and(|r| r.is_ok())
     }

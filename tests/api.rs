@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use hyper::{Method, StatusCode};
 use sixpn::api::client::{Client, ClientError};
-use sixpn::api::server::{self, ApiState};
+use sixpn::api::server::{self, ApiState, DataplaneHealth, DataplaneView, PeerStats};
 use sixpn::api::{AddInstance, CreatePeer, PeerState};
-use sixpn::model::{OrgName, PrivateKey};
+use sixpn::model::{OrgName, PrivateKey, PublicKey};
 use sixpn::store::sqlite::SqliteStore;
 use sixpn::store::{Gateway, Store};
 
@@ -22,6 +22,11 @@ struct Api {
 
 impl Api {
     async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// An API whose daemon runs `dataplane`.
+    async fn start_with(dataplane: Option<Arc<dyn DataplaneView>>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(dir.path().join("state.db")).unwrap());
         for (name, region, host) in [("lhr-1", "lhr", "a7b:d6b"), ("iad-1", "iad", "a7b:1")] {
@@ -42,7 +47,7 @@ impl Api {
             gateway: "lhr-1".parse().unwrap(),
             region: "lhr".parse().unwrap(),
             admin_token_sha256: Some(server::token_sha256(&admin_token)),
-            dataplane: None,
+            dataplane,
             metrics: Vec::new(),
         });
         let router = server::router(state);
@@ -77,6 +82,46 @@ impl Api {
 impl Drop for Api {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+    }
+}
+
+/// A dataplane that has run no pass until the test publishes what is
+/// live (as a daemon just after a restart, its kernel already full).
+#[derive(Default)]
+struct FakeDataplane {
+    live: tokio::sync::watch::Sender<Option<Vec<PublicKey>>>,
+}
+
+#[async_trait::async_trait]
+impl DataplaneView for FakeDataplane {
+    async fn wait_installed(&self, key: &PublicKey, timeout: std::time::Duration) -> bool {
+        let mut rx = self.live.subscribe();
+        let live = rx.wait_for(|l| l.as_ref().is_some_and(|l| l.contains(key)));
+        let done = tokio::time::timeout(timeout, live).await.is_ok();
+        done
+    }
+
+    async fn wait_published(&self, timeout: std::time::Duration) -> bool {
+        let mut rx = self.live.subscribe();
+        let done = tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
+            .await
+            .is_ok();
+        done
+    }
+
+    fn is_installed(&self, key: &PublicKey) -> bool {
+        self.live.borrow().as_ref().is_some_and(|l| l.contains(key))
+    }
+
+    async fn peer_stats(&self, key: &PublicKey) -> Option<PeerStats> {
+        self.is_installed(key).then(|| PeerStats {
+            installed_since: Some(1),
+            ..PeerStats::default()
+        })
+    }
+
+    fn health(&self) -> DataplaneHealth {
+        DataplaneHealth::default()
     }
 }
 
@@ -398,4 +443,63 @@ async fn concurrent_creates_get_distinct_addresses() {
         assert!(addrs.insert(a.unwrap()));
     }
     assert_eq!(addrs.len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peer_states_just_after_a_start_wait_for_the_first_pass() {
+    let dp = Arc::new(FakeDataplane::default());
+    let api = Api::start_with(Some(dp.clone())).await;
+    api.unix.create_org(&org("personal")).await.unwrap();
+    // Registered while no daemon ran (as if before a restart).
+    let req = peer_req("lhr", "keep");
+    api.store
+        .create_peer(&sixpn::store::NewPeer {
+            org: org("personal"),
+            name: req.name.clone(),
+            region: req.region.clone(),
+            public_key: req.public_key,
+        })
+        .await
+        .unwrap();
+    // The first pass finds the peer live a moment after the API is up.
+    let publisher = dp.clone();
+    let key = req.public_key;
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        publisher.live.send_replace(Some(vec![key]));
+    });
+    let list = api.unix.peers(&org("personal")).await.unwrap();
+    assert_eq!(list[0].state, PeerState::Installed, "{list:?}");
+    let st = api
+        .unix
+        .peer_status(&org("personal"), &req.name)
+        .await
+        .unwrap();
+    assert_eq!(st.peer.state, PeerState::Installed);
+    assert_eq!(st.installed_since, Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peer_states_answer_pending_when_the_first_pass_never_ends() {
+    let dp = Arc::new(FakeDataplane::default());
+    let api = Api::start_with(Some(dp.clone())).await;
+    api.unix.create_org(&org("personal")).await.unwrap();
+    let req = peer_req("lhr", "keep");
+    api.store
+        .create_peer(&sixpn::store::NewPeer {
+            org: org("personal"),
+            name: req.name.clone(),
+            region: req.region.clone(),
+            public_key: req.public_key,
+        })
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let list = api.unix.peers(&org("personal")).await.unwrap();
+    assert_eq!(list[0].state, PeerState::Pending);
+    let took = t0.elapsed();
+    assert!(
+        took >= server::FIRST_PASS_WAIT && took < server::FIRST_PASS_WAIT * 2,
+        "a list with no pass yet took {took:?}"
+    );
 }

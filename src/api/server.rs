@@ -32,6 +32,11 @@ use crate::store::{InstanceAddress, NewInstance, NewPeer, Peer, Store, StoreErro
 /// to install it before answering `pending`.
 pub const INSTALL_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a peer list or status waits, just after the daemon started, for
+/// its first pass to tell which peers are live here before answering
+/// `pending` for them.
+pub const FIRST_PASS_WAIT: Duration = Duration::from_secs(2);
+
 /// What the kernel says about one peer.
 #[derive(Debug, Clone, Default)]
 pub struct PeerStats {
@@ -54,6 +59,10 @@ pub trait DataplaneView: Send + Sync {
     /// Waits until the peer with `key` is installed on this gateway, at most
     /// `timeout`; returns whether it is.
     async fn wait_installed(&self, key: &PublicKey, timeout: Duration) -> bool;
+    /// Waits until the dataplane has published what is installed at least
+    /// once (the first pass after a start), at most `timeout`; returns
+    /// whether it has.
+    async fn wait_published(&self, timeout: Duration) -> bool;
     /// Whether the peer with `key` is installed on this gateway now.
     fn is_installed(&self, key: &PublicKey) -> bool;
     /// The peer's kernel state, if it is installed here.
@@ -420,6 +429,7 @@ async fn list_peers(
     if snap.org(&org).is_none() {
         return Err(StoreError::NotFound(format!("org '{org}' not found")).into());
     }
+    await_first_pass(&st).await;
     let reports = st.store.sync_reports().borrow().clone();
     Ok(Json(
         snap.peers
@@ -475,6 +485,15 @@ async fn create_peer(
     Ok((StatusCode::CREATED, Json(info)))
 }
 
+/// Until the dataplane's first pass after a start, "not installed" means
+/// "not looked yet": a restarted gateway must not call its live peers
+/// pending. Waits for that pass (bounded); at once any time after.
+async fn await_first_pass(st: &ApiState) {
+    if let Some(dp) = &st.dataplane {
+        dp.wait_published(FIRST_PASS_WAIT).await;
+    }
+}
+
 /// What this daemon can tell of `peer` now: live here, reported live by its
 /// gateway, or not yet; `registered` when nothing can tell.
 fn peer_state(st: &ApiState, reports: &SyncReports, peer: &Peer) -> PeerState {
@@ -519,6 +538,7 @@ async fn peer_status(
         .iter()
         .find(|p| p.org == org && p.name == name)
         .ok_or_else(|| StoreError::NotFound(format!("peer '{name}' not found in org '{org}'")))?;
+    await_first_pass(&st).await;
     let (stats, note, state) = match &st.dataplane {
         None => (
             None,
