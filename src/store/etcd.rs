@@ -20,6 +20,7 @@
 //! | `P addrs/<address>` | `<org>/<app>/<id>` | instance-address uniqueness |
 //! | `P tokens/<sha256, hex>` | org name | org-scoped API tokens |
 //! | `P synced/<gateway>` | [`SyncReport`] | what the gateway has installed |
+//! | `P written` | empty | put by every write: its mod revision is the newest write |
 //!
 //! A peer's region and /120 are not stored: they follow from its gateway and
 //! org, exactly as in the SQLite schema. The revision that registered a peer
@@ -44,21 +45,30 @@
 //!   contention a retry picks at random among the lowest few free slots so
 //!   that N concurrent creators don't all chase the same one; the holes that
 //!   leaves are the lowest free slots for the next creates.
-//! - A snapshot is one range read of the prefix; its revision is the
-//!   response header's, so it is consistent at that revision.
-//! - The change feed follows an etcd watch over the prefix from the last
-//!   revision seen + 1. Events only bump the feed: consumers re-read a whole
-//!   snapshot, so nothing is lost when the watched revision was compacted —
-//!   then we take the current revision (a full reload for the consumers) and
-//!   watch again from there. A broken watch reconnects with backoff
-//!   ([`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`]).
+//! - Snapshots follow the watch: one range read of the prefix (consistent
+//!   at the response's revision), then a watch from the next revision whose
+//!   events update it as [`Delta`]s, kept for [`Store::snapshot_since`] (the
+//!   last [`LOG_MAX`]). So a store change costs each gateway the change,
+//!   not a read of every key. Events a delta can't express (a gateway's
+//!   record changing, which may move its peers' region; an update in
+//!   place) and a compacted watch revision mean a whole read again, and a
+//!   watch from there. A broken watch reconnects with backoff
+//!   ([`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`]) from where it stopped.
+//! - A snapshot is never older than the newest write acknowledged before it
+//!   was asked for, on any gateway: every write also puts `P written`, and
+//!   a snapshot first reads that key (linearizable, one small read), then
+//!   waits for the followed snapshot to reach its revision — at once in the
+//!   usual case, as the feed that set off the read came from the watch.
+//!   If the watch doesn't bring it within [`CATCH_UP`], the snapshot is
+//!   read whole (and the follower starts again from that read).
+//! - The change feed is bumped after the follower has the change.
 //! - Every request is bounded by [`REQUEST_TIMEOUT`]; connection failures
 //!   and timeouts are [`StoreError::Unavailable`] (HTTP 503), so the API fails
 //!   fast while the daemon keeps its last applied state.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::Ipv6Addr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -70,8 +80,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{
-    Gateway, Instance, NewInstance, NewPeer, Org, Peer, Revision, Snapshot, Store, StoreError,
-    SyncReport, SyncReports,
+    Delta, Gateway, Instance, NewInstance, NewPeer, Org, Peer, Revision, Snapshot, Store,
+    StoreError, SyncReport, SyncReports,
 };
 use crate::model::{
     self, AppName, GatewayName, InstanceId, NetworkId, OrgName, PeerName, PeerSlot, ProcessGroup,
@@ -88,6 +98,11 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const KEEPALIVE: Duration = Duration::from_secs(10);
 /// How many times a write is retried after losing a compare-and-swap race.
 const MAX_ATTEMPTS: u32 = 64;
+/// The most followed writes kept for [`Store::snapshot_since`].
+pub const LOG_MAX: usize = 4096;
+/// How long a snapshot waits for the watch to bring the newest write before
+/// it reads the prefix whole instead.
+pub const CATCH_UP: Duration = Duration::from_millis(500);
 
 /// A peer as stored under `peers/<org>/<name>`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -119,9 +134,10 @@ pub struct InstanceRecord {
 pub struct EtcdStore {
     kv: Client,
     keys: Keys,
-    feed: watch::Sender<Revision>,
-    reports: watch::Sender<Arc<SyncReports>>,
+    feeds: Feeds,
     watcher: tokio::task::JoinHandle<()>,
+    /// Snapshots read whole (not followed), for tests.
+    whole_reads: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -197,8 +213,8 @@ impl Keys {
     fn synced(&self, gw: &GatewayName) -> String {
         self.k(format_args!("synced/{gw}"))
     }
-    fn synceds(&self) -> String {
-        self.k("synced/")
+    fn written(&self) -> String {
+        self.k("written")
     }
     /// The key relative to the prefix, split on `/`.
     fn parts<'a>(&self, key: &'a [u8]) -> Option<Vec<&'a str>> {
@@ -362,23 +378,14 @@ impl EtcdStore {
             .await
             .map_err(etcd_err)?;
         let keys = Keys::new(prefix);
-        let (feed, _) = watch::channel(0);
-        let (reports, _) = watch::channel(Arc::default());
-        let watcher = tokio::spawn(watch_loop(
-            watch_client,
-            keys.clone(),
-            Feeds {
-                revision: feed.clone(),
-                reports: reports.clone(),
-            },
-            0,
-        ));
+        let feeds = Feeds::new();
+        let watcher = tokio::spawn(watch_loop(watch_client, keys.clone(), feeds.clone(), 0));
         Ok(Self {
             kv,
             keys,
-            feed,
-            reports,
+            feeds,
             watcher,
+            whole_reads: Default::default(),
         })
     }
 
@@ -405,15 +412,22 @@ impl EtcdStore {
         Ok(resp.take_kvs())
     }
 
-    /// Commits `txn`; the revision it committed as if its compares held.
-    async fn commit(&self, txn: Txn) -> Result<Option<Revision>, StoreError> {
+    /// Commits `ops` if `cmps` hold (with the put of [`Keys::written`]
+    /// every write makes); the revision it committed as, if they held.
+    async fn commit(
+        &self,
+        cmps: impl Into<Vec<Compare>>,
+        mut ops: Vec<TxnOp>,
+    ) -> Result<Option<Revision>, StoreError> {
+        ops.push(put(self.keys.written(), ""));
+        let txn = Txn::new().when(cmps).and_then(ops);
         let mut kv = self.kv.clone();
         let resp = bounded(kv.txn(txn)).await?;
         if !resp.succeeded() {
             return Ok(None);
         }
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        publish(&self.feed, revision);
+        publish(&self.feeds.revision, revision);
         Ok(Some(u64::try_from(revision).unwrap_or(0)))
     }
 
@@ -442,6 +456,55 @@ impl EtcdStore {
         Ok(out)
     }
 
+    /// The revision of the newest write (not report) under the prefix, from
+    /// [`Keys::written`]: what a snapshot taken now must show. A
+    /// linearizable read, so a write acknowledged anywhere is counted.
+    async fn last_write(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .get(&self.keys.written())
+            .await?
+            .map_or(0, |kv| kv.mod_revision()))
+    }
+
+    /// The snapshot (and the writes since `from`): the followed one once it
+    /// holds the newest write; read whole if the watch doesn't bring it
+    /// within [`CATCH_UP`] (it is down, or the follower lost step).
+    async fn snapshot_from(
+        &self,
+        from: Option<Revision>,
+    ) -> Result<(Arc<Snapshot>, Option<Vec<Delta>>), StoreError> {
+        let target = self.last_write().await?;
+        let mut followed = self.feeds.followed.subscribe();
+        if *followed.borrow_and_update() < target {
+            let caught_up = followed.wait_for(|r| *r >= target);
+            let _ = tokio::time::timeout(CATCH_UP, caught_up).await;
+        }
+        let cached = {
+            let mut f = self.feeds.lock();
+            (f.revision >= target)
+                .then(|| f.snapshot())
+                .flatten()
+                .map(|s| (s, from.and_then(|from| f.since(from))))
+        };
+        let (snap, deltas) = match cached {
+            Some(c) => c,
+            None => {
+                self.whole_reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let (revision, whole) = read_whole(&self.kv, &self.keys).await?;
+                let (snap, _) = whole?;
+                self.feeds.lock().install(snap.clone(), revision);
+                self.feeds.announce(revision);
+                (Arc::new(snap), None)
+            }
+        };
+        publish(
+            &self.feeds.revision,
+            i64::try_from(snap.revision).unwrap_or(i64::MAX),
+        );
+        Ok((snap, deltas))
+    }
+
     /// The full peer, from its record and the current org and gateway.
     fn peer_of(
         org: &Org,
@@ -466,11 +529,244 @@ impl EtcdStore {
 }
 
 /// What the watch keeps current.
+#[derive(Clone)]
 struct Feeds {
     /// The change feed (everything but sync reports).
     revision: watch::Sender<Revision>,
     /// The gateways' sync reports.
     reports: watch::Sender<Arc<SyncReports>>,
+    /// The snapshot the watch follows.
+    follower: Arc<Mutex<Follower>>,
+    /// [`Follower::revision`], for readers waiting for it to catch up.
+    followed: watch::Sender<i64>,
+}
+
+impl Feeds {
+    fn new() -> Self {
+        Self {
+            revision: watch::channel(0).0,
+            reports: watch::channel(Arc::default()).0,
+            follower: Arc::default(),
+            followed: watch::channel(0).0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Follower> {
+        // A panic while holding it can only leave a half-applied batch:
+        // drop the snapshot, so the next read takes a whole one.
+        self.follower.lock().unwrap_or_else(|poisoned| {
+            let mut f = poisoned.into_inner();
+            f.working = None;
+            f.shared = None;
+            f
+        })
+    }
+
+    /// Lets waiting readers know how far the follower got.
+    fn announce(&self, revision: i64) {
+        self.followed.send_if_modified(|r| {
+            let newer = revision > *r;
+            if newer {
+                *r = revision;
+            }
+            newer
+        });
+    }
+}
+
+/// The snapshot the watch keeps current, so that a store change costs the
+/// change, not a read of the whole prefix (see the module doc). The watch
+/// task applies events; readers take [`Follower::snapshot`].
+#[derive(Debug, Default)]
+struct Follower {
+    /// Everything under the prefix as of `revision`; `None` before the
+    /// first whole read and after an event it can't follow.
+    working: Option<Snapshot>,
+    /// `working` as last handed out, while it hasn't changed.
+    shared: Option<Arc<Snapshot>>,
+    /// Every event under the prefix up to here is in `working`.
+    revision: i64,
+    /// The revision `working` was read whole at: events up to it are in.
+    whole_at: i64,
+    /// The writes followed after revision `floor`, each with its revision:
+    /// what [`Store::snapshot_since`] hands out.
+    log: VecDeque<(i64, Delta)>,
+    floor: i64,
+}
+
+/// An event the follower can't express as a [`Delta`]: only a whole read
+/// brings it back in step.
+#[derive(Debug)]
+struct Unfollowable(String);
+
+impl Follower {
+    /// Starts over from `snap`, read whole at `revision`, unless what the
+    /// follower holds is as new.
+    fn install(&mut self, snap: Snapshot, revision: i64) {
+        if self.working.is_some() && self.revision >= revision {
+            return;
+        }
+        *self = Follower {
+            working: Some(snap),
+            shared: None,
+            revision,
+            whole_at: revision,
+            log: VecDeque::new(),
+            floor: revision,
+        };
+    }
+
+    /// The followed snapshot, shared until it next changes.
+    fn snapshot(&mut self) -> Option<Arc<Snapshot>> {
+        if self.shared.is_none() {
+            let mut s = self.working.clone()?;
+            s.revision = u64::try_from(self.revision).unwrap_or(0);
+            self.shared = Some(Arc::new(s));
+        }
+        self.shared.clone()
+    }
+
+    /// The writes from revision `from` up to [`Follower::revision`], if
+    /// the log reaches back that far.
+    fn since(&self, from: Revision) -> Option<Vec<Delta>> {
+        let from = i64::try_from(from).ok()?;
+        if from < self.floor || from > self.revision {
+            return None;
+        }
+        let start = self.log.partition_point(|(r, _)| *r <= from);
+        Some(self.log.range(start..).map(|(_, d)| d.clone()).collect())
+    }
+
+    /// Applies one batch of watch events (sync reports aside). Events the
+    /// whole read already held (a reader's, newer than the watch) are
+    /// skipped. Returns whether a snapshot's content changed.
+    fn follow(&mut self, keys: &Keys, events: &[Event]) -> Result<bool, Unfollowable> {
+        let Some(working) = self.working.as_mut() else {
+            return Ok(false);
+        };
+        let mut changed = false;
+        for e in events {
+            let Some(kv) = e.kv() else { continue };
+            let rev = kv.mod_revision();
+            if rev <= self.whole_at {
+                continue;
+            }
+            if let Some(delta) = delta_of(keys, working, e.event_type(), kv)? {
+                working.apply(delta.clone());
+                self.log.push_back((rev, delta));
+                changed = true;
+            }
+        }
+        while self.log.len() > LOG_MAX {
+            if let Some((r, _)) = self.log.pop_front() {
+                self.floor = r;
+            }
+        }
+        if changed {
+            self.shared = None;
+        }
+        Ok(changed)
+    }
+
+    /// Moves to `revision`: every event up to it has been applied.
+    fn reach(&mut self, revision: i64) {
+        if revision > self.revision {
+            self.revision = revision;
+            if let Some(s) = self.shared.as_mut() {
+                // Same content, newer revision: one copy of the Arc, not
+                // of the snapshot, unless a reader still holds it.
+                Arc::make_mut(s).revision = u64::try_from(revision).unwrap_or(0);
+            }
+        }
+    }
+
+    fn forget(&mut self) {
+        *self = Follower::default();
+    }
+}
+
+/// What one event does to a snapshot: `None` for keys a snapshot doesn't
+/// hold (uniqueness keys, tokens, reports, the write marker).
+fn delta_of(
+    keys: &Keys,
+    snap: &Snapshot,
+    kind: EventType,
+    kv: &KeyValue,
+) -> Result<Option<Delta>, Unfollowable> {
+    let Some(parts) = keys.parts(kv.key()) else {
+        return Ok(None);
+    };
+    let put = kind == EventType::Put;
+    let created = put && kv.create_revision() == kv.mod_revision();
+    let bad = |e: StoreError| Unfollowable(e.to_string());
+    let what = |k: &str| Unfollowable(format!("{} of {k}", if put { "update" } else { "delete" }));
+    match parts.as_slice() {
+        ["orgs", name] if created => Ok(Some(Delta::OrgAdded(decode(kv, "org").map_err(bad)?))),
+        ["orgs", name] => Err(what(&format!("org {name}"))),
+        ["gateways", name] => {
+            // A restarting gateway registers again; the same record is no
+            // change. Anything else may move peers' regions: read whole.
+            let same = put
+                && decode::<Gateway>(kv, "gateway")
+                    .is_ok_and(|g| snap.gateway(&g.name) == Some(&g));
+            if same {
+                Ok(None)
+            } else {
+                Err(what(&format!("gateway {name}")))
+            }
+        }
+        ["peers", org, name] => {
+            let org: OrgName = org.parse().map_err(|e| bad(corrupt("peer key")(e)))?;
+            let name: PeerName = name.parse().map_err(|e| bad(corrupt("peer key")(e)))?;
+            if !put {
+                let gone = snap.peers.iter().find(|p| p.org == org && p.name == name);
+                return match gone {
+                    Some(p) => Ok(Some(Delta::PeerRemoved(p.clone()))),
+                    None => Err(what(&format!("unknown peer {org}/{name}"))),
+                };
+            }
+            if !created {
+                return Err(what(&format!("peer {org}/{name}")));
+            }
+            let rec: PeerRecord = decode(kv, "peer").map_err(bad)?;
+            let o = snap.org(&org);
+            let g = snap.gateway(&rec.gateway);
+            let (Some(o), Some(g)) = (o, g) else {
+                return Err(Unfollowable(format!(
+                    "peer {org}/{name} of an unknown org or gateway"
+                )));
+            };
+            let peer = EtcdStore::peer_of(o, name, rec, g, kv.create_revision()).map_err(bad)?;
+            Ok(Some(Delta::PeerAdded(peer)))
+        }
+        ["instances", org, app, id] => {
+            let ids = || -> Result<(OrgName, AppName, InstanceId), StoreError> {
+                Ok((
+                    org.parse().map_err(corrupt("instance key"))?,
+                    app.parse().map_err(corrupt("instance key"))?,
+                    id.parse().map_err(corrupt("instance key"))?,
+                ))
+            };
+            let (org, app, id) = ids().map_err(bad)?;
+            if !put {
+                return Ok(Some(Delta::InstanceRemoved(org, app, id)));
+            }
+            if !created {
+                return Err(what(&format!("instance {org}/{app}/{id}")));
+            }
+            let rec: InstanceRecord = decode(kv, "instance").map_err(bad)?;
+            Ok(Some(Delta::InstanceAdded(Instance {
+                org,
+                app,
+                id,
+                region: rec.region,
+                address: rec.address,
+                process_group: rec.process_group,
+                started: rec.started,
+            })))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Parses one `synced/<gateway>` value; a bad one is logged and skipped
@@ -499,22 +795,22 @@ async fn watch_loop(client: Client, keys: Keys, feeds: Feeds, from: i64) {
     let mut next: i64 = from;
     loop {
         if next == 0 {
-            // A full reload: learn the current revision and reports;
-            // consumers re-read their snapshot when the feed moves.
-            let mut kv = client.kv_client();
-            let opts = GetOptions::new().with_prefix();
-            match bounded(kv.get(keys.synceds(), Some(opts))).await {
-                Ok(resp) => {
-                    let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-                    let reports = resp
-                        .kvs()
-                        .iter()
-                        .filter_map(|kv| match keys.parts(kv.key()).as_deref() {
-                            Some(["synced", gw]) => parse_report(gw, kv),
-                            _ => None,
-                        })
-                        .collect();
-                    super::publish_reports(&feeds.reports, reports);
+            // A whole read: the snapshot to follow from, and the reports.
+            match read_whole(&client, &keys).await {
+                Ok((rev, whole)) => {
+                    match whole {
+                        Ok((snap, reports)) => {
+                            super::publish_reports(&feeds.reports, reports);
+                            feeds.lock().install(snap, rev);
+                        }
+                        Err(e) => {
+                            // Readers will meet the same error reading
+                            // whole; follow on once the data is mended.
+                            tracing::warn!(error = %e, "etcd: cannot parse the store");
+                            feeds.lock().forget();
+                        }
+                    }
+                    feeds.announce(rev);
                     publish(&feeds.revision, rev);
                     next = rev + 1;
                 }
@@ -562,7 +858,10 @@ async fn watch_loop(client: Client, keys: Keys, feeds: Feeds, from: i64) {
                         tracing::warn!(reason = resp.cancel_reason(), "etcd: watch canceled");
                         break;
                     }
-                    follow(&keys, &feeds, resp.events(), &mut next);
+                    if !follow(&keys, &feeds, resp.events(), &mut next) {
+                        next = 0;
+                        break;
+                    }
                 }
                 Ok(None) => {
                     tracing::warn!("etcd: watch stream ended; reconnecting");
@@ -574,14 +873,45 @@ async fn watch_loop(client: Client, keys: Keys, feeds: Feeds, from: i64) {
                 }
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        if next != 0 {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
     }
 }
 
-/// Applies one batch of watch events: sync reports go to their feed, any
-/// other change bumps the change feed; `next` moves past all of them.
-fn follow(keys: &Keys, feeds: &Feeds, events: &[Event], next: &mut i64) {
+/// Everything under the prefix in one read, at the revision returned
+/// with it: the snapshot and the reports, or why they don't parse.
+async fn read_whole(
+    client: &Client,
+    keys: &Keys,
+) -> Result<(i64, Result<(Snapshot, SyncReports), StoreError>), StoreError> {
+    let resp = read_retrying(|| {
+        let mut kv = client.clone();
+        let prefix = keys.prefix.as_str();
+        async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+    })
+    .await?;
+    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let whole = parse_snapshot(keys, revision, resp.kvs()).map(|snap| {
+        let reports = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| match keys.parts(kv.key()).as_deref() {
+                Some(["synced", gw]) => parse_report(gw, kv),
+                _ => None,
+            })
+            .collect();
+        (snap, reports)
+    });
+    Ok((revision, whole))
+}
+
+/// Applies one batch of watch events: sync reports go to their feed, the
+/// rest to the follower, and any change but a report bumps the change
+/// feed; `next` moves past all of them. False: the follower can't follow
+/// them and the prefix must be read whole again.
+fn follow(keys: &Keys, feeds: &Feeds, events: &[Event], next: &mut i64) -> bool {
     let mut last_change = None;
     let mut reports: Option<SyncReports> = None;
     for e in events {
@@ -605,9 +935,23 @@ fn follow(keys: &Keys, feeds: &Feeds, events: &[Event], next: &mut i64) {
     if let Some(reports) = reports {
         super::publish_reports(&feeds.reports, reports);
     }
+    let mut follower = feeds.lock();
+    if let Err(Unfollowable(why)) = follower.follow(keys, events) {
+        tracing::info!(
+            why,
+            "etcd: a change the followed snapshot can't express; reading whole"
+        );
+        follower.forget();
+        return false;
+    }
+    follower.reach(*next - 1);
+    drop(follower);
+    // The follower first: a pass the feed sets off finds the change there.
+    feeds.announce(*next - 1);
     if let Some(rev) = last_change {
         publish(&feeds.revision, rev);
     }
+    true
 }
 
 /// Parses a whole-prefix range into a snapshot.
@@ -691,19 +1035,18 @@ fn pick_slot(used: &BTreeSet<u32>, attempt: u32) -> Option<u32> {
 #[async_trait]
 impl Store for EtcdStore {
     async fn snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
-        let resp = read_retrying(|| {
-            let mut kv = self.kv.clone();
-            let prefix = self.keys.prefix.as_str();
-            async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
-        })
-        .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        publish(&self.feed, revision);
-        parse_snapshot(&self.keys, revision, resp.kvs()).map(Arc::new)
+        Ok(self.snapshot_from(None).await?.0)
+    }
+
+    async fn snapshot_since(
+        &self,
+        from: Revision,
+    ) -> Result<(Arc<Snapshot>, Option<Vec<Delta>>), StoreError> {
+        self.snapshot_from(Some(from)).await
     }
 
     fn subscribe(&self) -> watch::Receiver<Revision> {
-        self.feed.subscribe()
+        self.feeds.revision.subscribe()
     }
 
     async fn create_org(&self, name: &OrgName) -> Result<Org, StoreError> {
@@ -727,10 +1070,9 @@ impl Store for EtcdStore {
                 network_id: id,
             };
             let idkey = self.keys.netid(id);
-            let txn = Txn::new()
-                .when([not_exists(&key), not_exists(&idkey)])
-                .and_then([put(key.as_str(), encode(&org)?), put(idkey, name.as_str())]);
-            if self.commit(txn).await?.is_some() {
+            let cmps = [not_exists(&key), not_exists(&idkey)];
+            let ops = vec![put(key.as_str(), encode(&org)?), put(idkey, name.as_str())];
+            if self.commit(cmps, ops).await?.is_some() {
                 return Ok(org);
             }
             jitter(attempt).await;
@@ -783,11 +1125,7 @@ impl Store for EtcdStore {
             if holder.is_none() {
                 ops.push(put(hkey.as_str(), gw.name.as_str()));
             }
-            if self
-                .commit(Txn::new().when(cmps).and_then(ops))
-                .await?
-                .is_some()
-            {
+            if self.commit(cmps, ops).await?.is_some() {
                 return Ok(());
             }
             jitter(attempt).await;
@@ -860,20 +1198,19 @@ impl Store for EtcdStore {
                 created_at: now_secs(),
             };
             let skey = self.keys.slot(&req.org, &gateway.name, slot);
-            let txn = Txn::new()
-                .when([
-                    not_exists(&pkey),
-                    not_exists(&kkey),
-                    not_exists(&skey),
-                    // The host id in the address is the one we read.
-                    unchanged(gw_kv),
-                ])
-                .and_then([
-                    put(pkey.as_str(), encode(&rec)?),
-                    put(skey, req.name.as_str()),
-                    put(kkey.as_str(), format!("{}/{}", req.org, req.name)),
-                ]);
-            if let Some(revision) = self.commit(txn).await? {
+            let cmps = [
+                not_exists(&pkey),
+                not_exists(&kkey),
+                not_exists(&skey),
+                // The host id in the address is the one we read.
+                unchanged(gw_kv),
+            ];
+            let ops = vec![
+                put(pkey.as_str(), encode(&rec)?),
+                put(skey, req.name.as_str()),
+                put(kkey.as_str(), format!("{}/{}", req.org, req.name)),
+            ];
+            if let Some(revision) = self.commit(cmps, ops).await? {
                 let revision = i64::try_from(revision).unwrap_or(i64::MAX);
                 let peer = Self::peer_of(&org, req.name.clone(), rec, &gateway, revision)?;
                 return Ok((peer, gateway));
@@ -896,12 +1233,12 @@ impl Store for EtcdStore {
                 .await?
                 .ok_or_else(|| StoreError::Internal(format!("peer {name} has no gateway")))?;
             let gw: Gateway = decode(&gw_kv, "gateway")?;
-            let txn = Txn::new().when([unchanged(&kv)]).and_then([
+            let ops = vec![
                 TxnOp::delete(pkey.as_str(), None),
                 TxnOp::delete(self.keys.slot(org, &rec.gateway, rec.slot), None),
                 TxnOp::delete(self.keys.key(&rec.public_key), None),
-            ]);
-            if self.commit(txn).await?.is_some() {
+            ];
+            if self.commit([unchanged(&kv)], ops).await?.is_some() {
                 return Self::peer_of(&o, name.clone(), rec, &gw, kv.create_revision());
             }
             jitter(attempt).await;
@@ -935,13 +1272,12 @@ impl Store for EtcdStore {
                 process_group: req.process_group.clone(),
                 started: req.started,
             };
-            let txn = Txn::new()
-                .when([not_exists(&ikey), not_exists(&akey), unchanged(&org_kv)])
-                .and_then([
-                    put(ikey.as_str(), encode(&rec)?),
-                    put(akey.as_str(), format!("{}/{}/{id}", req.org, req.app)),
-                ]);
-            if self.commit(txn).await?.is_some() {
+            let cmps = [not_exists(&ikey), not_exists(&akey), unchanged(&org_kv)];
+            let ops = vec![
+                put(ikey.as_str(), encode(&rec)?),
+                put(akey.as_str(), format!("{}/{}/{id}", req.org, req.app)),
+            ];
+            if self.commit(cmps, ops).await?.is_some() {
                 return Ok(Instance {
                     org: req.org.clone(),
                     app: req.app.clone(),
@@ -970,11 +1306,11 @@ impl Store for EtcdStore {
                 StoreError::NotFound(format!("instance '{id}' of app '{app}' not found"))
             })?;
             let rec: InstanceRecord = decode(&kv, "instance")?;
-            let txn = Txn::new().when([unchanged(&kv)]).and_then([
+            let ops = vec![
                 TxnOp::delete(ikey.as_str(), None),
                 TxnOp::delete(self.keys.addr(rec.address), None),
-            ]);
-            if self.commit(txn).await?.is_some() {
+            ];
+            if self.commit([unchanged(&kv)], ops).await?.is_some() {
                 return Ok(Instance {
                     org: org.clone(),
                     app: app.clone(),
@@ -993,10 +1329,9 @@ impl Store for EtcdStore {
     async fn add_org_token(&self, org: &OrgName, sha: [u8; 32]) -> Result<(), StoreError> {
         let (_, org_kv) = self.org(org).await?;
         let tkey = self.keys.token(&sha);
-        let txn = Txn::new()
-            .when([not_exists(&tkey), unchanged(&org_kv)])
-            .and_then([put(tkey.as_str(), org.as_str())]);
-        if self.commit(txn).await?.is_some() {
+        let cmps = [not_exists(&tkey), unchanged(&org_kv)];
+        let ops = vec![put(tkey.as_str(), org.as_str())];
+        if self.commit(cmps, ops).await?.is_some() {
             Ok(())
         } else {
             Err(StoreError::Conflict(
@@ -1020,14 +1355,14 @@ impl Store for EtcdStore {
         let mut kv = self.kv.clone();
         // A plain put, not `commit`: reports don't move the change feed.
         bounded(kv.put(self.keys.synced(gateway), encode(report)?, None)).await?;
-        let mut reports = SyncReports::clone(&self.reports.borrow());
+        let mut reports = SyncReports::clone(&self.feeds.reports.borrow());
         reports.insert(gateway.clone(), report.clone());
-        super::publish_reports(&self.reports, reports);
+        super::publish_reports(&self.feeds.reports, reports);
         Ok(())
     }
 
     fn sync_reports(&self) -> watch::Receiver<Arc<SyncReports>> {
-        self.reports.subscribe()
+        self.feeds.reports.subscribe()
     }
 }
 
@@ -1039,6 +1374,7 @@ mod tests {
     use std::collections::HashSet;
     use std::path::PathBuf;
     use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::Ordering;
     use std::time::Instant;
 
     /// A single-member etcd on loopback with a temp data dir and free ports;
@@ -1452,13 +1788,10 @@ mod tests {
         let mut kv = store.kv.clone();
         kv.compact(rev, None).await.unwrap();
         // A watcher that last saw revision 1: its next revision is compacted.
-        let (feed, mut rx) = watch::channel(0);
+        let feeds = Feeds::new();
+        let mut rx = feeds.revision.subscribe();
         let client = Client::connect([etcd.url()], None).await.unwrap();
-        let feeds = Feeds {
-            revision: feed,
-            reports: watch::channel(Arc::default()).0,
-        };
-        let task = tokio::spawn(watch_loop(client, store.keys.clone(), feeds, 2));
+        let task = tokio::spawn(watch_loop(client, store.keys.clone(), feeds.clone(), 2));
         tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|r| *r as i64 >= rev))
             .await
             .expect("reloaded to the compacted revision")
@@ -1468,7 +1801,191 @@ mod tests {
             .await
             .expect("follows on after the reload")
             .unwrap();
+        // The snapshot it follows has everything, the write after included.
+        let followed = feeds.lock().snapshot().expect("a followed snapshot");
+        let names: Vec<&str> = followed.orgs.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["after", "c0", "c1", "c2", "c3", "c4"]);
         task.abort();
+    }
+
+    /// A snapshot's content, without the revision it was taken at.
+    fn content(s: &Snapshot) -> Snapshot {
+        Snapshot {
+            revision: 0,
+            ..s.clone()
+        }
+    }
+
+    /// Random writes through two clients; after each, both clients'
+    /// snapshots match a whole read (so one client sees the other's
+    /// acknowledged write at once), and the writes handed out since the
+    /// previous snapshot lead from it to the new one.
+    #[tokio::test]
+    async fn followed_snapshots_match_whole_reads() {
+        use rand::Rng;
+        let etcd = etcd_or_skip!("etcd::followed_snapshots_match_whole_reads");
+        let a = with_gateway(&etcd).await;
+        let b = etcd.store().await;
+        b.register_gateway(&gateway("iad-1", "iad", "a7b:1"))
+            .await
+            .unwrap();
+        let stores = [&a, &b];
+        let mut prev = [a.snapshot().await.unwrap(), b.snapshot().await.unwrap()];
+        let whole_before = [&a, &b].map(|s| s.whole_reads.load(Ordering::Relaxed));
+        let mut rng = rand::thread_rng();
+        let (mut followed, mut writes, mut gateways) = (0, 0, 0);
+        for i in 0..200 {
+            let writer = rng.gen_range(0..2);
+            let w = stores[writer];
+            let snap = w.snapshot().await.unwrap();
+            let org = |rng: &mut rand::rngs::ThreadRng| -> Option<OrgName> {
+                let n = snap.orgs.len();
+                (n > 0).then(|| snap.orgs[rng.gen_range(0..n)].name.clone())
+            };
+            match rng.gen_range(0..100) {
+                0..10 => {
+                    w.create_org(&format!("o{i}").parse().unwrap())
+                        .await
+                        .unwrap();
+                }
+                10..45 => {
+                    let Some(o) = org(&mut rng) else { continue };
+                    let mut req = new_peer(o.as_str(), &format!("p{i}"));
+                    if rng.gen_bool(0.5) {
+                        req.region = "iad".parse().unwrap();
+                    }
+                    w.create_peer(&req).await.unwrap();
+                }
+                45..60 => {
+                    let n = snap.peers.len();
+                    if n == 0 {
+                        continue;
+                    }
+                    let p = &snap.peers[rng.gen_range(0..n)];
+                    w.remove_peer(&p.org, &p.name).await.unwrap();
+                }
+                60..80 => {
+                    let Some(o) = org(&mut rng) else { continue };
+                    let prefix = snap.org(&o).unwrap().prefix();
+                    let address = crate::model::instance_addr(
+                        prefix,
+                        "a7b:d6b".parse().unwrap(),
+                        crate::model::MachineId::from_u32(rng.gen_range(1..u32::MAX)),
+                    );
+                    let req = NewInstance {
+                        org: o,
+                        app: ["api", "web"][rng.gen_range(0..2)].parse().unwrap(),
+                        id: None,
+                        region: "lhr".parse().unwrap(),
+                        address: InstanceAddress::Address(address),
+                        process_group: None,
+                        started: true,
+                    };
+                    w.add_instance(&req).await.unwrap();
+                }
+                80..90 => {
+                    let n = snap.instances.len();
+                    if n == 0 {
+                        continue;
+                    }
+                    let x = &snap.instances[rng.gen_range(0..n)];
+                    w.remove_instance(&x.org, &x.app, &x.id).await.unwrap();
+                }
+                90..95 => {
+                    let Some(o) = org(&mut rng) else { continue };
+                    w.add_org_token(&o, rand::random()).await.unwrap();
+                }
+                95..98 => {
+                    // A restart registers again: no change.
+                    w.register_gateway(snap.gateways.first().unwrap())
+                        .await
+                        .unwrap();
+                }
+                _ => {
+                    // A new gateway: read whole.
+                    gateways += 1;
+                    let g = gateway(&format!("fra-{i}"), "fra", &format!("a7b:{:x}", 100 + i));
+                    w.register_gateway(&g).await.unwrap();
+                }
+            }
+            writes += 1;
+            // The other client first: right after the write was answered.
+            for j in [1 - writer, writer] {
+                let (r, prev) = (stores[j], &mut prev[j]);
+                let (now, deltas) = r.snapshot_since(prev.revision).await.unwrap();
+                let (_, whole) = read_whole(&r.kv, &r.keys).await.unwrap();
+                let (whole, _) = whole.unwrap();
+                assert_eq!(content(&now), content(&whole), "after write {i}");
+                assert!(now.revision >= prev.revision);
+                if let Some(deltas) = deltas {
+                    let mut led = Snapshot::clone(prev);
+                    for d in deltas {
+                        led.apply(d);
+                    }
+                    assert_eq!(content(&led), content(&now), "deltas after write {i}");
+                    followed += 1;
+                }
+                *prev = now;
+            }
+        }
+        let whole = [&a, &b].map(|s| s.whole_reads.load(Ordering::Relaxed));
+        eprintln!(
+            "{writes} writes: {followed} of {} snapshots followed; whole reads {:?} → {whole:?} \
+             ({gateways} new gateways)",
+            2 * writes,
+            whole_before
+        );
+        assert!(followed >= 2 * (writes - 2 * gateways) - 4, "{followed}");
+        for (w, before) in whole.iter().zip(whole_before) {
+            assert!(*w - before <= 2 * gateways + 1, "{w} whole reads");
+        }
+    }
+
+    /// With the watch stalled, a snapshot still shows a write another
+    /// client had answered: it waits for the watch, then reads whole, and
+    /// follows on from that read.
+    #[tokio::test]
+    async fn a_stalled_watch_never_serves_an_older_snapshot() {
+        let etcd = etcd_or_skip!("etcd::a_stalled_watch_never_serves_an_older_snapshot");
+        let a = with_gateway(&etcd).await;
+        let b = etcd.store().await;
+        assert!(b.snapshot().await.unwrap().orgs.is_empty());
+        b.watcher.abort();
+        a.create_org(&"late".parse().unwrap()).await.unwrap();
+        let whole = b.whole_reads.load(Ordering::Relaxed);
+        let t0 = Instant::now();
+        let snap = b.snapshot().await.unwrap();
+        assert!(
+            snap.org(&"late".parse().unwrap()).is_some(),
+            "a stale snapshot"
+        );
+        assert!(t0.elapsed() >= CATCH_UP, "{:?}", t0.elapsed());
+        assert_eq!(b.whole_reads.load(Ordering::Relaxed), whole + 1);
+        // No write since: served from that read, without waiting.
+        let t1 = Instant::now();
+        assert_eq!(b.snapshot().await.unwrap().orgs.len(), 1);
+        assert!(t1.elapsed() < CATCH_UP / 2, "{:?}", t1.elapsed());
+        assert_eq!(b.whole_reads.load(Ordering::Relaxed), whole + 1);
+    }
+
+    /// Writes of others under another prefix in the same cluster move the
+    /// revision but not our keys: snapshots stay followed and don't wait.
+    #[tokio::test]
+    async fn writes_outside_the_prefix_cost_no_whole_read() {
+        let etcd = etcd_or_skip!("etcd::writes_outside_the_prefix_cost_no_whole_read");
+        let store = with_gateway(&etcd).await;
+        store.create_org(&"mine".parse().unwrap()).await.unwrap();
+        store.snapshot().await.unwrap();
+        let whole = store.whole_reads.load(Ordering::Relaxed);
+        let mut kv = store.kv.clone();
+        for i in 0..20 {
+            kv.put(format!("/other/{i}"), "x", None).await.unwrap();
+            let t0 = Instant::now();
+            let snap = store.snapshot().await.unwrap();
+            assert!(t0.elapsed() < CATCH_UP / 2, "waited {:?}", t0.elapsed());
+            assert_eq!(snap.orgs.len(), 1);
+        }
+        assert_eq!(store.whole_reads.load(Ordering::Relaxed), whole);
     }
 
     #[tokio::test]
