@@ -445,12 +445,12 @@ async fn concurrent_creates_get_distinct_addresses() {
     assert_eq!(addrs.len(), 50);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn peer_states_just_after_a_start_wait_for_the_first_pass() {
+/// An API whose dataplane has run no pass yet, with a peer of this
+/// gateway registered in the store (as a daemon just after a restart).
+async fn started_with_a_peer() -> (Api, Arc<FakeDataplane>, CreatePeer) {
     let dp = Arc::new(FakeDataplane::default());
     let api = Api::start_with(Some(dp.clone())).await;
     api.unix.create_org(&org("personal")).await.unwrap();
-    // Registered while no daemon ran (as if before a restart).
     let req = peer_req("lhr", "keep");
     api.store
         .create_peer(&sixpn::store::NewPeer {
@@ -461,6 +461,12 @@ async fn peer_states_just_after_a_start_wait_for_the_first_pass() {
         })
         .await
         .unwrap();
+    (api, dp, req)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peer_states_just_after_a_start_wait_for_the_first_pass() {
+    let (api, dp, req) = started_with_a_peer().await;
     // The first pass finds the peer live a moment after the API is up.
     let publisher = dp.clone();
     let key = req.public_key;
@@ -481,19 +487,7 @@ async fn peer_states_just_after_a_start_wait_for_the_first_pass() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn peer_states_answer_pending_when_the_first_pass_never_ends() {
-    let dp = Arc::new(FakeDataplane::default());
-    let api = Api::start_with(Some(dp.clone())).await;
-    api.unix.create_org(&org("personal")).await.unwrap();
-    let req = peer_req("lhr", "keep");
-    api.store
-        .create_peer(&sixpn::store::NewPeer {
-            org: org("personal"),
-            name: req.name.clone(),
-            region: req.region.clone(),
-            public_key: req.public_key,
-        })
-        .await
-        .unwrap();
+    let (api, _dp, _) = started_with_a_peer().await;
     let t0 = std::time::Instant::now();
     let list = api.unix.peers(&org("personal")).await.unwrap();
     assert_eq!(list[0].state, PeerState::Pending);
