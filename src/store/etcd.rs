@@ -641,8 +641,10 @@ impl Follower {
     /// whole read already held (a reader's, newer than the watch) are
     /// skipped. Returns whether a snapshot's content changed.
     fn follow(&mut self, keys: &Keys, events: &[Event]) -> Result<bool, Unfollowable> {
+        // Events passing by with no snapshot to apply them to would leave
+        // a gap behind whatever snapshot comes next: read whole instead.
         let Some(working) = self.working.as_mut() else {
-            return Ok(false);
+            return Err(Unfollowable("no whole read to follow on from".into()));
         };
         let mut changed = false;
         for e in events {
