@@ -2107,6 +2107,33 @@ mod tests {
         assert_eq!(snap.orgs.len(), 101);
     }
 
+    /// The cost of one peer create in an empty store and at 10,000 peers
+    /// (allocation reads every slot key): `cargo test --release --lib
+    /// bench_create_at_10k -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread")]
+    #[ignore = "benchmark"]
+    async fn bench_create_at_10k() {
+        let etcd = etcd_or_skip!("etcd::bench_create_at_10k");
+        let a = with_gateway(&etcd).await;
+        let mut at = Vec::new();
+        for (label, fill_orgs) in [("empty", 0), ("10k peers", 100)] {
+            fill(&a, fill_orgs, 100).await;
+            let org = format!("b{fill_orgs}");
+            a.create_org(&org.parse().unwrap()).await.unwrap();
+            let mut t = Vec::new();
+            for i in 0..100 {
+                let t0 = Instant::now();
+                a.create_peer(&new_peer(&org, &format!("p{i}")))
+                    .await
+                    .unwrap();
+                t.push(t0.elapsed());
+            }
+            t.sort();
+            at.push(format!("{label}: p50 {:?} p99 {:?}", t[50], t[99]));
+        }
+        eprintln!("etcd create_peer, 100 creates: {}", at.join("; "));
+    }
+
     /// The cost of a snapshot after one write by another client, followed
     /// against read whole, in a store of 10,000 peers and 10,000
     /// instances in 100 orgs: `cargo test --release --lib
