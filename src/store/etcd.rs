@@ -135,6 +135,42 @@ pub struct InstanceRecord {
     pub started: bool,
 }
 
+impl InstanceRecord {
+    /// The instance `org`/`app`/`id` this record describes.
+    fn into_instance(self, org: OrgName, app: AppName, id: InstanceId) -> Instance {
+        Instance {
+            org,
+            app,
+            id,
+            region: self.region,
+            address: self.address,
+            process_group: self.process_group,
+            started: self.started,
+        }
+    }
+}
+
+/// The org and name in a `peers/<org>/<name>` key.
+fn peer_key(org: &str, name: &str) -> Result<(OrgName, PeerName), StoreError> {
+    Ok((
+        org.parse().map_err(corrupt("peer key"))?,
+        name.parse().map_err(corrupt("peer key"))?,
+    ))
+}
+
+/// The org, app and id in an `instances/<org>/<app>/<id>` key.
+fn instance_key(
+    org: &str,
+    app: &str,
+    id: &str,
+) -> Result<(OrgName, AppName, InstanceId), StoreError> {
+    Ok((
+        org.parse().map_err(corrupt("instance key"))?,
+        app.parse().map_err(corrupt("instance key"))?,
+        id.parse().map_err(corrupt("instance key"))?,
+    ))
+}
+
 /// A store in an etcd cluster.
 pub struct EtcdStore {
     kv: Client,
@@ -604,6 +640,12 @@ struct Follower {
 #[derive(Debug)]
 struct Unfollowable(String);
 
+impl From<StoreError> for Unfollowable {
+    fn from(e: StoreError) -> Self {
+        Self(e.to_string())
+    }
+}
+
 impl Follower {
     /// Starts over from `snap`, read whole at `revision`, unless what the
     /// follower holds is as new.
@@ -701,10 +743,9 @@ fn delta_of(
     };
     let put = kind == EventType::Put;
     let created = put && kv.create_revision() == kv.mod_revision();
-    let bad = |e: StoreError| Unfollowable(e.to_string());
     let what = |k: &str| Unfollowable(format!("{} of {k}", if put { "update" } else { "delete" }));
     match parts.as_slice() {
-        ["orgs", name] if created => Ok(Some(Delta::OrgAdded(decode(kv, "org").map_err(bad)?))),
+        ["orgs", _] if created => Ok(Some(Delta::OrgAdded(decode(kv, "org")?))),
         ["orgs", name] => Err(what(&format!("org {name}"))),
         ["gateways", name] => {
             // A restarting gateway registers again; the same record is no
@@ -719,8 +760,7 @@ fn delta_of(
             }
         }
         ["peers", org, name] => {
-            let org: OrgName = org.parse().map_err(|e| bad(corrupt("peer key")(e)))?;
-            let name: PeerName = name.parse().map_err(|e| bad(corrupt("peer key")(e)))?;
+            let (org, name) = peer_key(org, name)?;
             if !put {
                 let gone = snap.peers.iter().find(|p| p.org == org && p.name == name);
                 return match gone {
@@ -731,7 +771,7 @@ fn delta_of(
             if !created {
                 return Err(what(&format!("peer {org}/{name}")));
             }
-            let rec: PeerRecord = decode(kv, "peer").map_err(bad)?;
+            let rec: PeerRecord = decode(kv, "peer")?;
             let o = snap.org(&org);
             let g = snap.gateway(&rec.gateway);
             let (Some(o), Some(g)) = (o, g) else {
@@ -739,34 +779,19 @@ fn delta_of(
                     "peer {org}/{name} of an unknown org or gateway"
                 )));
             };
-            let peer = EtcdStore::peer_of(o, name, rec, g, kv.create_revision()).map_err(bad)?;
+            let peer = EtcdStore::peer_of(o, name, rec, g, kv.create_revision())?;
             Ok(Some(Delta::PeerAdded(peer)))
         }
         ["instances", org, app, id] => {
-            let ids = || -> Result<(OrgName, AppName, InstanceId), StoreError> {
-                Ok((
-                    org.parse().map_err(corrupt("instance key"))?,
-                    app.parse().map_err(corrupt("instance key"))?,
-                    id.parse().map_err(corrupt("instance key"))?,
-                ))
-            };
-            let (org, app, id) = ids().map_err(bad)?;
+            let (org, app, id) = instance_key(org, app, id)?;
             if !put {
                 return Ok(Some(Delta::InstanceRemoved(org, app, id)));
             }
             if !created {
                 return Err(what(&format!("instance {org}/{app}/{id}")));
             }
-            let rec: InstanceRecord = decode(kv, "instance").map_err(bad)?;
-            Ok(Some(Delta::InstanceAdded(Instance {
-                org,
-                app,
-                id,
-                region: rec.region,
-                address: rec.address,
-                process_group: rec.process_group,
-                started: rec.started,
-            })))
+            let rec: InstanceRecord = decode(kv, "instance")?;
+            Ok(Some(Delta::InstanceAdded(rec.into_instance(org, app, id))))
         }
         _ => Ok(None),
     }
@@ -1044,23 +1069,19 @@ fn parse_snapshot(keys: &Keys, revision: i64, kvs: &[KeyValue]) -> Result<Snapsh
         match parts.as_slice() {
             ["orgs", _] => orgs.push(decode::<Org>(kv, "org")?),
             ["gateways", _] => gateways.push(decode::<Gateway>(kv, "gateway")?),
-            ["peers", org, name] => peers_raw.push((
-                org.parse::<OrgName>().map_err(corrupt("peer key"))?,
-                name.parse::<PeerName>().map_err(corrupt("peer key"))?,
-                decode::<PeerRecord>(kv, "peer")?,
-                kv.create_revision(),
-            )),
+            ["peers", org, name] => {
+                let (org, name) = peer_key(org, name)?;
+                peers_raw.push((
+                    org,
+                    name,
+                    decode::<PeerRecord>(kv, "peer")?,
+                    kv.create_revision(),
+                ));
+            }
             ["instances", org, app, id] => {
+                let (org, app, id) = instance_key(org, app, id)?;
                 let rec: InstanceRecord = decode(kv, "instance")?;
-                instances.push(Instance {
-                    org: org.parse().map_err(corrupt("instance key"))?,
-                    app: app.parse().map_err(corrupt("instance key"))?,
-                    id: id.parse().map_err(corrupt("instance key"))?,
-                    region: rec.region,
-                    address: rec.address,
-                    process_group: rec.process_group,
-                    started: rec.started,
-                });
+                instances.push(rec.into_instance(org, app, id));
             }
             _ => {}
         }
@@ -1355,15 +1376,7 @@ impl Store for EtcdStore {
                 put(akey.as_str(), format!("{}/{}/{id}", req.org, req.app)),
             ];
             if self.commit(cmps, ops).await?.is_some() {
-                return Ok(Instance {
-                    org: req.org.clone(),
-                    app: req.app.clone(),
-                    id,
-                    region: rec.region,
-                    address,
-                    process_group: rec.process_group,
-                    started: rec.started,
-                });
+                return Ok(rec.into_instance(req.org.clone(), req.app.clone(), id));
             }
             jitter(attempt).await;
         }
@@ -1388,15 +1401,7 @@ impl Store for EtcdStore {
                 TxnOp::delete(self.keys.addr(rec.address), None),
             ];
             if self.commit([unchanged(&kv)], ops).await?.is_some() {
-                return Ok(Instance {
-                    org: org.clone(),
-                    app: app.clone(),
-                    id: id.clone(),
-                    region: rec.region,
-                    address: rec.address,
-                    process_group: rec.process_group,
-                    started: rec.started,
-                });
+                return Ok(rec.into_instance(org.clone(), app.clone(), id.clone()));
             }
             jitter(attempt).await;
         }
