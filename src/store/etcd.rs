@@ -843,7 +843,7 @@ async fn watch_loop(client: Client, keys: Keys, feeds: Feeds, from: i64) {
                     next = rev + 1;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "etcd: cannot read revision");
+                    tracing::warn!(error = %e, retry_in = ?backoff, "etcd: cannot read the store whole");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;
@@ -978,18 +978,17 @@ async fn read_ranges(
             }
             let more = resp.more();
             let batch = resp.take_kvs();
-            match batch.last() {
-                Some(last) if more => {
-                    // The next key after the last one.
-                    from = last.key().to_vec();
-                    from.push(0);
-                }
-                _ => {
-                    kvs.extend(batch);
-                    break;
-                }
-            }
+            // The next page starts at the key right after this one's last.
+            let next = batch.last().filter(|_| more).map(|last| {
+                let mut k = last.key().to_vec();
+                k.push(0);
+                k
+            });
             kvs.extend(batch);
+            match next {
+                Some(k) => from = k,
+                None => break,
+            }
         }
     }
     Ok((revision, kvs))
