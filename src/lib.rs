@@ -15,3 +15,5 @@ pub mod plan;
 pub mod reconcile;
 pub mod report;
 pub mod store;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;

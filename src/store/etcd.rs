@@ -1474,14 +1474,7 @@ mod tests {
             .expect("a free port")
     }
 
-    fn in_ci() -> bool {
-        std::env::var("CI").is_ok_and(|v| {
-            !matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "" | "0" | "false" | "no"
-            )
-        })
-    }
+    use crate::testkit::in_ci;
 
     fn etcd_binary() -> Option<PathBuf> {
         let path = std::env::var_os("PATH").unwrap_or_default();

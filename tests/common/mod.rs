@@ -29,7 +29,6 @@
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
-use std::fmt::Display;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -70,22 +69,8 @@ pub fn scaled(d: Duration) -> Duration {
 // ---------------------------------------------------------------------------
 // Prerequisites and skipping
 
-/// Whether the tests run with effective uid 0.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Whether we run under CI, where a missing prerequisite is a failure.
-pub fn in_ci() -> bool {
-    match std::env::var("CI") {
-        Ok(v) => !matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "" | "0" | "false" | "no"
-        ),
-        Err(_) => false,
-    }
-}
+#[allow(unused_imports)] // each test crate uses a different part
+pub use sixpn::testkit::{in_ci, is_root};
 
 /// The path of `tool` on `PATH` (or the absolute path itself), if executable.
 pub fn find_tool(tool: &str) -> Option<PathBuf> {
@@ -104,27 +89,10 @@ pub fn find_tool(tool: &str) -> Option<PathBuf> {
         .find(|p| executable(p))
 }
 
-/// Decides whether a test may go on. `ok`: go on. Otherwise, under CI: panic
-/// (the test fails); by hand: print `SKIPPED <test>: <reason>` loudly to the
-/// real stderr and return `false` (the caller returns, the test "passes").
+/// Decides whether a test may go on (the one rule: [`sixpn::testkit::prerequisite`]).
 ///
 /// Prefer the macros [`skip_unless!`], [`require_root!`], [`require_tools!`].
-pub fn prerequisite(test: &str, ok: bool, reason: impl Display) -> bool {
-    if ok {
-        return true;
-    }
-    if in_ci() {
-        panic!("{test}: prerequisite missing and CI is set, so this fails instead of skipping: {reason}");
-    }
-    // Straight to fd 2: libtest captures `eprintln!`, and a skip must be seen.
-    let _ = writeln!(
-        std::io::stderr().lock(),
-        "\n********************************************************************\n\
-         SKIPPED {test}: {reason}\n\
-         ********************************************************************"
-    );
-    false
-}
+pub use sixpn::testkit::prerequisite;
 
 /// The current test function's path, e.g. `e2e_cli::list_and_remove`.
 #[macro_export]

@@ -12,19 +12,7 @@ use std::process::Command;
 
 use crate::model::InterfaceName;
 
-/// Whether the test may run: root, else `SKIPPED` on stderr — or a panic
-/// when `CI` is set, so root tests can't silently pass there.
-pub fn need_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test} needs root (CI is set, so not skipping)");
-    }
-    eprintln!("SKIPPED {test}: needs root");
-    false
-}
+pub use crate::testkit::need_root;
 
 /// Runs `f` in a fresh network namespace; panics propagate.
 pub fn in_netns<F, Fut>(f: F)
