@@ -14,23 +14,22 @@
 pub mod fake;
 pub mod linux;
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv6Addr};
-use std::time::SystemTime;
+use std::net::Ipv6Addr;
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, watch};
 
-use crate::model::{OrgPrefix, PeerNet, PrivateKey, PublicKey};
+use crate::model::{OrgPrefix, PrivateKey, PublicKey};
+
+// The vocabulary the planner reasons in; re-exported so adapters and their
+// callers name it from here as well.
+pub use crate::plan::kernel::{AllowedIp, DeviceState, LinkState, ObservedPeer, PeerUpsert, MTU};
 use crate::plan::nft::{ElementKey, ObservedTable, Ruleset};
 
 /// sixpn's route protocol number (`ip route … proto 110`); the reconciler
 /// only ever touches routes that carry it. 110 is unassigned in
 /// `/etc/iproute2/rt_protos`.
 pub const ROUTE_PROTOCOL: u8 = 110;
-
-/// The MTU of the WireGuard interface (what wg-quick uses by default).
-pub const MTU: u32 = 1420;
 
 /// An error from a kernel adapter, with the OS error number when there is one.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -63,59 +62,6 @@ impl KernelError {
     }
 }
 
-/// One allowed-ip entry on a WireGuard peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct AllowedIp {
-    /// Network address.
-    pub addr: IpAddr,
-    /// Prefix length.
-    pub len: u8,
-}
-
-impl From<PeerNet> for AllowedIp {
-    fn from(n: PeerNet) -> Self {
-        Self {
-            addr: IpAddr::V6(n.network()),
-            len: PeerNet::LEN,
-        }
-    }
-}
-
-/// A peer as the WireGuard interface reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ObservedPeer {
-    /// Its allowed ips, sorted.
-    pub allowed_ips: Vec<AllowedIp>,
-    /// Where its packets last came from.
-    pub endpoint: Option<std::net::SocketAddr>,
-    /// Its latest handshake.
-    pub last_handshake: Option<SystemTime>,
-    /// Bytes received from it.
-    pub rx_bytes: u64,
-    /// Bytes sent to it.
-    pub tx_bytes: u64,
-}
-
-/// The WireGuard device's state.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct DeviceState {
-    /// The public key of the device's private key (None: no key set).
-    pub public_key: Option<PublicKey>,
-    /// The UDP port it listens on (0: none).
-    pub listen_port: u16,
-    /// Every peer on the interface, ours or not.
-    pub peers: BTreeMap<PublicKey, ObservedPeer>,
-}
-
-/// One peer to add or update: its allowed-ips become exactly its /120.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerUpsert {
-    /// The peer's key.
-    pub public_key: PublicKey,
-    /// Its /120.
-    pub net: PeerNet,
-}
-
 /// The WireGuard interface: blocking wireguard-control underneath, so
 /// implementations run it off the async threads.
 #[async_trait]
@@ -145,17 +91,6 @@ pub trait WgDevice: Send + Sync {
 
     /// Which implementation runs ("kernel" or "userspace (wireguard-go)").
     fn backend_name(&self) -> &'static str;
-}
-
-/// A network link's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LinkState {
-    /// ifindex.
-    pub index: u32,
-    /// Administratively up.
-    pub up: bool,
-    /// Its MTU.
-    pub mtu: u32,
 }
 
 /// Something changed on a link, address or route the reconciler may own;

@@ -16,14 +16,15 @@
 //! that is every peer registered on this gateway; just-in-time peers will
 //! narrow it to the active ones.
 
+pub mod kernel;
 pub mod nft;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 
-use crate::dataplane::{AllowedIp, DeviceState, LinkState, PeerUpsert, MTU};
 use crate::model::{GatewayName, HostId, OrgName, OrgPrefix, PeerName, PeerNet, PublicKey};
 use crate::store::{Delta, Peer, Snapshot};
+use kernel::{AllowedIp, DeviceState, LinkState, PeerUpsert, MTU};
 
 /// A peer that should be on this gateway's interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -436,8 +437,8 @@ pub fn apply_to(observed: &mut Observed, plan: &Plan, me: &Identity) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::ObservedPeer;
     use crate::model::{NetworkId, PeerSlot, PrivateKey};
+    use crate::plan::kernel::ObservedPeer;
     use crate::store::{Gateway, Org, Peer};
 
     fn key() -> PublicKey {
