@@ -286,7 +286,7 @@ fn isolation(config: &Config) -> Check {
             Err(e) => return check(name, Status::Fail, format!("cannot run nft: {e}")),
         };
     let want = nft::Ruleset::new(config.gateway.interface.as_str(), Default::default());
-    match nft::parse_listing(&json) {
+    match crate::dataplane::nft_codec::parse_listing(&json) {
         Ok(t) if t.skeleton_matches(&want) => check(
             name,
             Status::Ok,
@@ -294,8 +294,8 @@ fn isolation(config: &Config) -> Check {
                 "table inet sixpn: {} orgs in {}; dropped so far: {} forwarded, {} to the gateway",
                 t.elements.len(),
                 nft::SET,
-                nft::counter_packets(&json, nft::FORWARD_DROPPED).unwrap_or(0),
-                nft::counter_packets(&json, nft::INPUT_DROPPED).unwrap_or(0),
+                crate::dataplane::nft_codec::counter_packets(&json, nft::FORWARD_DROPPED).unwrap_or(0),
+                crate::dataplane::nft_codec::counter_packets(&json, nft::INPUT_DROPPED).unwrap_or(0),
             ),
         ),
         Ok(_) => check(

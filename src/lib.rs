@@ -1,5 +1,5 @@
 //! sixpn: a gateway agent for private IPv6 networks in the style of Fly.io's
-//! 6PN. See DESIGN.md for the architecture; each module's doc says what it
+//! 6PN. See docs/architecture.md for the architecture; each module's doc says what it
 //! owns.
 
 pub mod api;
@@ -9,6 +9,8 @@ pub mod dataplane;
 pub mod dns;
 pub mod doctor;
 pub mod gateway;
+pub mod liveness;
+pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod plan;

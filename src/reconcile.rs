@@ -34,8 +34,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::api::server::{DataplaneHealth, DataplaneView, PeerStats};
 use crate::dataplane::{Firewall, KernelError, NetEvent, Netlink, WgDevice, MTU};
+use crate::liveness::{DataplaneHealth, DataplaneView, PeerStats};
 use crate::model::{GatewayName, InterfaceName, OrgPrefix, PeerNet, PrivateKey, PublicKey};
 use crate::plan::nft::{self, FirewallPlan, ObservedTable};
 use crate::plan::{self, Desired, Identity, Observed, Plan, Touched};
@@ -221,7 +221,7 @@ impl Reconciler {
     }
 
     /// The reconciler's part of `/metrics`.
-    pub fn metrics(&self) -> Arc<dyn crate::api::metrics::MetricsSource> {
+    pub fn metrics(&self) -> Arc<dyn crate::metrics::MetricsSource> {
         Arc::new(Metrics {
             wg: self.wg.clone(),
             installed: self.installed.subscribe(),
@@ -921,9 +921,9 @@ struct Metrics {
 }
 
 #[async_trait]
-impl crate::api::metrics::MetricsSource for Metrics {
+impl crate::metrics::MetricsSource for Metrics {
     async fn render(&self, out: &mut String) {
-        use crate::api::metrics::{family, header, sample};
+        use crate::metrics::{family, header, sample};
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         family(

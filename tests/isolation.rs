@@ -27,7 +27,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{scaled, veth, Gateway, Netns};
-use sixpn::plan::nft::{counter_packets, FORWARD_DROPPED, INPUT_DROPPED};
+use sixpn::dataplane::nft_codec::counter_packets;
+use sixpn::plan::nft::{FORWARD_DROPPED, INPUT_DROPPED};
 
 fn backend() -> String {
     std::env::var("SIXPN_TEST_BACKEND").unwrap_or_else(|_| "userspace".into())

@@ -3,51 +3,9 @@
 //! concatenates them. Cheap by design: counters are atomics, and per-org
 //! series only where the org count, not the peer count, sets the size.
 
-use std::fmt::Write as _;
-
 use async_trait::async_trait;
 
-/// Something that adds lines to the exposition.
-#[async_trait]
-pub trait MetricsSource: Send + Sync {
-    /// Appends `# HELP`/`# TYPE` headers and samples to `out`.
-    async fn render(&self, out: &mut String);
-}
-
-/// Writes one metric family with a single unlabelled sample.
-pub fn family(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    let _ = writeln!(out, "{name} {value}");
-}
-
-/// Writes a family header; samples follow with [`sample`].
-pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// Writes one labelled sample. Label values here are validated names
-/// (`[a-z0-9-]`), so they need no escaping.
-pub fn sample(
-    out: &mut String,
-    name: &str,
-    labels: &[(&str, &str)],
-    value: impl std::fmt::Display,
-) {
-    out.push_str(name);
-    if !labels.is_empty() {
-        out.push('{');
-        for (i, (k, v)) in labels.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            let _ = write!(out, "{k}=\"{v}\"");
-        }
-        out.push('}');
-    }
-    let _ = writeln!(out, " {value}");
-}
+pub use crate::metrics::{family, header, sample, MetricsSource};
 
 /// DNS listener counters: queries by transport, responses by rcode,
 /// forwarding outcomes.

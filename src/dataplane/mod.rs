@@ -13,6 +13,7 @@
 
 pub mod fake;
 pub mod linux;
+pub mod nft_codec;
 
 use std::net::Ipv6Addr;
 

@@ -410,7 +410,7 @@ pub fn apply_to(observed: &mut Observed, plan: &Plan, me: &Identity) {
             let ip = AllowedIp::from(u.net);
             d.peers
                 .entry(u.public_key)
-                .or_insert_with(|| crate::dataplane::ObservedPeer {
+                .or_insert_with(|| kernel::ObservedPeer {
                     allowed_ips: Vec::new(),
                     endpoint: None,
                     last_handshake: None,

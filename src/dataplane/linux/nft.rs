@@ -1,7 +1,7 @@
 //! [`LinuxFirewall`]: sixpn's table `inet sixpn` in the kernel.
 //!
 //! - Observe: `nft -j list table inet sixpn` (our table only, never the
-//!   whole ruleset), parsed by [`crate::plan::nft::parse_listing`].
+//!   whole ruleset), parsed by [`crate::dataplane::nft_codec::parse_listing`].
 //! - Replace: `nft -j -f -` with [`Ruleset::replace_batch`]: one
 //!   transaction, all or nothing.
 //! - Element updates: one nfnetlink batch (`NFT_MSG_DELSETELEM` and
@@ -159,7 +159,7 @@ impl Firewall for LinuxFirewall {
         .await
         .map_err(|e| blocking_err(op, e))?;
         match out {
-            Ok(json) => model::parse_listing(&json)
+            Ok(json) => crate::dataplane::nft_codec::parse_listing(&json)
                 .map(Some)
                 .map_err(|e| KernelError::new(op, e)),
             // nft says "No such file or directory" for a missing table.
@@ -170,7 +170,7 @@ impl Firewall for LinuxFirewall {
 
     async fn replace(&self, ruleset: &Ruleset) -> Result<(), KernelError> {
         let op = "replace table inet sixpn";
-        let json = model::to_json(&ruleset.replace_batch());
+        let json = crate::dataplane::nft_codec::to_json(&ruleset.replace_batch());
         let (nft, own) = (self.nft.clone(), self.own.clone());
         tokio::task::spawn_blocking(move || {
             Self::run_nft(&nft, &own, &["-j", "-f", "-"], Some(&json))
@@ -197,7 +197,9 @@ impl Firewall for LinuxFirewall {
         }
         match self.path {
             ElementPath::Nft => {
-                let json = model::to_json(&model::update_batch(add, remove));
+                let json = crate::dataplane::nft_codec::to_json(
+                    &crate::dataplane::nft_codec::update_batch(add, remove),
+                );
                 let (nft, own) = (self.nft.clone(), self.own.clone());
                 tokio::task::spawn_blocking(move || {
                     Self::run_nft(&nft, &own, &["-j", "-f", "-"], Some(&json))
