@@ -1,4 +1,4 @@
-//! Organization isolation figures (issue 4). Needs root; everything runs in
+//! Organization isolation figures. Needs root; everything runs in
 //! network namespaces this bench creates and deletes (`sxb-<pid>-*`), with
 //! traffic only between them.
 //!

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fleet figures (issue 7), each over SIXPN_BENCH_N changes (default 1000)
+# Fleet figures, each over SIXPN_BENCH_N changes (default 1000)
 # made through the API of the iad gateway, printed as p50/p99/max:
 #   - write → the create answered `installed` for a peer placed on the lhr
 #     gateway (it waits for lhr's sync report; `wg show` on lhr confirms);

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Organization isolation figures (issue 4), as root:
+# Organization isolation figures, as root:
 #   - full ruleset load at 10k / 100k orgs, listing it back;
 #   - one org's element added at 10,000 orgs: nfnetlink batch vs an nft
 #     process per change, and store write -> element live end to end;

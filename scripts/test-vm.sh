@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tier 3 (DESIGN.md "Testing tiers"): the dataplane tests again, under
+# Tier 3 (docs/architecture.md "Test tiers"): the dataplane tests again, under
 # Debian's real kernel with the WireGuard module, booted with virtme-ng under
 # QEMU (scripts/vm-run.sh), with the kernel backend. The test binaries are
 # built on the host and run inside the VM, which shares the filesystem.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a command as root inside a throwaway QEMU VM that boots Debian's own
 # kernel (the one linux-image-amd64 installs, which has wireguard.ko) with
-# virtme-ng, sharing the host filesystem. Tier 3 of DESIGN.md "Testing tiers".
+# virtme-ng, sharing the host filesystem. Tier 3 of docs/architecture.md "Test tiers".
 #
 #   scripts/vm-run.sh CMD [ARGS...]
 #

@@ -1,4 +1,4 @@
-//! The gateway's TOML configuration (DESIGN.md "Configuration", a contract).
+//! The gateway's TOML configuration (docs/architecture.md "Configuration and CLI", a contract).
 //!
 //! Parsing is the validation: every field has a type that can't hold a bad
 //! value, unknown keys are rejected, and the error names the key and line.

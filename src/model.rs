@@ -1,4 +1,4 @@
-//! Validated domain types and the 6PN address layout (DESIGN.md "6PN addressing").
+//! Validated domain types and the 6PN address layout (docs/architecture.md "6PN addressing").
 //!
 //! Every value that enters sixpn from a user, the API or the store is parsed
 //! into one of these types first; a value of these types is always valid, so

@@ -1,4 +1,4 @@
-//! The kernel dataplane through real tunnels (DESIGN.md tier 2; tier 3 runs
+//! The kernel dataplane through real tunnels (docs/architecture.md "Test tiers", tier 2; tier 3 runs
 //! the same file under a real kernel with `SIXPN_TEST_BACKEND=kernel`).
 //!
 //! Topology, each a network namespace:

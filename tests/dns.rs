@@ -1,4 +1,4 @@
-//! `.internal` DNS through real tunnels (DESIGN.md "DNS", tier 2): `dig`
+//! `.internal` DNS through real tunnels (docs/architecture.md "DNS", tier 2): `dig`
 //! from client namespaces, through their wg-quick tunnels, at the `DNS =`
 //! address of their files.
 //!
@@ -417,7 +417,7 @@ fn check(d: &Dig, name: &str, rtype: &str, tcp: bool, want: &Expect) {
     }
 }
 
-/// acme's names table (DESIGN.md "DNS") with what each must answer.
+/// acme's names table (docs/architecture.md "DNS") with what each must answer.
 fn names_table(t: &Topo) -> Vec<(String, &'static str, Expect)> {
     let ip = |id: &str| t.inst.iter().find(|(i, _)| *i == id).unwrap().1;
     let (w1, w2, w3, w4) = (ip("w1"), ip("w2"), ip("w3"), ip("w4"));

@@ -1,5 +1,5 @@
 //! End-to-end CLI tests: the real `sixpn gateway` daemon on a temp config,
-//! driven by the real `sixpn` binary as a user would (DESIGN.md "CLI"), and
+//! driven by the real `sixpn` binary as a user would (docs/architecture.md "Configuration and CLI"), and
 //! the wg-quick file it writes checked with the stock WireGuard tools.
 //!
 //! Needs `wg` (wireguard-tools). The test that loads the file into a

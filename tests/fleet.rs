@@ -1,5 +1,5 @@
-//! A fleet: two gateways in two regions sharing a 3-member etcd cluster
-//! (issue 7). Root; namespaces; real `etcd`, `wireguard-go`, `wg`.
+//! A fleet: two gateways in two regions sharing a 3-member etcd cluster.
+//! Root; namespaces; real `etcd`, `wireguard-go`, `wg`.
 //!
 //! Topology, each a network namespace:
 //!

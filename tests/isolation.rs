@@ -1,4 +1,4 @@
-//! Organization isolation with real packets (issue 4; DESIGN.md tier 2,
+//! Organization isolation with real packets (docs/architecture.md "Test tiers", tier 2,
 //! tier 3 runs it under a real kernel with `SIXPN_TEST_BACKEND=kernel`).
 //!
 //! Topology, each a network namespace, joined by veth pairs:

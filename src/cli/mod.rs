@@ -1,4 +1,4 @@
-//! The `sixpn` command line (DESIGN.md "CLI", a contract).
+//! The `sixpn` command line (docs/architecture.md "Configuration and CLI", a contract).
 //!
 //! Like flyctl: positional arguments, each prompted for when missing and
 //! stdin is a terminal (select lists for org and region); otherwise the

@@ -1,5 +1,5 @@
 //! Rendering the wg-quick file a user loads into their WireGuard client
-//! (DESIGN.md "CLI", a contract: the fields and their order).
+//! (docs/architecture.md "Configuration and CLI", a contract: the fields and their order).
 
 use std::fmt::Write as _;
 

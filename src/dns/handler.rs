@@ -6,7 +6,7 @@
 //! other sections for an EDNS0 OPT record, one hash lookup in the org's
 //! [`OrgZone`], and copy header + question + pre-encoded answers.
 //!
-//! Rules (DESIGN.md "DNS"; RFC numbers where the behaviour is subtle):
+//! Rules (docs/architecture.md "DNS"; RFC numbers where the behaviour is subtle):
 //!
 //! - Fewer than 12 bytes, or a response (QR=1): [`Outcome::Drop`] — there is
 //!   no header to answer, and answering responses invites loops.

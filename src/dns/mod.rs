@@ -1,4 +1,4 @@
-//! DNS for `.internal` (DESIGN.md "DNS"): the per-org zone and the query
+//! DNS for `.internal` (docs/architecture.md "DNS"): the per-org zone and the query
 //! handler, with no sockets.
 //!
 //! - [`zone`] builds a [`ZoneIndex`] from a store snapshot: one [`OrgZone`]

@@ -15,7 +15,7 @@
 //!
 //! # Why our own sockets, not hickory-server
 //!
-//! DESIGN.md planned hickory-server for the listeners. Its generic request
+//! The first design planned hickory-server for the listeners. Its generic request
 //! path (decode into a `Message`, authority lookup, encode) costs ~35 µs of
 //! CPU per query here; the pre-encoded handler in [`super::handler`] answers
 //! in ~0.2 µs, so the socket layer around it decides the cost. The listeners

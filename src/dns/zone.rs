@@ -12,7 +12,7 @@
 //! offset 12 of the response), class IN, TTL [`TTL`]. Answering is then
 //! "parse header and question, one hash lookup, copy bytes".
 //!
-//! Names (DESIGN.md "DNS", contract), for each org:
+//! Names (docs/architecture.md "DNS", contract), for each org:
 //!
 //! | name | data |
 //! |---|---|
@@ -67,7 +67,7 @@ use std::sync::Arc;
 use crate::model::{NetworkId, OrgPrefix, RegionName};
 use crate::store::{Instance, Revision, Snapshot};
 
-/// The TTL of every `.internal` record, in seconds (DESIGN.md: 5 s).
+/// The TTL of every `.internal` record, in seconds (README "The `.internal` names": 5 s).
 pub const TTL: u32 = 5;
 
 /// Bytes of one encoded AAAA answer record: pointer(2) type(2) class(2)

@@ -1,6 +1,6 @@
 //! Shared harness for the integration tests that drive real processes: the
 //! `sixpn` binary (daemon and CLI), network namespaces, veth pairs and
-//! wireguard-go (DESIGN.md "Testing tiers", tier 2).
+//! wireguard-go (docs/architecture.md "Test tiers", tier 2).
 //!
 //! Use it from a test crate with
 //!
