@@ -1,6 +1,9 @@
 //! The ruleset model: golden text, the JSON batch, the verdict tracer over
 //! the isolation matrix, listing parsing and planning.
 
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
 use super::*;
 
 pub(crate) fn org(id: u32) -> OrgPrefix {
