@@ -8,10 +8,7 @@ use std::sync::atomic::Ordering;
 use tracing::info;
 use tracing::warn;
 
-use super::{
-    Need, Reconciler, FULL_RESYNC, FW_READ_SHARE, MAX_FW_INTERVAL, MAX_WG_INTERVAL,
-    MIN_WG_INTERVAL, WG_READ_SHARE,
-};
+use super::{Need, Reconciler};
 use crate::dataplane::{KernelError, MTU};
 use crate::model::{OrgPrefix, PeerNet};
 use crate::plan::nft::{self, FirewallPlan};
@@ -23,7 +20,7 @@ impl Reconciler {
             let t0 = std::time::Instant::now();
             self.cache.device = self.wg.get().await.map_err(|e| vec![e])?;
             let took = t0.elapsed();
-            self.wg_interval = (took * WG_READ_SHARE).clamp(MIN_WG_INTERVAL, MAX_WG_INTERVAL);
+            self.schedule.wg_read_took(took);
         }
         if need.net || self.cache.link.is_none() {
             let name = self.settings.interface.as_str();
@@ -65,7 +62,7 @@ impl Reconciler {
         if fresh || self.fw_cache.is_none() {
             let t0 = std::time::Instant::now();
             self.fw_cache = Some(self.fw.observe().await.map_err(|e| vec![e])?);
-            self.fw_interval = (t0.elapsed() * FW_READ_SHARE).clamp(FULL_RESYNC, MAX_FW_INTERVAL);
+            self.schedule.fw_read_took(t0.elapsed());
         }
         let seen = self.fw_cache.as_ref().and_then(Option::as_ref);
         let interface = self.settings.interface.as_str();

@@ -27,7 +27,6 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -39,24 +38,6 @@ use crate::model::{GatewayName, InterfaceName, PrivateKey, PublicKey};
 use crate::plan::nft::ObservedTable;
 use crate::plan::{Desired, Identity, Observed, Touched};
 use crate::store::{Snapshot, Store};
-
-/// The slowest the WireGuard peers are re-read for drift.
-const MAX_WG_INTERVAL: Duration = Duration::from_secs(30);
-/// The quickest the WireGuard peers are re-read for drift.
-const MIN_WG_INTERVAL: Duration = Duration::from_secs(1);
-/// How long reading the peers may take relative to the interval (1/20 = 5%
-/// of a core at most, even with 100k peers).
-const WG_READ_SHARE: u32 = 20;
-/// A full resync of everything, whatever the events said.
-const FULL_RESYNC: Duration = Duration::from_secs(30);
-/// Netlink events arrive in bursts (one per route we add): wait this long
-/// for the burst to end before looking.
-const EVENT_SETTLE: Duration = Duration::from_millis(20);
-/// The slowest the firewall table is re-read for drift the events missed.
-const MAX_FW_INTERVAL: Duration = Duration::from_secs(300);
-/// How long listing the table may take relative to the interval (listing
-/// 100k elements takes ~3 s: then it is re-read every minute, not every 30 s).
-const FW_READ_SHARE: u32 = 20;
 
 /// Counters for metrics and tests.
 #[derive(Debug, Default)]
@@ -91,33 +72,6 @@ pub struct Settings {
     pub identity: Identity,
 }
 
-/// Which parts of the cached state are stale.
-#[derive(Debug, Clone, Copy)]
-struct Need {
-    snapshot: bool,
-    wg: bool,
-    net: bool,
-    fw: bool,
-}
-
-impl Need {
-    const ALL: Need = Need {
-        snapshot: true,
-        wg: true,
-        net: true,
-        fw: true,
-    };
-    const NONE: Need = Need {
-        snapshot: false,
-        wg: false,
-        net: false,
-        fw: false,
-    };
-    fn any(self) -> bool {
-        self.snapshot || self.wg || self.net || self.fw
-    }
-}
-
 /// The reconciler; [`Reconciler::run`] is the loop.
 pub struct Reconciler {
     wg: Arc<dyn WgDevice>,
@@ -138,8 +92,8 @@ pub struct Reconciler {
     fw_cache: Option<Option<ObservedTable>>,
     /// The last firewall change failed: replace the table whole next time.
     fw_force_replace: bool,
-    fw_interval: Duration,
-    wg_interval: Duration,
+    /// When the next pass runs and what it re-reads.
+    schedule: Schedule,
     installed: watch::Sender<Arc<Installed>>,
     snapshots: watch::Sender<Option<Arc<Snapshot>>>,
     counters: Arc<Counters>,
@@ -167,8 +121,7 @@ impl Reconciler {
             cache: Observed::default(),
             fw_cache: None,
             fw_force_replace: false,
-            fw_interval: FULL_RESYNC,
-            wg_interval: MIN_WG_INTERVAL,
+            schedule: Schedule::new(std::time::Instant::now()),
             installed: watch::channel(Arc::new(Installed::default())).0,
             snapshots: watch::channel(None).0,
             counters: Arc::default(),
@@ -230,95 +183,49 @@ impl Reconciler {
                     None
                 }
             };
-            let mut need = Need::ALL;
-            let mut backoff = Duration::from_millis(100);
-            let mut retry_at: Option<Instant> = None;
-            let mut next_wg = Instant::now() + self.wg_interval;
-            let mut next_full = Instant::now() + FULL_RESYNC;
-            let mut next_fw = Instant::now() + self.fw_interval;
-            // Netlink events are debounced without blocking the loop: a store
-            // change arriving meanwhile is served at once.
-            let mut net_due: Option<Instant> = None;
-            let mut fw_due: Option<Instant> = None;
             loop {
-                if need.any() {
+                if let Some(need) = self.schedule.take() {
                     let ok = self.pass(need).await;
-                    need = Need::NONE;
-                    if ok {
-                        backoff = Duration::from_millis(100);
-                        retry_at = None;
-                    } else {
-                        retry_at = Some(Instant::now() + backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                    next_wg = next_wg.min(Instant::now() + self.wg_interval);
-                    next_fw = next_fw.min(Instant::now() + self.fw_interval);
+                    self.schedule.passed(ok, std::time::Instant::now());
                 }
-                let wake = [retry_at, net_due, fw_due]
-                    .into_iter()
-                    .flatten()
-                    .fold(next_wg.min(next_full).min(next_fw), Instant::min);
-                tokio::select! {
+                let wake = Instant::from_std(self.schedule.wake());
+                let event = tokio::select! {
                     _ = shutdown.changed() => {
                         if *shutdown.borrow() { return; }
+                        continue;
                     }
                     r = feed.changed() => {
                         if r.is_err() {
                             warn!("store change feed closed; relying on periodic resync");
                             feed = self.store.subscribe();
                         }
-                        need.snapshot = true;
+                        Event::Store
                     }
                     _ = restarts.changed() => {
                         warn!(backend = self.wg.backend_name(),
                             "WireGuard device was restarted; full resync");
-                        need = Need { fw: need.fw, ..Need::ALL };
+                        Event::DeviceRestarted
                     }
                     Some(ev) = next_event(&mut events) => {
                         debug!(?ev, "netlink event");
                         if let Some(rx) = events.as_mut() {
                             while rx.try_recv().is_ok() {}
                         }
-                        net_due.get_or_insert_with(|| Instant::now() + EVENT_SETTLE);
+                        Event::Netlink
                     }
                     Some(()) = next_fw_event(&mut fw_events) => {
                         if let Some(rx) = fw_events.as_mut() {
                             while rx.try_recv().is_ok() {}
                         }
                         info!("nftables changed by someone else; checking our table");
-                        fw_due.get_or_insert_with(|| Instant::now() + EVENT_SETTLE);
+                        Event::Firewall
                     }
                     _ = tokio::time::sleep_until(wake) => {
-                        let now = Instant::now();
-                        if now >= next_wg {
-                            need.wg = true;
-                            next_wg = now + self.wg_interval;
-                        }
-                        if now >= next_full {
-                            // The firewall has its own, slower, period.
-                            need = Need { fw: need.fw, ..Need::ALL };
-                            next_full = now + FULL_RESYNC;
-                        }
-                        if now >= next_fw {
-                            need.fw = true;
-                            next_fw = now + self.fw_interval;
-                        }
-                        if retry_at.is_some_and(|r| now >= r) {
-                            // A failed firewall step dropped its cache, so
-                            // it is re-read anyway; other failures need not
-                            // list a table of 100k elements again.
-                            need = Need { fw: need.fw, ..Need::ALL };
-                        }
-                        if net_due.is_some_and(|d| now >= d) {
-                            need.net = true;
-                            net_due = None;
-                        }
-                        if fw_due.is_some_and(|d| now >= d) {
-                            need.fw = true;
-                            fw_due = None;
-                        }
+                        self.schedule.tick(std::time::Instant::now());
+                        continue;
                     }
-                }
+                };
+                self.schedule.event(event, std::time::Instant::now());
             }
         }
         .instrument(span)
@@ -442,6 +349,9 @@ async fn next_event(
 }
 
 mod apply;
+mod schedule;
+
+use schedule::{Event, Need, Schedule};
 mod metrics;
 use metrics::Metrics;
 mod published;

@@ -43,7 +43,6 @@ impl Installed {
     }
 }
 
-
 impl Reconciler {
     /// Publishes which desired peers are live ([`is_live`]), each with when
     /// it first was. `ok`: the pass had no failure, so a complete set means

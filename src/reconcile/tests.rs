@@ -1,6 +1,7 @@
 //! The reconciler against the fake kernel and a real SQLite store.
 
 use std::net::Ipv6Addr;
+use std::time::Duration;
 
 use super::*;
 use crate::dataplane::fake::{peer_ips, FakeKernel};
