@@ -118,17 +118,7 @@ pub struct CreatePeer {
     pub public_key: PublicKey,
 }
 
-/// Whether a peer is live on its gateway's interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PeerState {
-    /// Installed on the gateway's WireGuard interface.
-    Installed,
-    /// Registered; the gateway hasn't installed it yet.
-    Pending,
-    /// Registered; this daemon has no dataplane to tell.
-    Registered,
-}
+pub use crate::liveness::PeerState;
 
 /// A peer with everything a client needs for its wg-quick file.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -5,7 +5,6 @@
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{
@@ -22,21 +21,14 @@ use sha2::{Digest, Sha256};
 
 use super::{
     AddInstance, CreateOrg, CreatePeer, ErrorBody, Health, InstanceInfo, OrgInfo, OrgToken,
-    PeerInfo, PeerState, PeerStatus, RegionInfo, MAX_BODY,
+    PeerInfo, PeerStatus, RegionInfo, MAX_BODY,
 };
 use crate::model::{AppName, GatewayName, InstanceId, OrgName, PeerName, RegionName};
-use crate::store::{InstanceAddress, NewInstance, NewPeer, Peer, Store, StoreError, SyncReports};
+use crate::store::{InstanceAddress, NewInstance, NewPeer, Store, StoreError};
 
-/// How long a peer create waits for the peer's gateway (this one or another)
-/// to install it before answering `pending`.
-pub const INSTALL_WAIT: Duration = Duration::from_secs(5);
-
-/// How long a peer list or status waits, just after the daemon started, for
-/// its first pass to tell which peers are live here before answering
-/// `pending` for them.
-pub const FIRST_PASS_WAIT: Duration = Duration::from_secs(2);
-
-pub use crate::liveness::{DataplaneHealth, DataplaneView, PeerStats};
+pub use crate::liveness::{
+    DataplaneHealth, DataplaneView, PeerStats, FIRST_PASS_WAIT, INSTALL_WAIT,
+};
 
 /// Shared state of all handlers.
 pub struct ApiState {
@@ -52,6 +44,17 @@ pub struct ApiState {
     pub dataplane: Option<Arc<dyn DataplaneView>>,
     /// What `/metrics` shows.
     pub metrics: Vec<Arc<dyn super::metrics::MetricsSource>>,
+}
+
+impl ApiState {
+    /// Where the handlers learn whether a peer is live.
+    fn liveness(&self) -> crate::liveness::Liveness<'_> {
+        crate::liveness::Liveness::new(
+            self.store.as_ref(),
+            &self.gateway,
+            self.dataplane.as_deref(),
+        )
+    }
 }
 
 /// How a request arrived; set by the listener, not by the client.
@@ -383,13 +386,13 @@ async fn list_peers(
     if snap.org(&org).is_none() {
         return Err(StoreError::NotFound(format!("org '{org}' not found")).into());
     }
-    await_first_pass(&st).await;
-    let reports = st.store.sync_reports().borrow().clone();
+    let live = st.liveness();
+    live.settle().await;
     Ok(Json(
         snap.peers
             .iter()
             .filter(|p| p.org == org)
-            .filter_map(|p| PeerInfo::from_snapshot(p, &snap, peer_state(&st, &reports, p)))
+            .filter_map(|p| PeerInfo::from_snapshot(p, &snap, live.state(p)))
             .collect(),
     ))
 }
@@ -414,55 +417,9 @@ async fn create_peer(
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "peer outside 6PN"))?;
     tracing::info!(org = %org, peer = %peer.name, gateway = %peer.gateway,
         address = %peer.net.peer_addr(), "peer registered");
-    let state = match &st.dataplane {
-        Some(dp) if peer.gateway == st.gateway => {
-            if dp.wait_installed(&peer.public_key, INSTALL_WAIT).await {
-                PeerState::Installed
-            } else {
-                PeerState::Pending
-            }
-        }
-        // Another gateway's: wait for its report. Gateways with a dataplane
-        // report; an API without one waits only on gateways seen reporting.
-        _ => {
-            let reports = st.store.sync_reports().borrow().clone();
-            if (st.dataplane.is_some() || reports.contains_key(&peer.gateway))
-                && crate::store::wait_reported(st.store.as_ref(), &peer, INSTALL_WAIT).await
-            {
-                PeerState::Installed
-            } else {
-                peer_state(&st, &reports, &peer)
-            }
-        }
-    };
+    let state = st.liveness().wait(&peer, INSTALL_WAIT).await;
     let info = PeerInfo::new(&peer, prefix, &gateway.public_key, &gateway.endpoint, state);
     Ok((StatusCode::CREATED, Json(info)))
-}
-
-/// Until the dataplane's first pass after a start, "not installed" means
-/// "not looked yet": a restarted gateway must not call its live peers
-/// pending. Waits for that pass (bounded); at once any time after.
-async fn await_first_pass(st: &ApiState) {
-    if let Some(dp) = &st.dataplane {
-        dp.wait_published(FIRST_PASS_WAIT).await;
-    }
-}
-
-/// What this daemon can tell of `peer` now: live here, reported live by its
-/// gateway, or not yet; `registered` when nothing can tell.
-fn peer_state(st: &ApiState, reports: &SyncReports, peer: &Peer) -> PeerState {
-    match (&st.dataplane, reports.get(&peer.gateway)) {
-        (Some(dp), _) if peer.gateway == st.gateway => {
-            if dp.is_installed(&peer.public_key) {
-                PeerState::Installed
-            } else {
-                PeerState::Pending
-            }
-        }
-        (_, Some(r)) if r.covers(peer) => PeerState::Installed,
-        (Some(_), _) | (_, Some(_)) => PeerState::Pending,
-        (None, None) => PeerState::Registered,
-    }
 }
 
 async fn remove_peer(
@@ -492,30 +449,7 @@ async fn peer_status(
         .iter()
         .find(|p| p.org == org && p.name == name)
         .ok_or_else(|| StoreError::NotFound(format!("peer '{name}' not found in org '{org}'")))?;
-    await_first_pass(&st).await;
-    let (stats, note, state) = match &st.dataplane {
-        None => (
-            None,
-            Some("this daemon runs no dataplane; kernel state unknown".to_owned()),
-            PeerState::Registered,
-        ),
-        Some(_) if peer.gateway != st.gateway => (
-            None,
-            Some(format!(
-                "peer is held by gateway '{}'; ask its API for kernel state",
-                peer.gateway
-            )),
-            peer_state(&st, &st.store.sync_reports().borrow(), peer),
-        ),
-        Some(dp) => match dp.peer_stats(&peer.public_key).await {
-            Some(s) => (Some(s), None, PeerState::Installed),
-            None => (
-                None,
-                Some("not installed on this gateway yet".to_owned()),
-                PeerState::Pending,
-            ),
-        },
-    };
+    let crate::liveness::Status { state, stats, note } = st.liveness().status(peer).await;
     let info = PeerInfo::from_snapshot(peer, &snap, state).ok_or_else(|| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
