@@ -196,11 +196,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), GatewayError>
         region: me.region.clone(),
         admin_token_sha256,
         dataplane: Some(reconciler.view()),
-        metrics: vec![
-            reconciler.metrics(),
-            dns.metrics(),
-            Arc::new(crate::api::metrics::FirewallDrops),
-        ],
+        metrics: vec![reconciler.metrics(), dns.metrics()],
     });
     let router = server::router(state);
 

@@ -11,6 +11,7 @@
 //! [`ROUTE_PROTOCOL`]; in nftables only `table inet sixpn` is ours; the planner decides which peers and addresses are ours
 //! (see [`crate::plan`]).
 
+#[cfg(any(test, feature = "testkit"))]
 pub mod fake;
 pub mod linux;
 pub mod nft_codec;
@@ -145,6 +146,26 @@ pub trait Netlink: Send + Sync {
     fn subscribe(&self) -> Result<mpsc::Receiver<NetEvent>, KernelError>;
 }
 
+/// Packets the isolation table dropped, by its named counters. A replace
+/// starts them again from zero.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FirewallCounters {
+    /// Forwarded traffic dropped: cross-org, an unknown org, or not 6PN.
+    pub forward_dropped: u64,
+    /// Traffic to the gateway itself dropped.
+    pub input_dropped: u64,
+}
+
+impl FirewallCounters {
+    /// The counters by their names in the table.
+    pub fn named(&self) -> [(&'static str, u64); 2] {
+        [
+            (crate::plan::nft::FORWARD_DROPPED, self.forward_dropped),
+            (crate::plan::nft::INPUT_DROPPED, self.input_dropped),
+        ]
+    }
+}
+
 /// sixpn's nftables table, `table inet sixpn`, and nothing else: every
 /// method names that table only (see [`crate::plan::nft`]).
 #[async_trait]
@@ -162,6 +183,9 @@ pub trait Firewall: Send + Sync {
         add: &[(OrgPrefix, String)],
         remove: &[ElementKey],
     ) -> Result<(), KernelError>;
+
+    /// The table's drop counters; `None` when the table does not exist.
+    async fn counters(&self) -> Result<Option<FirewallCounters>, KernelError>;
 
     /// One message per committed nftables transaction made by someone else
     /// (or per lost batch of events): the table may have changed.

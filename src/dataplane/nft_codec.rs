@@ -305,6 +305,15 @@ pub fn counter_packets(json: &str, name: &str) -> Option<u64> {
     })
 }
 
+/// The table's drop counters from `nft -j list …` output (0 for one the
+/// listing lacks).
+pub fn parse_counters(json: &str) -> crate::dataplane::FirewallCounters {
+    crate::dataplane::FirewallCounters {
+        forward_dropped: counter_packets(json, FORWARD_DROPPED).unwrap_or(0),
+        input_dropped: counter_packets(json, INPUT_DROPPED).unwrap_or(0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
-//! The reconciler's part of `/metrics`: its counters, and per-org peer
-//! figures read from one dump of the device.
+//! The reconciler's part of `/metrics`: its counters, per-org peer figures
+//! read from one dump of the device, and the isolation table's drop
+//! counters, read through the firewall adapter.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -9,12 +10,13 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use super::{Counters, Installed};
-use crate::dataplane::WgDevice;
+use crate::dataplane::{Firewall, WgDevice};
 use crate::store::Snapshot;
 
 /// Reconcile counters and per-org peer figures for Prometheus.
 pub(super) struct Metrics {
     pub(super) wg: Arc<dyn WgDevice>,
+    pub(super) fw: Arc<dyn Firewall>,
     pub(super) installed: watch::Receiver<Arc<Installed>>,
     pub(super) snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     pub(super) counters: Arc<Counters>,
@@ -75,6 +77,19 @@ impl crate::metrics::MetricsSource for Metrics {
             "nftables transactions committed on table inet sixpn (replaces and set-element batches).",
             load(&c.firewall_changes),
         );
+        if let Ok(Some(drops)) = self.fw.counters().await {
+            let name = "sixpn_firewall_dropped_packets_total";
+            header(
+                out,
+                name,
+                "counter",
+                "Packets dropped by the isolation table, by named counter (forward_dropped: \
+                 cross-org or non-6PN traffic through the gateway; input_dropped: to the gateway).",
+            );
+            for (counter, packets) in drops.named() {
+                sample(out, name, &[("counter", counter)], packets);
+            }
+        }
         let installed = self.installed.borrow().clone();
         family(
             out,

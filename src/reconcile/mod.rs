@@ -148,6 +148,7 @@ impl Reconciler {
     pub fn metrics(&self) -> Arc<dyn crate::metrics::MetricsSource> {
         Arc::new(Metrics {
             wg: self.wg.clone(),
+            fw: self.fw.clone(),
             installed: self.installed.subscribe(),
             snapshots: self.snapshots.subscribe(),
             counters: self.counters.clone(),

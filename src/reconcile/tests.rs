@@ -152,7 +152,7 @@ async fn store_changes_are_followed_and_end_where_a_full_pass_would() {
                 .collect::<Vec<_>>(),
             vec!["fdaa:0:2::3"]
         );
-        let elements = state.firewall.as_ref().map_or(0, |t| t.elements.len());
+        let elements = state.firewall.as_ref().map_or(0, |t| t.element_count());
         assert_eq!(elements, 2, "both orgs in the isolation set");
     }
 
@@ -299,7 +299,7 @@ async fn the_firewall_goes_in_before_the_interface() {
     assert_eq!(calls[0], "firewall replace (1 orgs)", "{calls:?}");
     assert!(position(&calls, "firewall") < position(&calls, "create interface"));
     let table = r.kernel.state().firewall.clone().unwrap();
-    assert_eq!(table.elements.len(), 1, "acme's element");
+    assert_eq!(table.element_count(), 1, "acme's element");
     assert!(r.rec.pass_all().await);
     assert_eq!(r.kernel.take_calls(), Vec::<String>::new());
 }
@@ -338,7 +338,7 @@ async fn a_new_org_is_one_element_update_and_a_failure_forces_a_replace() {
     assert!(r.rec.pass(store_only).await);
     assert_eq!(r.kernel.take_calls(), vec!["firewall update +1 -0"]);
     assert_eq!(
-        r.kernel.state().firewall.as_ref().unwrap().elements.len(),
+        r.kernel.state().firewall.as_ref().unwrap().element_count(),
         2
     );
 
@@ -351,7 +351,7 @@ async fn a_new_org_is_one_element_update_and_a_failure_forces_a_replace() {
     r.kernel.state().fail_firewall = 1;
     assert!(!r.rec.pass(store_only).await);
     assert_eq!(
-        r.kernel.state().firewall.as_ref().unwrap().elements.len(),
+        r.kernel.state().firewall.as_ref().unwrap().element_count(),
         2
     );
     assert!(r.rec.pass(store_only).await);
@@ -373,7 +373,7 @@ async fn a_flushed_ruleset_is_replaced_and_counted_as_drift() {
     assert_eq!(r.kernel.take_calls(), vec!["firewall replace (1 orgs)"]);
     assert_eq!(r.rec.counters.drift_repairs.load(Ordering::Relaxed), 1);
     // Someone flushed the rules only: same.
-    r.kernel.state().firewall.as_mut().unwrap().rules.clear();
+    r.kernel.state().firewall.as_mut().unwrap().flush_rules();
     assert!(r.rec.pass(fw_only).await);
     assert_eq!(r.kernel.take_calls(), vec!["firewall replace (1 orgs)"]);
 }

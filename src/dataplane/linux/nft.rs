@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use super::super::{Firewall, KernelError};
+use super::super::{Firewall, FirewallCounters, KernelError};
 use crate::model::OrgPrefix;
 use crate::plan::nft::{self as model, ElementKey, ObservedTable, Ruleset};
 
@@ -227,6 +227,26 @@ impl Firewall for LinuxFirewall {
                 .map_err(|e| blocking_err(&op, e))?
                 .map_err(|e| KernelError::io(op, &e))
             }
+        }
+    }
+
+    async fn counters(&self) -> Result<Option<FirewallCounters>, KernelError> {
+        let op = "list counters of table inet sixpn";
+        let (nft, own) = (self.nft.clone(), self.own.clone());
+        let out = tokio::task::spawn_blocking(move || {
+            Self::run_nft(
+                &nft,
+                &own,
+                &["-j", "list", "counters", "table", "inet", model::TABLE],
+                None,
+            )
+        })
+        .await
+        .map_err(|e| blocking_err(op, e))?;
+        match out {
+            Ok(json) => Ok(Some(crate::dataplane::nft_codec::parse_counters(&json))),
+            Err((_, m)) if m.contains("No such file or directory") => Ok(None),
+            Err(e) => Err(nft_err(op, e)),
         }
     }
 

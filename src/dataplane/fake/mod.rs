@@ -1,7 +1,13 @@
 //! An in-memory kernel implementing [`WgDevice`], [`Netlink`] and
 //! [`Firewall`], for tests of the reconciler: it records every mutating call
 //! (in one log, so tests can check their order), can inject failures, and
-//! lets a test "drift" the state behind the reconciler's back.
+//! lets a test "drift" the state behind the reconciler's back. Its firewall
+//! ([`table`]) takes the real nft JSON batches and is observed through the
+//! real listing parser.
+
+mod table;
+
+pub use table::FakeTable;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv6Addr;
@@ -10,12 +16,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use tokio::sync::{mpsc, watch};
 
+use super::nft_codec::{parse_counters, parse_listing, to_json, update_batch};
 use super::{
-    AllowedIp, DeviceState, Firewall, KernelError, LinkState, NetEvent, Netlink, ObservedPeer,
-    PeerUpsert, WgDevice,
+    AllowedIp, DeviceState, Firewall, FirewallCounters, KernelError, LinkState, NetEvent, Netlink,
+    ObservedPeer, PeerUpsert, WgDevice,
 };
 use crate::model::{OrgPrefix, PrivateKey, PublicKey};
-use crate::plan::nft::{element_key, ElementKey, ObservedTable, Ruleset};
+use crate::plan::nft::{ElementKey, ObservedTable, Ruleset};
 
 /// The fake kernel's state; tests may read and change it directly.
 #[derive(Debug, Default)]
@@ -40,8 +47,8 @@ pub struct FakeState {
     pub fail_route_adds: usize,
     /// Make every peer update fail while set.
     pub fail_peer_updates: bool,
-    /// `table inet sixpn` as `nft list` would show it (None: absent).
-    pub firewall: Option<ObservedTable>,
+    /// `table inet sixpn` (None: absent).
+    pub firewall: Option<FakeTable>,
     /// Make the next N firewall changes fail (the table stays as it was).
     pub fail_firewall: usize,
 }
@@ -313,10 +320,22 @@ pub fn peer_ips(k: &FakeKernel) -> BTreeMap<PublicKey, Vec<AllowedIp>> {
         .collect()
 }
 
+/// A refused fake transaction as the adapter reports a refused `nft` one.
+fn refused(op: &str, r: table::Refused) -> KernelError {
+    KernelError {
+        op: op.into(),
+        message: r.message,
+        errno: Some(r.errno),
+    }
+}
+
 #[async_trait]
 impl Firewall for FakeKernel {
     async fn observe(&self) -> Result<Option<ObservedTable>, KernelError> {
-        Ok(self.state().firewall.clone())
+        let listing = self.state().firewall.as_ref().map(FakeTable::listing);
+        listing
+            .map(|l| parse_listing(&l).map_err(|e| KernelError::new("list table", e)))
+            .transpose()
     }
 
     async fn replace(&self, ruleset: &Ruleset) -> Result<(), KernelError> {
@@ -325,7 +344,8 @@ impl Firewall for FakeKernel {
             s.fail_firewall -= 1;
             return Err(KernelError::new("replace table", "injected failure"));
         }
-        s.firewall = Some(ruleset.as_observed());
+        table::apply(&mut s.firewall, &to_json(&ruleset.replace_batch()))
+            .map_err(|e| refused("replace table", e))?;
         s.calls
             .push(format!("firewall replace ({} orgs)", ruleset.orgs.len()));
         Ok(())
@@ -341,26 +361,16 @@ impl Firewall for FakeKernel {
             s.fail_firewall -= 1;
             return Err(KernelError::new("update elements", "injected failure"));
         }
-        let Some(t) = s.firewall.as_mut() else {
-            return Err(KernelError::new("update elements", "no such table"));
-        };
-        // As in the kernel: removing an absent element fails the batch.
-        if remove.iter().any(|k| !t.elements.contains_key(k)) {
-            return Err(KernelError {
-                op: "update elements".into(),
-                message: "No such file or directory".into(),
-                errno: Some(libc::ENOENT),
-            });
-        }
-        for k in remove {
-            t.elements.remove(k);
-        }
-        for (p, n) in add {
-            t.elements.insert(element_key(*p), Some(n.clone()));
-        }
+        table::apply(&mut s.firewall, &to_json(&update_batch(add, remove)))
+            .map_err(|e| refused("update elements", e))?;
         s.calls
             .push(format!("firewall update +{} -{}", add.len(), remove.len()));
         Ok(())
+    }
+
+    async fn counters(&self) -> Result<Option<FirewallCounters>, KernelError> {
+        let listing = self.state().firewall.as_ref().map(FakeTable::listing);
+        Ok(listing.map(|l| parse_counters(&l)))
     }
 
     fn subscribe(&self) -> Result<mpsc::Receiver<()>, KernelError> {
