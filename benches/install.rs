@@ -12,10 +12,8 @@ use std::time::{Duration, Instant};
 use sixpn::config::Backend;
 use sixpn::dataplane::linux::{LinuxNetlink, LinuxWg};
 use sixpn::model::PrivateKey;
-use sixpn::plan::Identity;
-use sixpn::reconcile::{Reconciler, Settings};
-use sixpn::store::sqlite::SqliteStore;
-use sixpn::store::{Gateway, NewPeer, Store};
+use sixpn::reconcile::rig::{self, Rig};
+use sixpn::store::{NewPeer, Store};
 
 fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0])
@@ -35,21 +33,8 @@ fn ms(d: Duration) -> String {
 }
 
 async fn one_size(n: usize, round: usize) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path().join("s.db")).unwrap());
-    let key = PrivateKey::generate();
-    let host = "a7b:d6b".parse().unwrap();
-    store
-        .register_gateway(&Gateway {
-            name: "gw".parse().unwrap(),
-            region: "lhr".parse().unwrap(),
-            host_id: host,
-            endpoint: "gw:51820".parse().unwrap(),
-            public_key: key.public_key(),
-        })
-        .await
-        .unwrap();
-    store.create_org(&"bench".parse().unwrap()).await.unwrap();
+    let rig = Rig::new().await;
+    let (dir, store, key) = (&rig.dir, rig.store.clone(), rig.key.clone());
     let mut conf = format!(
         "[Interface]\nPrivateKey = {}\nListenPort = 51821\n",
         key.to_base64()
@@ -57,9 +42,9 @@ async fn one_size(n: usize, round: usize) {
     for i in 0..n {
         let (p, _) = store
             .create_peer(&NewPeer {
-                org: "bench".parse().unwrap(),
+                org: rig::ORG.parse().unwrap(),
                 name: format!("p{i}").parse().unwrap(),
-                region: "lhr".parse().unwrap(),
+                region: rig::REGION.parse().unwrap(),
                 public_key: PrivateKey::generate().public_key(),
             })
             .await
@@ -77,22 +62,12 @@ async fn one_size(n: usize, round: usize) {
     // Both sides start from an empty interface.
     let wg = Arc::new(LinuxWg::new(ours.clone(), Backend::Userspace).unwrap());
     sixpn::dataplane::WgDevice::ensure(&*wg).await.unwrap();
-    let mut rec = Reconciler::new(
+    let mut rec = rig.reconciler(
         wg.clone(),
         Arc::new(LinuxNetlink::new().unwrap()),
         // The isolation ruleset is not what this measures (benches/nft.rs).
         Arc::new(sixpn::dataplane::fake::FakeKernel::new()),
-        store.clone(),
-        Settings {
-            gateway: "gw".parse().unwrap(),
-            interface: ours.clone(),
-            identity: Identity {
-                public_key: key.public_key(),
-                listen_port: 51820,
-                host_id: host,
-            },
-            private_key: key.clone(),
-        },
+        ours.clone(),
     );
     let t = Instant::now();
     assert!(rec.pass_all().await);
@@ -128,9 +103,9 @@ async fn one_size(n: usize, round: usize) {
     for j in 0..20 {
         let (p, _) = store
             .create_peer(&NewPeer {
-                org: "bench".parse().unwrap(),
+                org: rig::ORG.parse().unwrap(),
                 name: format!("extra{j}").parse().unwrap(),
-                region: "lhr".parse().unwrap(),
+                region: rig::REGION.parse().unwrap(),
                 public_key: PrivateKey::generate().public_key(),
             })
             .await

@@ -31,12 +31,10 @@ use std::time::{Duration, Instant};
 use sixpn::dataplane::fake::FakeKernel;
 use sixpn::dataplane::linux::{ElementPath, LinuxFirewall};
 use sixpn::dataplane::Firewall;
-use sixpn::model::{NetworkId, OrgPrefix, PrivateKey};
+use sixpn::model::{NetworkId, OrgPrefix};
 use sixpn::plan::nft::Ruleset;
-use sixpn::plan::Identity;
-use sixpn::reconcile::{Reconciler, Settings};
-use sixpn::store::sqlite::SqliteStore;
-use sixpn::store::{Gateway, Store};
+use sixpn::reconcile::rig::Rig;
+use sixpn::store::Store;
 
 fn org(i: u32) -> OrgPrefix {
     NetworkId::new(i).expect("network id").prefix()
@@ -160,20 +158,9 @@ async fn control_async() {
     );
 
     // End to end: store write → change feed → reconciler → element live.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(SqliteStore::open(dir.path().join("s.db")).expect("store"));
-    let key = PrivateKey::generate();
-    let host = "a7b:d6b".parse().expect("host id");
-    store
-        .register_gateway(&Gateway {
-            name: "lhr-1".parse().unwrap(),
-            region: "lhr".parse().unwrap(),
-            host_id: host,
-            endpoint: "gw:51820".parse().unwrap(),
-            public_key: key.public_key(),
-        })
-        .await
-        .expect("gateway");
+    // The rig's store holds this gateway and one org (acme) besides these.
+    let rig = Rig::new().await;
+    let store = rig.store.clone();
     let t = Instant::now();
     for i in 0..base {
         store
@@ -184,21 +171,11 @@ async fn control_async() {
     let fill = t.elapsed();
     let kernel = FakeKernel::new(); // WireGuard and routes are not measured here
     let fw: Arc<dyn Firewall> = Arc::new(LinuxFirewall::new().expect("firewall"));
-    let rec = Reconciler::new(
+    let rec = rig.reconciler(
         Arc::new(kernel.clone()),
         Arc::new(kernel),
         fw,
-        store.clone(),
-        Settings {
-            gateway: "lhr-1".parse().unwrap(),
-            interface: "sixpn0".parse().unwrap(),
-            identity: Identity {
-                public_key: key.public_key(),
-                listen_port: 51820,
-                host_id: host,
-            },
-            private_key: key,
-        },
+        "sixpn0".parse().expect("interface name"),
     );
     let counters = rec.counters();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

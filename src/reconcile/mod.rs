@@ -357,6 +357,9 @@ mod metrics;
 use metrics::Metrics;
 mod published;
 
+#[cfg(any(test, feature = "testkit"))]
+pub mod rig;
+
 pub use published::Installed;
 use published::View;
 

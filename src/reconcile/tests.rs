@@ -7,68 +7,29 @@ use super::*;
 use crate::dataplane::fake::{peer_ips, FakeKernel};
 use crate::model::PeerName;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Gateway, NewPeer};
+use crate::store::NewPeer;
 
 struct Rig {
-    _dir: tempfile::TempDir,
+    _base: rig::Rig,
     kernel: FakeKernel,
     store: Arc<SqliteStore>,
     rec: Reconciler,
 }
 
 async fn rig() -> Rig {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path().join("s.db")).unwrap());
-    let key = PrivateKey::generate();
-    let host = "a7b:d6b".parse().unwrap();
-    store
-        .register_gateway(&Gateway {
-            name: "lhr-1".parse().unwrap(),
-            region: "lhr".parse().unwrap(),
-            host_id: host,
-            endpoint: "gw:51820".parse().unwrap(),
-            public_key: key.public_key(),
-        })
-        .await
-        .unwrap();
-    store.create_org(&"acme".parse().unwrap()).await.unwrap();
+    let base = rig::Rig::new().await;
     let kernel = FakeKernel::new();
-    let rec = Reconciler::new(
-        Arc::new(kernel.clone()),
-        Arc::new(kernel.clone()),
-        Arc::new(kernel.clone()),
-        store.clone(),
-        Settings {
-            gateway: "lhr-1".parse().unwrap(),
-            interface: "sixpn0".parse().unwrap(),
-            identity: Identity {
-                public_key: key.public_key(),
-                listen_port: 51820,
-                host_id: host,
-            },
-            private_key: key,
-        },
-    );
+    let rec = base.on_fake(&kernel);
     Rig {
-        _dir: dir,
+        store: base.store.clone(),
+        _base: base,
         kernel,
-        store,
         rec,
     }
 }
 
 async fn add_peer(store: &SqliteStore, name: &str) -> PublicKey {
-    let k = PrivateKey::generate().public_key();
-    store
-        .create_peer(&NewPeer {
-            org: "acme".parse().unwrap(),
-            name: name.parse().unwrap(),
-            region: "lhr".parse().unwrap(),
-            public_key: k,
-        })
-        .await
-        .unwrap();
-    k
+    rig::add_peer(store, rig::ORG, name).await.public_key
 }
 
 #[tokio::test]
