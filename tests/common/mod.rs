@@ -292,7 +292,17 @@ pub fn terminate(child: &mut Child, grace: Duration) -> ExitStatus {
 }
 
 /// Polls `f` every 20 ms until it returns `Some` or `timeout` passes.
-pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+pub fn wait_for<T>(timeout: Duration, f: impl FnMut() -> Option<T>) -> Option<T> {
+    wait_for_every(timeout, Duration::from_millis(20), f)
+}
+
+/// [`wait_for`], looking every `interval`: a check that is itself costly
+/// (spawning `nft`) should leave the machine to what it is waiting for.
+pub fn wait_for_every<T>(
+    timeout: Duration,
+    interval: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
@@ -301,7 +311,7 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
         if Instant::now() >= deadline {
             return None;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(interval);
     }
 }
 
