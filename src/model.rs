@@ -364,6 +364,16 @@ pub fn instance_addr(prefix: OrgPrefix, host: HostId, machine: MachineId) -> Ipv
 /// use `0:b`, `0:c`, ….
 const PEER_GROUP_BASE: u32 = 0xa;
 
+/// The host whose peer /120s `addr` would lie among
+/// (`<org>:<host>:0:a:…` through `<org>:<host>:0:ffff:…`), if it has that
+/// shape. On a gateway's host that range is reserved for its peers, whoever
+/// holds each slot now, so it is never an instance's address there.
+pub fn peer_region_host(addr: Ipv6Addr) -> Option<HostId> {
+    let s = addr.segments();
+    (s[5] == 0 && u32::from(s[6]) >= PEER_GROUP_BASE)
+        .then(|| HostId((u32::from(s[3]) << 16) | u32::from(s[4])))
+}
+
 /// The index of a WireGuard peer's /120 among its gateway's peer slots in one
 /// org: index `n` is slot `n % 256` of group `0:(a + n / 256)`.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
@@ -750,6 +760,26 @@ mod tests {
         }
         for bad in ["gw", "gw:0", "gw:x", "[::1:5", "a b:1", ":1"] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_peer_slot_is_in_the_peer_region_and_instances_are_not() {
+        let prefix: OrgPrefix = "fdaa:0:18::/48".parse().unwrap();
+        let host: HostId = "a7b:d6b".parse().unwrap();
+        for slot in [0, 255, 256, PeerSlot::COUNT - 1] {
+            let net = PeerSlot::new(slot).unwrap().net(prefix, host);
+            assert_eq!(peer_region_host(net.peer_addr()), Some(host), "{net}");
+            assert_eq!(peer_region_host(net.network()), Some(host), "{net}");
+        }
+        let machine: MachineId = "f066:b83b".parse().unwrap();
+        assert_eq!(peer_region_host(instance_addr(prefix, host, machine)), None);
+        for free in [
+            "fdaa:0:18:a7b:d6b:0:9:2",
+            "fdaa:0:18:a7b:d6b:1:a:2",
+            "fdaa:0:18::3",
+        ] {
+            assert_eq!(peer_region_host(free.parse().unwrap()), None, "{free}");
         }
     }
 

@@ -368,6 +368,33 @@ async fn bad_requests_get_one_clear_error_and_write_nothing() {
             .unwrap_err(),
     );
     assert_eq!(code, StatusCode::BAD_REQUEST);
+    // An instance inside peers' /120s (slot 0 of lhr-1 here) would take a
+    // peer's traffic: refused, whether or not the slot is taken yet.
+    for taken in ["fdaa:0:1:a7b:d6b:0:a:2", "fdaa:0:1:a7b:1:0:ff:2"] {
+        let at_peer = AddInstance {
+            address: Some(taken.parse().unwrap()),
+            ..outside.clone()
+        };
+        let (code, msg) = status(
+            api.unix
+                .add_instance(&org("acme"), &at_peer)
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{taken}: {msg}");
+        assert!(msg.contains("peers' /120s"), "{msg}");
+    }
+    // A gateway's own key as a peer's: WireGuard would ignore it for ever.
+    for gw in &before.gateways {
+        let own = CreatePeer {
+            public_key: gw.public_key,
+            ..peer_req("lhr", "own-key")
+        };
+        let (code, msg) = status(api.unix.create_peer(&org("acme"), &own).await.unwrap_err());
+        assert_eq!(code, StatusCode::CONFLICT, "{msg}");
+        assert!(msg.contains(&format!("gateway '{}'", gw.name)), "{msg}");
+        assert!(msg.contains("own key"), "{msg}");
+    }
 
     assert_eq!(*api.store.snapshot().await.unwrap(), *before);
 }

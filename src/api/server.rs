@@ -404,6 +404,22 @@ async fn create_peer(
     Body(req): Body<CreatePeer>,
 ) -> Result<(StatusCode, Json<PeerInfo>), ApiError> {
     caller.require_org(&org)?;
+    // WireGuard would take a gateway's own key as a peer silently and never
+    // install it; say so instead.
+    let snap = st.store.snapshot().await?;
+    if let Some(g) = snap
+        .gateways
+        .iter()
+        .find(|g| g.public_key == req.public_key)
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "public key {} is gateway '{}''s own key; a peer needs a key pair of its own",
+                req.public_key, g.name
+            ),
+        ));
+    }
     let (peer, gateway) = st
         .store
         .create_peer(&NewPeer {
@@ -510,18 +526,29 @@ async fn add_instance(
             ))
         }
     };
-    let inst = st
-        .store
-        .add_instance(&NewInstance {
-            org,
-            app: req.app,
-            id: req.id,
-            region: req.region,
-            address,
-            process_group: req.process_group,
-            started: req.started,
-        })
-        .await?;
+    let new = NewInstance {
+        org,
+        app: req.app,
+        id: req.id,
+        region: req.region,
+        address,
+        process_group: req.process_group,
+        started: req.started,
+    };
+    // An instance among a gateway's peer /120s would take a peer's traffic.
+    let snap = st.store.snapshot().await?;
+    if let Some(o) = snap.org(&new.org) {
+        let (addr, _) = new.resolve(o.prefix())?;
+        let host = crate::model::peer_region_host(addr);
+        if let Some(g) = snap.gateways.iter().find(|g| Some(g.host_id) == host) {
+            return Err(ApiError::bad_request(format!(
+                "address {addr} lies among gateway '{}''s WireGuard peers' /120s \
+                 (…:0:a:0 and up on host {}); an instance can't share it",
+                g.name, g.host_id
+            )));
+        }
+    }
+    let inst = st.store.add_instance(&new).await?;
     tracing::info!(org = %inst.org, app = %inst.app, instance = %inst.id,
         address = %inst.address, "instance added");
     Ok((StatusCode::CREATED, Json(inst)))
