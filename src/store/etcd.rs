@@ -68,7 +68,7 @@
 //!   and timeouts are [`StoreError::Unavailable`] (HTTP 503), so the API fails
 //!   fast while the daemon keeps its last applied state.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv6Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -81,6 +81,7 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::log::DeltaLog;
 use super::{
     Delta, Gateway, Instance, NewInstance, NewPeer, Org, Peer, Revision, Snapshot, Store,
     StoreError, SyncReport, SyncReports,
@@ -618,7 +619,7 @@ impl Feeds {
 /// The snapshot the watch keeps current, so that a store change costs the
 /// change, not a read of the whole prefix (see the module doc). The watch
 /// task applies events; readers take [`Follower::snapshot`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Follower {
     /// Everything under the prefix as of `revision`; `None` before the
     /// first whole read and after an event it can't follow.
@@ -629,10 +630,26 @@ struct Follower {
     revision: i64,
     /// The revision `working` was read whole at: events up to it are in.
     whole_at: i64,
-    /// The writes followed after revision `floor`, each with its revision:
-    /// what [`Store::snapshot_since`] hands out.
-    log: VecDeque<(i64, Delta)>,
-    floor: i64,
+    /// The writes followed since the whole read: what
+    /// [`Store::snapshot_since`] hands out.
+    log: DeltaLog,
+}
+
+impl Default for Follower {
+    fn default() -> Self {
+        Self {
+            working: None,
+            shared: None,
+            revision: 0,
+            whole_at: 0,
+            log: DeltaLog::new(0, LOG_MAX),
+        }
+    }
+}
+
+/// An etcd revision as the store's (they start at 1; never negative).
+fn rev(r: i64) -> Revision {
+    u64::try_from(r).unwrap_or(0)
 }
 
 /// An event the follower can't express as a [`Delta`]: only a whole read
@@ -658,8 +675,7 @@ impl Follower {
             shared: None,
             revision,
             whole_at: revision,
-            log: VecDeque::new(),
-            floor: revision,
+            log: DeltaLog::new(rev(revision), LOG_MAX),
         };
     }
 
@@ -676,12 +692,7 @@ impl Follower {
     /// The writes from revision `from` up to [`Follower::revision`], if
     /// the log reaches back that far.
     fn since(&self, from: Revision) -> Option<Vec<Delta>> {
-        let from = i64::try_from(from).ok()?;
-        if from < self.floor || from > self.revision {
-            return None;
-        }
-        let start = self.log.partition_point(|(r, _)| *r <= from);
-        Some(self.log.range(start..).map(|(_, d)| d.clone()).collect())
+        self.log.since(from, rev(self.revision))
     }
 
     /// Applies one batch of watch events (sync reports aside). Events the
@@ -696,19 +707,14 @@ impl Follower {
         let mut changed = false;
         for e in events {
             let Some(kv) = e.kv() else { continue };
-            let rev = kv.mod_revision();
-            if rev <= self.whole_at {
+            let at = kv.mod_revision();
+            if at <= self.whole_at {
                 continue;
             }
             if let Some(delta) = delta_of(keys, working, e.event_type(), kv)? {
                 working.apply(delta.clone());
-                self.log.push_back((rev, delta));
+                self.log.push(rev(at), delta);
                 changed = true;
-            }
-        }
-        while self.log.len() > LOG_MAX {
-            if let Some((r, _)) = self.log.pop_front() {
-                self.floor = r;
             }
         }
         if changed {

@@ -10,6 +10,7 @@
 //! async and whose transactions are compare-and-swap, fits behind it.
 
 pub mod etcd;
+mod log;
 pub mod sqlite;
 
 use std::collections::BTreeMap;

@@ -15,7 +15,6 @@
 //!   of ~15). The revision tells whether the chain is whole: any write by
 //!   another process breaks it, and the next snapshot reads everything.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +24,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::watch;
 
+use super::log::DeltaLog;
 use super::{
     Delta, Gateway, Instance, NewInstance, NewPeer, Org, Peer, Revision, Snapshot, Store,
     StoreError, SyncReport, SyncReports,
@@ -102,15 +102,26 @@ pub struct SqliteStore {
 /// The last snapshot and this process's writes since; see the module doc.
 /// Only touched while holding the connection, so writes and snapshots of
 /// this process take their turns in revision order.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Cache {
     base: Option<Arc<Snapshot>>,
     pending: Vec<Delta>,
     /// The revision of `base` with `pending` applied.
     revision: Revision,
-    /// The writes already in `base`, the last of them its revision's: what
-    /// [`Store::snapshot_since`] hands to those a snapshot or more behind.
-    log: VecDeque<Delta>,
+    /// The writes already in `base`: what [`Store::snapshot_since`] hands
+    /// to those a snapshot or more behind.
+    log: DeltaLog,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Self {
+            base: None,
+            pending: Vec::new(),
+            revision: 0,
+            log: DeltaLog::new(0, MAX_PENDING),
+        }
+    }
 }
 
 impl Cache {
@@ -133,12 +144,11 @@ impl Cache {
         let base = self.base.as_ref().filter(|_| self.revision == revision)?;
         if !self.pending.is_empty() {
             let mut next = Snapshot::clone(base);
-            for d in self.pending.drain(..) {
+            // One write per revision: the pending ones end at `revision`.
+            let first = revision + 1 - self.pending.len() as Revision;
+            for (rev, d) in (first..).zip(self.pending.drain(..)) {
                 next.apply(d.clone());
-                self.log.push_back(d);
-            }
-            while self.log.len() > MAX_PENDING {
-                self.log.pop_front();
+                self.log.push(rev, d);
             }
             next.revision = revision;
             self.base = Some(Arc::new(next));
@@ -149,17 +159,16 @@ impl Cache {
     /// The writes from revision `from` to the cached snapshot (called right
     /// after [`Cache::snapshot`]), if the log reaches back that far.
     fn since(&self, from: Revision) -> Option<Vec<Delta>> {
-        let behind = usize::try_from(self.revision.checked_sub(from)?).ok()?;
-        let start = self.log.len().checked_sub(behind)?;
-        Some(self.log.range(start..).cloned().collect())
+        self.log.since(from, self.revision)
     }
 
     fn reset(&mut self, snapshot: Arc<Snapshot>) {
+        let revision = snapshot.revision;
         *self = Cache {
-            revision: snapshot.revision,
+            revision,
             base: Some(snapshot),
             pending: Vec::new(),
-            log: VecDeque::new(),
+            log: DeltaLog::new(revision, MAX_PENDING),
         };
     }
 }
