@@ -1456,9 +1456,8 @@ impl Store for EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{HostId, PrivateKey};
+    use crate::store::conformance::{self as suite, gateway, new_peer};
     use crate::store::InstanceAddress;
-    use std::collections::HashSet;
     use std::path::PathBuf;
     use std::process::{Child, Command, Stdio};
     use std::sync::atomic::Ordering;
@@ -1583,226 +1582,38 @@ mod tests {
         };
     }
 
-    fn key() -> PublicKey {
-        PrivateKey::generate().public_key()
-    }
-
-    fn gateway(name: &str, region: &str, host: &str) -> Gateway {
-        Gateway {
-            name: name.parse().unwrap(),
-            region: region.parse().unwrap(),
-            host_id: host.parse().unwrap(),
-            endpoint: format!("{name}.example.net:51820").parse().unwrap(),
-            public_key: key(),
-        }
-    }
-
     async fn with_gateway(etcd: &TestEtcd) -> EtcdStore {
         let store = etcd.store().await;
         store
-            .register_gateway(&gateway("lhr-1", "lhr", "a7b:d6b"))
+            .register_gateway(&suite::first_gateway())
             .await
             .unwrap();
         store
     }
 
-    fn new_peer(org: &str, name: &str) -> NewPeer {
-        NewPeer {
-            org: org.parse().unwrap(),
-            name: name.parse().unwrap(),
-            region: "lhr".parse().unwrap(),
-            public_key: key(),
-        }
+    /// Runs a check of the shared suite on a fresh loopback etcd.
+    macro_rules! suite_test {
+        ($name:ident) => {
+            #[tokio::test]
+            async fn $name() {
+                let etcd = etcd_or_skip!(concat!("etcd::", stringify!($name)));
+                let store = with_gateway(&etcd).await;
+                suite::$name(&store).await;
+            }
+        };
     }
 
-    #[tokio::test]
-    async fn peers_get_distinct_addresses_and_reuse_freed_slots() {
-        let etcd = etcd_or_skip!("etcd::peers_get_distinct_addresses_and_reuse_freed_slots");
-        let store = with_gateway(&etcd).await;
-        let org = store
-            .create_org(&"personal".parse().unwrap())
-            .await
-            .unwrap();
-        let mut seen = HashSet::new();
-        for i in 0..300 {
-            let (p, _) = store
-                .create_peer(&new_peer("personal", &format!("p{i}")))
-                .await
-                .unwrap();
-            assert_eq!(p.slot.index(), i);
-            assert!(org.prefix().contains(p.net.peer_addr()));
-            assert!(seen.insert(p.net));
-        }
-        let snap = store.snapshot().await.unwrap();
-        assert_eq!(snap.peers.len(), 300);
-        let p256 = snap
-            .peers
-            .iter()
-            .find(|p| p.name.as_str() == "p256")
-            .unwrap();
-        assert_eq!(p256.net.peer_addr().to_string(), "fdaa:0:1:a7b:d6b:0:b:2");
-        let gone = store
-            .remove_peer(&org.name, &"p7".parse().unwrap())
-            .await
-            .unwrap();
-        assert_eq!(gone.slot.index(), 7);
-        let (again, _) = store
-            .create_peer(&new_peer("personal", "again"))
-            .await
-            .unwrap();
-        assert_eq!(again.slot.index(), 7);
-    }
+    suite_test!(peers_get_distinct_addresses_and_reuse_freed_slots);
+    suite_test!(bad_writes_change_nothing);
+    suite_test!(instances_and_tokens);
+    suite_test!(gateway_host_ids_are_unique_and_stable);
 
     #[tokio::test]
     async fn concurrent_creates_from_two_clients_never_collide() {
         let etcd = etcd_or_skip!("etcd::concurrent_creates_from_two_clients_never_collide");
         let a = Arc::new(with_gateway(&etcd).await);
         let b = Arc::new(etcd.store().await);
-        b.register_gateway(&gateway("lhr-2", "lhr", "a7b:2"))
-            .await
-            .unwrap();
-        a.create_org(&"acme".parse().unwrap()).await.unwrap();
-        let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..60 {
-            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
-            tasks.spawn(async move { s.create_peer(&new_peer("acme", &format!("c{i}"))).await });
-        }
-        let mut nets = HashSet::new();
-        while let Some(r) = tasks.join_next().await {
-            let (p, _) = r.unwrap().unwrap();
-            assert!(nets.insert(p.net), "duplicate {}", p.net);
-        }
-        let snap = a.snapshot().await.unwrap();
-        assert_eq!(snap.peers.len(), 60);
-        // Both gateways of the region got peers (least loaded).
-        let on_1 = snap
-            .peers
-            .iter()
-            .filter(|p| p.gateway.as_str() == "lhr-1")
-            .count();
-        assert!((20..=40).contains(&on_1), "lhr-1 got {on_1} of 60");
-    }
-
-    #[tokio::test]
-    async fn bad_writes_change_nothing() {
-        let etcd = etcd_or_skip!("etcd::bad_writes_change_nothing");
-        let store = with_gateway(&etcd).await;
-        store.create_org(&"acme".parse().unwrap()).await.unwrap();
-        let (first, _) = store
-            .create_peer(&new_peer("acme", "laptop"))
-            .await
-            .unwrap();
-        let before = store.snapshot().await.unwrap();
-
-        let dup = store
-            .create_peer(&new_peer("acme", "laptop"))
-            .await
-            .unwrap_err();
-        assert!(matches!(dup, StoreError::Conflict(_)), "{dup}");
-        let mut same_key = new_peer("acme", "other");
-        same_key.public_key = first.public_key;
-        assert!(matches!(
-            store.create_peer(&same_key).await.unwrap_err(),
-            StoreError::Conflict(_)
-        ));
-        assert!(matches!(
-            store.create_peer(&new_peer("nope", "x")).await.unwrap_err(),
-            StoreError::NotFound(_)
-        ));
-        let mut far = new_peer("acme", "far");
-        far.region = "syd".parse().unwrap();
-        let e = store.create_peer(&far).await.unwrap_err();
-        assert!(e.to_string().contains("no gateway in region 'syd'"), "{e}");
-        assert!(matches!(
-            store
-                .create_org(&"acme".parse().unwrap())
-                .await
-                .unwrap_err(),
-            StoreError::Conflict(_)
-        ));
-        let outside = NewInstance {
-            org: "acme".parse().unwrap(),
-            app: "web".parse().unwrap(),
-            id: None,
-            region: "lhr".parse().unwrap(),
-            address: InstanceAddress::Address("fdaa:0:99::2".parse().unwrap()),
-            process_group: None,
-            started: true,
-        };
-        assert!(matches!(
-            store.add_instance(&outside).await.unwrap_err(),
-            StoreError::Invalid(_)
-        ));
-        assert_eq!(*store.snapshot().await.unwrap(), *before);
-    }
-
-    #[tokio::test]
-    async fn instances_and_tokens() {
-        let etcd = etcd_or_skip!("etcd::instances_and_tokens");
-        let store = with_gateway(&etcd).await;
-        for i in 0..0x18 {
-            store
-                .create_org(&format!("o{i}").parse().unwrap())
-                .await
-                .unwrap();
-        }
-        let req = NewInstance {
-            org: "o23".parse().unwrap(),
-            app: "paulgra-ham".parse().unwrap(),
-            id: None,
-            region: "iad".parse().unwrap(),
-            address: InstanceAddress::HostMachine {
-                host: "a7b:7d".parse().unwrap(),
-                machine: "f066:b83b".parse().unwrap(),
-            },
-            process_group: Some("web".parse().unwrap()),
-            started: true,
-        };
-        let inst = store.add_instance(&req).await.unwrap();
-        assert_eq!(inst.address.to_string(), "fdaa:0:18:a7b:7d:f066:b83b:2");
-        assert_eq!(inst.id.as_str(), "f066b83b");
-        let mut again = req.clone();
-        again.id = Some("other".parse().unwrap());
-        let e = store.add_instance(&again).await.unwrap_err();
-        assert!(e.to_string().contains("already used by instance"), "{e}");
-        assert_eq!(
-            store.snapshot().await.unwrap().instances,
-            vec![inst.clone()]
-        );
-        let gone = store
-            .remove_instance(&inst.org, &inst.app, &inst.id)
-            .await
-            .unwrap();
-        assert_eq!(gone, inst);
-        assert!(store.add_instance(&req).await.is_ok(), "address freed");
-
-        let sha = [7u8; 32];
-        assert_eq!(store.token_org(sha).await.unwrap(), None);
-        store
-            .add_org_token(&"o3".parse().unwrap(), sha)
-            .await
-            .unwrap();
-        assert_eq!(store.token_org(sha).await.unwrap().unwrap().as_str(), "o3");
-    }
-
-    #[tokio::test]
-    async fn gateway_host_ids_are_unique_and_stable() {
-        let etcd = etcd_or_skip!("etcd::gateway_host_ids_are_unique_and_stable");
-        let store = with_gateway(&etcd).await;
-        let mut other = gateway("lhr-2", "lhr", "a7b:d6b");
-        let e = store.register_gateway(&other).await.unwrap_err();
-        assert!(matches!(e, StoreError::Conflict(_)), "{e}");
-        other.host_id = HostId::from_u32(2);
-        store.register_gateway(&other).await.unwrap();
-        // Re-registering (a restart) is fine.
-        store.register_gateway(&other).await.unwrap();
-        store.create_org(&"a".parse().unwrap()).await.unwrap();
-        let (a, _) = store.create_peer(&new_peer("a", "one")).await.unwrap();
-        let (b, _) = store.create_peer(&new_peer("a", "two")).await.unwrap();
-        assert_ne!(a.gateway, b.gateway);
-        other.host_id = HostId::from_u32(3);
-        let e = store.register_gateway(&other).await.unwrap_err();
-        assert!(e.to_string().contains("old host id"), "{e}");
+        suite::concurrent_creates_never_collide(a, b).await;
     }
 
     #[tokio::test]
@@ -1810,29 +1621,7 @@ mod tests {
         let etcd = etcd_or_skip!("etcd::change_feed_sees_writes_from_another_client");
         let a = with_gateway(&etcd).await;
         let b = etcd.store().await;
-        let mut feed = b.subscribe();
-        // Let b's watch get established.
-        tokio::time::timeout(Duration::from_secs(5), feed.wait_for(|r| *r > 0))
-            .await
-            .unwrap()
-            .unwrap();
-        for i in 0..20 {
-            let before = *feed.borrow_and_update();
-            let t0 = Instant::now();
-            a.create_org(&format!("x{i}").parse().unwrap())
-                .await
-                .unwrap();
-            tokio::time::timeout(Duration::from_millis(100), feed.changed())
-                .await
-                .expect("change seen within 100 ms")
-                .unwrap();
-            assert!(*feed.borrow() > before);
-            if i == 0 {
-                eprintln!("cross-client change seen after {:?}", t0.elapsed());
-            }
-        }
-        let snap = b.snapshot().await.unwrap();
-        assert_eq!(snap.revision, *feed.borrow());
+        suite::change_feed_sees_writes_through_another_handle(&a, &b).await;
     }
 
     #[tokio::test]
@@ -1841,7 +1630,7 @@ mod tests {
         let a = with_gateway(&etcd).await;
         let b = etcd.store().await;
         let gw: GatewayName = "lhr-1".parse().unwrap();
-        crate::store::conformance::sync_reports(&a, &b, &gw).await;
+        suite::sync_reports(&a, &b, &gw).await;
         // A new client starts from the reports in the cluster.
         let c = etcd.store().await;
         let mut reports = c.sync_reports();
@@ -2048,7 +1837,7 @@ mod tests {
                 let rec = PeerRecord {
                     gateway: gw.clone(),
                     slot: i,
-                    public_key: key(),
+                    public_key: crate::model::PrivateKey::generate().public_key(),
                     created_at: 0,
                 };
                 ops.push(put(a.keys.peer(&org, &name), encode(&rec).unwrap()));

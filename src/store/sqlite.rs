@@ -1047,183 +1047,44 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{HostId, PrivateKey};
-    use crate::store::InstanceAddress;
     use std::collections::HashSet;
 
-    fn key() -> model::PublicKey {
-        PrivateKey::generate().public_key()
-    }
+    use crate::model::HostId;
+    use crate::store::conformance::{self as suite, new_peer};
+    use crate::store::InstanceAddress;
 
     async fn store_with_gateway(dir: &Path) -> SqliteStore {
         let store = SqliteStore::open(dir.join("state.db")).unwrap();
         store
-            .register_gateway(&Gateway {
-                name: "lhr-1".parse().unwrap(),
-                region: "lhr".parse().unwrap(),
-                host_id: "a7b:d6b".parse().unwrap(),
-                endpoint: "gw.example.net:51820".parse().unwrap(),
-                public_key: key(),
-            })
+            .register_gateway(&suite::first_gateway())
             .await
             .unwrap();
         store
     }
 
-    fn new_peer(org: &str, name: &str) -> NewPeer {
-        NewPeer {
-            org: org.parse().unwrap(),
-            name: name.parse().unwrap(),
-            region: "lhr".parse().unwrap(),
-            public_key: key(),
-        }
-    }
-
-    #[tokio::test]
-    async fn peers_get_distinct_addresses_and_reuse_freed_slots() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = store_with_gateway(dir.path()).await;
-        let org = store
-            .create_org(&"personal".parse().unwrap())
-            .await
-            .unwrap();
-        let mut seen = HashSet::new();
-        for i in 0..300 {
-            let (p, _) = store
-                .create_peer(&new_peer("personal", &format!("p{i}")))
-                .await
-                .unwrap();
-            assert_eq!(p.slot.index(), i);
-            assert!(org.prefix().contains(p.net.peer_addr()));
-            assert!(seen.insert(p.net));
-        }
-        // Slot 256 continues in group 0:b.
-        let snap = store.snapshot().await.unwrap();
-        let p256 = snap
-            .peers
-            .iter()
-            .find(|p| p.name.as_str() == "p256")
-            .unwrap();
-        assert_eq!(p256.net.peer_addr().to_string(), "fdaa:0:1:a7b:d6b:0:b:2");
-        // A removed peer's slot is the next one handed out.
-        store
-            .remove_peer(&org.name, &"p7".parse().unwrap())
-            .await
-            .unwrap();
-        let (again, _) = store
-            .create_peer(&new_peer("personal", "again"))
-            .await
-            .unwrap();
-        assert_eq!(again.slot.index(), 7);
-    }
-
-    #[tokio::test]
-    async fn bad_writes_change_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = store_with_gateway(dir.path()).await;
-        store.create_org(&"acme".parse().unwrap()).await.unwrap();
-        let (first, _) = store
-            .create_peer(&new_peer("acme", "laptop"))
-            .await
-            .unwrap();
-        let before = store.snapshot().await.unwrap();
-
-        let dup = store
-            .create_peer(&new_peer("acme", "laptop"))
-            .await
-            .unwrap_err();
-        assert!(matches!(dup, StoreError::Conflict(_)), "{dup}");
-        let mut same_key = new_peer("acme", "other");
-        same_key.public_key = first.public_key;
-        assert!(matches!(
-            store.create_peer(&same_key).await.unwrap_err(),
-            StoreError::Conflict(_)
-        ));
-        assert!(matches!(
-            store.create_peer(&new_peer("nope", "x")).await.unwrap_err(),
-            StoreError::NotFound(_)
-        ));
-        let mut far = new_peer("acme", "far");
-        far.region = "syd".parse().unwrap();
-        let e = store.create_peer(&far).await.unwrap_err();
-        assert!(e.to_string().contains("no gateway in region 'syd'"), "{e}");
-        assert!(matches!(
-            store
-                .create_org(&"acme".parse().unwrap())
-                .await
-                .unwrap_err(),
-            StoreError::Conflict(_)
-        ));
-        let outside = NewInstance {
-            org: "acme".parse().unwrap(),
-            app: "web".parse().unwrap(),
-            id: None,
-            region: "lhr".parse().unwrap(),
-            address: InstanceAddress::Address("fdaa:0:99::2".parse().unwrap()),
-            process_group: None,
-            started: true,
+    /// Runs a check of the shared suite on a fresh store in a scratch file.
+    macro_rules! suite_test {
+        ($name:ident) => {
+            #[tokio::test]
+            async fn $name() {
+                let dir = tempfile::tempdir().unwrap();
+                let store = store_with_gateway(dir.path()).await;
+                suite::$name(&store).await;
+            }
         };
-        assert!(matches!(
-            store.add_instance(&outside).await.unwrap_err(),
-            StoreError::Invalid(_)
-        ));
-        assert_eq!(*store.snapshot().await.unwrap(), *before);
     }
 
-    #[tokio::test]
-    async fn instances_derive_address_and_id() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = store_with_gateway(dir.path()).await;
-        for _ in 0..0x18 {
-            let n = format!("o{}", store.snapshot().await.unwrap().orgs.len());
-            store.create_org(&n.parse().unwrap()).await.unwrap();
-        }
-        let inst = store
-            .add_instance(&NewInstance {
-                org: "o23".parse().unwrap(),
-                app: "paulgra-ham".parse().unwrap(),
-                id: None,
-                region: "iad".parse().unwrap(),
-                address: InstanceAddress::HostMachine {
-                    host: "a7b:7d".parse().unwrap(),
-                    machine: "f066:b83b".parse().unwrap(),
-                },
-                process_group: Some("web".parse().unwrap()),
-                started: true,
-            })
-            .await
-            .unwrap();
-        assert_eq!(inst.address.to_string(), "fdaa:0:18:a7b:7d:f066:b83b:2");
-        assert_eq!(inst.id.as_str(), "f066b83b");
-        let gone = store
-            .remove_instance(&inst.org, &inst.app, &inst.id)
-            .await
-            .unwrap();
-        assert_eq!(gone, inst);
-    }
+    suite_test!(peers_get_distinct_addresses_and_reuse_freed_slots);
+    suite_test!(bad_writes_change_nothing);
+    suite_test!(instances_and_tokens);
+    suite_test!(gateway_host_ids_are_unique_and_stable);
 
-    #[tokio::test]
-    async fn gateway_host_ids_are_unique_and_stable() {
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_creates_from_two_processes_never_collide() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store_with_gateway(dir.path()).await;
-        let mut other = Gateway {
-            name: "lhr-2".parse().unwrap(),
-            region: "lhr".parse().unwrap(),
-            host_id: "a7b:d6b".parse().unwrap(),
-            endpoint: "gw2.example.net:51820".parse().unwrap(),
-            public_key: key(),
-        };
-        assert!(store.register_gateway(&other).await.is_err());
-        other.host_id = HostId::from_u32(2);
-        store.register_gateway(&other).await.unwrap();
-        store.create_org(&"a".parse().unwrap()).await.unwrap();
-        // Two gateways in lhr: peers spread to the least loaded.
-        let (a, _) = store.create_peer(&new_peer("a", "one")).await.unwrap();
-        let (b, _) = store.create_peer(&new_peer("a", "two")).await.unwrap();
-        assert_ne!(a.gateway, b.gateway);
-        other.host_id = HostId::from_u32(3);
-        let e = store.register_gateway(&other).await.unwrap_err();
-        assert!(e.to_string().contains("old host id"), "{e}");
+        let a = Arc::new(store_with_gateway(dir.path()).await);
+        let b = Arc::new(SqliteStore::open(dir.path().join("state.db")).unwrap());
+        suite::concurrent_creates_never_collide(a, b).await;
     }
 
     #[tokio::test]
@@ -1233,16 +1094,7 @@ mod tests {
         // A second handle on the same file stands in for another process:
         // it has its own connections and learns only through data_version.
         let b = SqliteStore::open(dir.path().join("state.db")).unwrap();
-        let mut feed = b.subscribe();
-        let before = *feed.borrow_and_update();
-        let t0 = std::time::Instant::now();
-        a.create_org(&"x".parse().unwrap()).await.unwrap();
-        tokio::time::timeout(Duration::from_millis(100), feed.changed())
-            .await
-            .expect("change seen within 100 ms")
-            .unwrap();
-        assert!(*feed.borrow() > before);
-        eprintln!("cross-handle change seen after {:?}", t0.elapsed());
+        suite::change_feed_sees_writes_through_another_handle(&a, &b).await;
     }
 
     #[tokio::test]
@@ -1251,7 +1103,7 @@ mod tests {
         let a = store_with_gateway(dir.path()).await;
         let b = SqliteStore::open(dir.path().join("state.db")).unwrap();
         let gw = a.snapshot().await.unwrap().gateways[0].name.clone();
-        crate::store::conformance::sync_reports(&a, &b, &gw).await;
+        suite::sync_reports(&a, &b, &gw).await;
         // A reopened store starts from the reports on disk.
         drop(a);
         let c = SqliteStore::open(dir.path().join("state.db")).unwrap();
