@@ -82,6 +82,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::log::DeltaLog;
+use super::placement;
 use super::{
     Delta, Gateway, Instance, NewInstance, NewPeer, Org, Peer, Revision, Snapshot, Store,
     StoreError, SyncReport, SyncReports,
@@ -1116,25 +1117,6 @@ fn parse_snapshot(keys: &Keys, revision: i64, kvs: &[KeyValue]) -> Result<Snapsh
     })
 }
 
-/// The slot to try: the lowest free one, or under contention one of the
-/// lowest few at random.
-fn pick_slot(used: &BTreeSet<u32>, attempt: u32) -> Option<u32> {
-    let spread = attempt.min(8) as usize + 1;
-    let free: Vec<u32> = (0..PeerSlot::COUNT)
-        .filter(|s| !used.contains(s))
-        .take(spread)
-        .collect();
-    if free.is_empty() {
-        return None;
-    }
-    let i = if attempt == 0 {
-        0
-    } else {
-        rand::random::<usize>() % free.len()
-    };
-    Some(free[i])
-}
-
 #[async_trait]
 impl Store for EtcdStore {
     async fn snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
@@ -1265,21 +1247,21 @@ impl Store for EtcdStore {
             for (_, g, _) in &slots {
                 *load.entry(g).or_default() += 1;
             }
-            let mut best: Option<(usize, Gateway, &KeyValue)> = None;
+            let mut region = Vec::new();
             for kv in &gws {
                 let g: Gateway = decode(kv, "gateway")?;
-                if g.region != req.region {
-                    continue;
-                }
-                let n = load.get(&g.name).copied().unwrap_or(0);
-                if best
-                    .as_ref()
-                    .is_none_or(|(bn, bg, _)| (n, &g.name) < (*bn, &bg.name))
-                {
-                    best = Some((n, g, kv));
+                if g.region == req.region {
+                    region.push((g, kv));
                 }
             }
-            let (_, gateway, gw_kv) = best.ok_or_else(|| {
+            let (gateway, gw_kv) = placement::least_loaded(region.iter().map(|(g, kv)| {
+                (
+                    &g.name,
+                    load.get(&g.name).copied().unwrap_or(0),
+                    (g.clone(), *kv),
+                )
+            }))
+            .ok_or_else(|| {
                 StoreError::NotFound(format!("no gateway in region '{}'", req.region))
             })?;
             let used: BTreeSet<u32> = slots
@@ -1287,7 +1269,7 @@ impl Store for EtcdStore {
                 .filter(|(o, g, _)| o == &req.org && g == &gateway.name)
                 .map(|(_, _, s)| *s)
                 .collect();
-            let slot = pick_slot(&used, attempt).ok_or_else(|| {
+            let slot = placement::pick_slot(&used, attempt, rand::random()).ok_or_else(|| {
                 StoreError::Exhausted(format!(
                     "gateway '{}' has no free peer address left in this org ({} in use)",
                     gateway.name,

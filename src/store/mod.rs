@@ -11,6 +11,7 @@
 
 pub mod etcd;
 mod log;
+pub mod placement;
 pub mod sqlite;
 
 use std::collections::BTreeMap;

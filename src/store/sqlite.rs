@@ -755,18 +755,36 @@ impl Store for SqliteStore {
                         "that public key is already registered for another peer".into(),
                     ));
                 }
-                // The least-loaded gateway of the region, by peer count.
-                let gw: Option<(String, i64, String, String)> = tx
-                    .query_row(
-                        "SELECT g.name, g.host_id, g.endpoint, g.public_key FROM gateways g
-                     WHERE g.region = ?1
-                     ORDER BY (SELECT COUNT(*) FROM peers p WHERE p.gateway = g.name), g.name
-                     LIMIT 1",
-                        [req.region.as_str()],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                // The region's gateways with their peer counts; the least
+                // loaded is chosen as every backend chooses.
+                let mut stmt = tx
+                    .prepare_cached(
+                        "SELECT g.name, g.host_id, g.endpoint, g.public_key,
+                            (SELECT COUNT(*) FROM peers p WHERE p.gateway = g.name)
+                         FROM gateways g WHERE g.region = ?1",
                     )
-                    .optional()
                     .map_err(internal)?;
+                let rows: Vec<(String, i64, String, String, i64)> = stmt
+                    .query_map([req.region.as_str()], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })
+                    .map_err(internal)?
+                    .collect::<Result<_, _>>()
+                    .map_err(internal)?;
+                let mut candidates = Vec::with_capacity(rows.len());
+                for (name, host, endpoint, key, load) in rows {
+                    let parsed: GatewayName = name.parse().map_err(corrupt("gateway name"))?;
+                    candidates.push((
+                        parsed,
+                        usize::try_from(load).unwrap_or(usize::MAX),
+                        (name, host, endpoint, key),
+                    ));
+                }
+                let gw = super::placement::least_loaded(
+                    candidates
+                        .iter()
+                        .map(|(n, load, row)| (n, *load, row.clone())),
+                );
                 let (gw_name, host, endpoint, gw_key) = gw.ok_or_else(|| {
                     StoreError::NotFound(format!("no gateway in region '{}'", req.region))
                 })?;
