@@ -300,7 +300,7 @@ impl Ruleset {
         self.chains.iter().find(|c| c.name == name)
     }
 
-    /// What [`parse_listing`] would return right after this ruleset was
+    /// What the adapter's listing parser would return right after this ruleset was
     /// loaded: used by fakes and to update the reconciler's cache.
     pub fn as_observed(&self) -> ObservedTable {
         ObservedTable {
