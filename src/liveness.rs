@@ -12,13 +12,14 @@
 //! It sits in the reconcile layer, below the API, so the reconciler depends
 //! on nothing above it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{GatewayName, PublicKey};
-use crate::store::{Peer, Store, SyncReport};
+use crate::store::{Peer, Store, SyncReport, SyncReports};
 
 /// How long a peer create waits for the peer's gateway (this one or another)
 /// to install it before answering `pending`.
@@ -148,15 +149,23 @@ impl<'a> Liveness<'a> {
                     .sync_reports()
                     .borrow()
                     .contains_key(&peer.gateway);
-                if (local == Local::Elsewhere || seen)
-                    && crate::store::wait_reported(self.store, peer, timeout).await
-                {
+                if (local == Local::Elsewhere || seen) && self.reported(peer, timeout).await {
                     PeerState::Installed
                 } else {
                     self.state(peer)
                 }
             }
         }
+    }
+
+    /// Waits, at most `timeout`, until `peer`'s gateway reports it
+    /// installed; returns whether it did.
+    async fn reported(&self, peer: &Peer, timeout: Duration) -> bool {
+        let mut reports = self.store.sync_reports();
+        let covered = |r: &Arc<SyncReports>| r.get(&peer.gateway).is_some_and(|s| s.covers(peer));
+        tokio::time::timeout(timeout, reports.wait_for(covered))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// `peer`'s state with its kernel counters if it is live here; a note

@@ -250,6 +250,16 @@ pub async fn change_feed_sees_writes_through_another_handle(a: &dyn Store, b: &d
     assert_eq!(snap.revision, *feed.borrow());
 }
 
+/// Waits, at most `timeout`, for `store`'s reports to say `peer` is
+/// installed on its gateway.
+async fn reported(store: &dyn Store, peer: &Peer, timeout: Duration) -> bool {
+    let mut reports = store.sync_reports();
+    let covered = |r: &Arc<SyncReports>| r.get(&peer.gateway).is_some_and(|s| s.covers(peer));
+    tokio::time::timeout(timeout, reports.wait_for(covered))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
 /// `a` and `b` are two handles on one store (two processes, or two
 /// gateways' clients); `a` has the lhr gateway `gateway` registered.
 /// A peer carries the revision that registered it; a report written
@@ -283,19 +293,19 @@ pub async fn sync_reports(a: &dyn Store, b: &dyn Store, gateway: &GatewayName) {
     let feed_before = *feed.borrow_and_update();
 
     // Not yet reported: b doesn't wait long for it.
-    assert!(!wait_reported(b, &peer, Duration::from_millis(50)).await);
+    assert!(!reported(b, &peer, Duration::from_millis(50)).await);
     let older = SyncReport {
         revision: peer.revision - 1,
         missing: vec![],
     };
     a.report_sync(gateway, &older).await.unwrap();
-    assert!(!wait_reported(b, &peer, Duration::from_millis(200)).await);
+    assert!(!reported(b, &peer, Duration::from_millis(200)).await);
     let failed = SyncReport {
         revision: peer.revision,
         missing: vec![peer.public_key],
     };
     a.report_sync(gateway, &failed).await.unwrap();
-    assert!(!wait_reported(b, &peer, Duration::from_millis(200)).await);
+    assert!(!reported(b, &peer, Duration::from_millis(200)).await);
     let live = SyncReport {
         revision: peer.revision,
         missing: vec![],
@@ -303,7 +313,7 @@ pub async fn sync_reports(a: &dyn Store, b: &dyn Store, gateway: &GatewayName) {
     let t0 = std::time::Instant::now();
     a.report_sync(gateway, &live).await.unwrap();
     assert!(
-        wait_reported(b, &peer, Duration::from_secs(2)).await,
+        reported(b, &peer, Duration::from_secs(2)).await,
         "the report never reached b"
     );
     eprintln!("report seen by the other handle after {:?}", t0.elapsed());

@@ -17,7 +17,6 @@ pub mod sqlite;
 use std::collections::BTreeMap;
 use std::net::Ipv6Addr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -202,16 +201,6 @@ impl SyncReport {
 
 /// Every gateway's latest [`SyncReport`].
 pub type SyncReports = BTreeMap<GatewayName, SyncReport>;
-
-/// Waits until `peer`'s gateway reports it installed, at most `timeout`;
-/// returns whether it did.
-pub async fn wait_reported(store: &dyn Store, peer: &Peer, timeout: Duration) -> bool {
-    let mut reports = store.sync_reports();
-    let covered = |r: &Arc<SyncReports>| r.get(&peer.gateway).is_some_and(|s| s.covers(peer));
-    tokio::time::timeout(timeout, reports.wait_for(covered))
-        .await
-        .is_ok_and(|r| r.is_ok())
-}
 
 /// Replaces the published reports if they differ.
 fn publish_reports(tx: &watch::Sender<Arc<SyncReports>>, reports: SyncReports) {
