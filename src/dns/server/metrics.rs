@@ -1,0 +1,164 @@
+//! The DNS counters, shared by every listener and the forwarder, and
+//! their part of `/metrics`.
+
+use async_trait::async_trait;
+
+use super::*;
+use crate::metrics::{header, sample, MetricsSource};
+
+/// Counters of the DNS side (relaxed atomics; a later issue exports them).
+#[derive(Debug, Default)]
+pub struct DnsMetrics {
+    pub(super) udp_queries: AtomicU64,
+    pub(super) tcp_queries: AtomicU64,
+    /// Responses sent, by RCODE (16 = BADVERS; forwarded responses by the
+    /// upstream's 4-bit code).
+    pub(super) responses: [AtomicU64; 17],
+    pub(super) dropped: AtomicU64,
+    pub(super) forwarded: AtomicU64,
+    pub(super) forward_failed: AtomicU64,
+    pub(super) forward_rejected: AtomicU64,
+    pub(super) tcp_rejected: AtomicU64,
+    pub(super) zone_swaps: AtomicU64,
+}
+
+/// A copy of [`DnsMetrics`] at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    /// Queries received over UDP.
+    pub udp_queries: u64,
+    /// Queries received over TCP.
+    pub tcp_queries: u64,
+    /// Responses sent, indexed by RCODE (16: BADVERS).
+    pub responses: [u64; 17],
+    /// Queries not answered (no header, or a response).
+    pub dropped: u64,
+    /// Queries sent upstream.
+    pub forwarded: u64,
+    /// Forwards no upstream answered in time (the client got SERVFAIL).
+    pub forward_failed: u64,
+    /// Forwards refused because [`Limits::max_forwards`] were in flight.
+    pub forward_rejected: u64,
+    /// TCP connections closed at accept: the listener was full.
+    pub tcp_rejected: u64,
+    /// Zone indexes swapped in.
+    pub zone_swaps: u64,
+}
+
+impl MetricsSnapshot {
+    /// Responses sent with `rcode`.
+    pub fn rcode(&self, rcode: Rcode) -> u64 {
+        self.responses[usize::from(rcode.code()).min(16)]
+    }
+}
+
+pub(super) fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl DnsMetrics {
+    pub(super) fn response(&self, code: u16) {
+        inc(&self.responses[usize::from(code).min(16)]);
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            udp_queries: get(&self.udp_queries),
+            tcp_queries: get(&self.tcp_queries),
+            responses: std::array::from_fn(|i| get(&self.responses[i])),
+            dropped: get(&self.dropped),
+            forwarded: get(&self.forwarded),
+            forward_failed: get(&self.forward_failed),
+            forward_rejected: get(&self.forward_rejected),
+            tcp_rejected: get(&self.tcp_rejected),
+            zone_swaps: get(&self.zone_swaps),
+        }
+    }
+}
+
+/// DNS listener counters: queries by transport, responses by rcode,
+/// forwarding outcomes.
+#[async_trait]
+impl MetricsSource for DnsMetrics {
+    async fn render(&self, out: &mut String) {
+        let m = self.snapshot();
+        header(
+            out,
+            "sixpn_dns_queries_total",
+            "counter",
+            "DNS queries received.",
+        );
+        sample(
+            out,
+            "sixpn_dns_queries_total",
+            &[("transport", "udp")],
+            m.udp_queries,
+        );
+        sample(
+            out,
+            "sixpn_dns_queries_total",
+            &[("transport", "tcp")],
+            m.tcp_queries,
+        );
+        header(
+            out,
+            "sixpn_dns_responses_total",
+            "counter",
+            "DNS responses sent, by rcode.",
+        );
+        const NAMES: [&str; 17] = [
+            "noerror", "formerr", "servfail", "nxdomain", "notimp", "refused", "yxdomain",
+            "yxrrset", "nxrrset", "notauth", "notzone", "rcode11", "rcode12", "rcode13", "rcode14",
+            "rcode15", "badvers",
+        ];
+        for (i, n) in m.responses.iter().enumerate() {
+            if *n > 0 || i == 0 || i == 3 || i == 5 {
+                sample(out, "sixpn_dns_responses_total", &[("rcode", NAMES[i])], n);
+            }
+        }
+        crate::metrics::family(
+            out,
+            "sixpn_dns_dropped_total",
+            "counter",
+            "DNS queries dropped unanswered (malformed).",
+            m.dropped,
+        );
+        crate::metrics::family(
+            out,
+            "sixpn_dns_forwarded_total",
+            "counter",
+            "Queries for names outside .internal sent upstream.",
+            m.forwarded,
+        );
+        crate::metrics::family(
+            out,
+            "sixpn_dns_forward_failures_total",
+            "counter",
+            "Forwards no upstream answered in time.",
+            m.forward_failed,
+        );
+        crate::metrics::family(
+            out,
+            "sixpn_dns_forward_rejected_total",
+            "counter",
+            "Forwards refused because too many were in flight.",
+            m.forward_rejected,
+        );
+        crate::metrics::family(
+            out,
+            "sixpn_dns_tcp_rejected_total",
+            "counter",
+            "TCP connections refused because the listener was full.",
+            m.tcp_rejected,
+        );
+        crate::metrics::family(
+            out,
+            "sixpn_dns_zone_swaps_total",
+            "counter",
+            "Zone indexes swapped in.",
+            m.zone_swaps,
+        );
+    }
+}

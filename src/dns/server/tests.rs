@@ -1,0 +1,583 @@
+//! The socket layer on loopback, no namespaces and no root: listeners
+//! bind `[::1]:0` and the handler is told the source is inside the org
+//! (`Ctx::pretend_src`); upstreams are fake resolvers on `[::1]`.
+
+use std::net::SocketAddrV6;
+use std::time::Instant;
+
+use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+
+use super::*;
+use crate::model::{HostId, NetworkId, PeerSlot, PrivateKey};
+use crate::store::{Gateway, Instance, Org, Peer};
+
+const ACME: u32 = 0x18;
+const OTHER: u32 = 0x19;
+
+fn prefix(net: u32) -> OrgPrefix {
+    NetworkId::new(net).unwrap().prefix()
+}
+
+fn web_addr() -> Ipv6Addr {
+    "fdaa:0:18:a7b:7d:0:a1:2".parse().unwrap()
+}
+
+fn member() -> IpAddr {
+    "fdaa:0:18:a7b:d6b:0:a:2".parse().unwrap()
+}
+
+/// acme (peer `laptop` on lhr-1, app `web`), other (peer `spy` on iad-1).
+fn snapshot(revision: u64, laptop: bool) -> Snapshot {
+    let mut s = Snapshot {
+        revision,
+        ..Snapshot::default()
+    };
+    for (name, net) in [("acme", ACME), ("other", OTHER)] {
+        s.orgs.push(Org {
+            name: name.parse().unwrap(),
+            network_id: NetworkId::new(net).unwrap(),
+        });
+    }
+    for (name, region, host) in [("lhr-1", "lhr", 0x0a7b_0d6b), ("iad-1", "iad", 0x0a7b_0001)] {
+        s.gateways.push(Gateway {
+            name: name.parse().unwrap(),
+            region: region.parse().unwrap(),
+            host_id: HostId::from_u32(host),
+            endpoint: "gw.example.net:51820".parse().unwrap(),
+            public_key: PrivateKey::generate().public_key(),
+        });
+    }
+    s.instances.push(Instance {
+        org: "acme".parse().unwrap(),
+        app: "web".parse().unwrap(),
+        id: "a1".parse().unwrap(),
+        region: "lhr".parse().unwrap(),
+        address: web_addr(),
+        process_group: None,
+        started: true,
+    });
+    let mut peer = |org: &str, net: u32, name: &str, gw: usize| {
+        let g = &s.gateways[gw];
+        let slot = PeerSlot::new(0).unwrap();
+        let p = Peer {
+            org: org.parse().unwrap(),
+            name: name.parse().unwrap(),
+            gateway: g.name.clone(),
+            region: g.region.clone(),
+            slot,
+            net: slot.net(prefix(net), g.host_id),
+            public_key: PrivateKey::generate().public_key(),
+            created_at: 0,
+            revision: 0,
+        };
+        s.peers.push(p);
+    };
+    if laptop {
+        peer("acme", ACME, "laptop", 0);
+    }
+    peer("other", OTHER, "spy", 1);
+    s
+}
+
+fn limits() -> Limits {
+    Limits {
+        forward_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    }
+}
+
+/// A listener for acme on `[::1]:0` that believes every source is
+/// `laptop`.
+fn serve(limits: Limits, upstreams: Vec<SocketAddr>) -> (Listener, Arc<Ctx>) {
+    let metrics = Arc::new(DnsMetrics::default());
+    let (forwarder, tasks) = Forwarder::start(upstreams, &limits, metrics.clone());
+    // The receive tasks live as long as the test's runtime.
+    drop(tasks);
+    let zones = SharedZones::new(ZoneIndex::build(
+        &snapshot(1, true),
+        &"lhr".parse().unwrap(),
+        &RegionDistances::builtin(),
+    ));
+    let ctx = Arc::new(Ctx {
+        zones: Arc::new(zones),
+        metrics,
+        forwarder,
+        limits,
+        pretend_src: Some(member()),
+    });
+    let l = Listener::start(prefix(ACME), "[::1]:0".parse().unwrap(), &ctx).unwrap();
+    (l, ctx)
+}
+
+fn query(id: u16, name: &str, rtype: RecordType) -> Vec<u8> {
+    let mut m = Message::query();
+    m.metadata.id = id;
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+    m.to_vec().unwrap()
+}
+
+async fn udp_ask(to: SocketAddr, q: &[u8], wait: Duration) -> Option<Message> {
+    let s = UdpSocket::bind("[::1]:0").await.unwrap();
+    s.send_to(q, to).await.unwrap();
+    let mut buf = vec![0u8; 65535];
+    let n = tokio::time::timeout(wait, s.recv(&mut buf))
+        .await
+        .ok()?
+        .unwrap();
+    Some(Message::from_vec(&buf[..n]).unwrap())
+}
+
+fn frame(q: &[u8]) -> Vec<u8> {
+    let mut f = (q.len() as u16).to_be_bytes().to_vec();
+    f.extend_from_slice(q);
+    f
+}
+
+async fn read_frame(s: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).await?;
+    let mut m = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut m).await?;
+    Ok(m)
+}
+
+fn aaaa(m: &Message) -> Vec<Ipv6Addr> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::AAAA(a) => Some(a.0),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn udp_answers_from_the_zone_and_counts_rcodes() {
+    let (l, ctx) = serve(limits(), vec![]);
+    let m = udp_ask(
+        l.local,
+        &query(7, "WEB.internal", RecordType::AAAA),
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    assert_eq!(m.metadata.id, 7);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(aaaa(&m), [web_addr()]);
+    let m = udp_ask(
+        l.local,
+        &query(8, "nope.internal", RecordType::AAAA),
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    // Garbage is dropped or FORMERR'd, and the listener lives on.
+    for junk in [&b""[..], b"\x00", &[0xFF; 40], &[0; 12]] {
+        let s = UdpSocket::bind("[::1]:0").await.unwrap();
+        s.send_to(junk, l.local).await.unwrap();
+    }
+    let m = udp_ask(
+        l.local,
+        &query(9, "laptop._peer.internal", RecordType::AAAA),
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    assert_eq!(m.answers.len(), 1);
+    let got = ctx.metrics.snapshot();
+    assert_eq!(got.udp_queries, 7);
+    assert_eq!(got.rcode(Rcode::NoError), 2);
+    assert_eq!(got.rcode(Rcode::NxDomain), 1);
+    assert_eq!(got.rcode(Rcode::FormErr), 1, "{got:?}");
+    assert_eq!(got.dropped, 3, "{got:?}");
+}
+
+#[tokio::test]
+async fn a_source_outside_the_org_is_refused() {
+    let (l, _) = serve(limits(), vec![]);
+    // Without the test override the handler sees ::1: not in acme.
+    let metrics = Arc::new(DnsMetrics::default());
+    let (forwarder, _) = Forwarder::start(vec![], &limits(), metrics.clone());
+    let ctx = Arc::new(Ctx {
+        zones: Arc::new(SharedZones::default()),
+        metrics,
+        forwarder,
+        limits: limits(),
+        pretend_src: None,
+    });
+    let real = Listener::start(prefix(ACME), "[::1]:0".parse().unwrap(), &ctx).unwrap();
+    for name in ["web.internal", "example.com"] {
+        let m = udp_ask(
+            real.local,
+            &query(1, name, RecordType::AAAA),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused, "{name}");
+    }
+    drop(l);
+}
+
+#[tokio::test]
+async fn tcp_pipelined_queries_are_answered_in_order() {
+    let (l, ctx) = serve(limits(), vec![]);
+    let mut s = TcpStream::connect(l.local).await.unwrap();
+    let names = [
+        ("web.internal", RecordType::AAAA),
+        ("nope.internal", RecordType::AAAA),
+        ("_peer.internal", RecordType::TXT),
+        ("lhr.web.internal", RecordType::AAAA),
+    ];
+    let mut all = Vec::new();
+    for (i, (n, t)) in names.iter().enumerate() {
+        all.extend(frame(&query(100 + i as u16, n, *t)));
+    }
+    // One write, split at an awkward place to exercise partial reads.
+    s.write_all(&all[..5]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    s.write_all(&all[5..]).await.unwrap();
+    for (i, (n, _)) in names.iter().enumerate() {
+        let m = Message::from_vec(&read_frame(&mut s).await.unwrap()).unwrap();
+        assert_eq!(m.metadata.id, 100 + i as u16, "{n}");
+        assert_eq!(m.queries[0].name().to_ascii(), format!("{n}."));
+    }
+    assert_eq!(ctx.metrics.snapshot().tcp_queries, 4);
+}
+
+#[tokio::test]
+async fn tcp_connections_are_bounded_idle_ones_closed_and_queries_capped() {
+    let l = Limits {
+        tcp_connections: 2,
+        tcp_idle: Duration::from_millis(300),
+        tcp_queries: 3,
+        ..limits()
+    };
+    let (l, ctx) = serve(l, vec![]);
+    let mut a = TcpStream::connect(l.local).await.unwrap();
+    let mut b = TcpStream::connect(l.local).await.unwrap();
+    // Both are served.
+    for s in [&mut a, &mut b] {
+        s.write_all(&frame(&query(1, "web.internal", RecordType::AAAA)))
+            .await
+            .unwrap();
+        read_frame(s).await.unwrap();
+    }
+    // A third is closed at once.
+    let mut c = TcpStream::connect(l.local).await.unwrap();
+    let mut byte = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(1), c.read(&mut byte))
+        .await
+        .expect("the third connection was not closed");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert_eq!(ctx.metrics.snapshot().tcp_rejected, 1);
+    // Idle connections are closed after the idle timeout…
+    let t0 = Instant::now();
+    let r = a.read(&mut byte).await;
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    let idle = t0.elapsed();
+    assert!(idle < Duration::from_secs(2), "closed after {idle:?}");
+    drop((a, b));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // …which frees their slots; a connection gets `tcp_queries` answers.
+    let mut d = TcpStream::connect(l.local).await.unwrap();
+    for i in 0..4 {
+        d.write_all(&frame(&query(i, "web.internal", RecordType::AAAA)))
+            .await
+            .unwrap();
+    }
+    for _ in 0..3 {
+        read_frame(&mut d).await.unwrap();
+    }
+    assert!(read_frame(&mut d).await.is_err(), "a 4th answer");
+}
+
+/// Builds a response to `q` with one AAAA answer `2001:db8::7`.
+fn fake_reply(q: &[u8]) -> Vec<u8> {
+    let end = question_end(q).unwrap();
+    let mut r = q[..end].to_vec();
+    r[2] |= 0x80;
+    r[3] = 0x80;
+    r[6..8].copy_from_slice(&1u16.to_be_bytes());
+    r[10..12].copy_from_slice(&0u16.to_be_bytes());
+    r.extend_from_slice(&[0xC0, 0x0C, 0, 28, 0, 1, 0, 0, 0, 60, 0, 16]);
+    r.extend_from_slice(&"2001:db8::7".parse::<Ipv6Addr>().unwrap().octets());
+    r
+}
+
+/// Replies to send before the right one: `(from the spoofer?, bytes)`.
+type BeforeReply = fn(&[u8]) -> Vec<(bool, Vec<u8>)>;
+
+/// A UDP upstream on `[::1]` that, for each query, first sends the
+/// replies `before(query)` gives (from `spoofer` when asked), then the
+/// right one. Returns its address and the IDs it saw.
+async fn fake_upstream(before: BeforeReply) -> (SocketAddr, Arc<Mutex<Vec<u16>>>) {
+    let s = UdpSocket::bind("[::1]:0").await.unwrap();
+    let spoofer = UdpSocket::bind("[::1]:0").await.unwrap();
+    let addr = s.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65535];
+        loop {
+            let (n, from) = s.recv_from(&mut buf).await.unwrap();
+            let q = buf[..n].to_vec();
+            seen2.lock().unwrap().push(be16(&q, 0).unwrap());
+            for (spoof, junk) in before(&q) {
+                let sock = if spoof { &spoofer } else { &s };
+                sock.send_to(&junk, from).await.unwrap();
+            }
+            s.send_to(&fake_reply(&q), from).await.unwrap();
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn forwarding_rewrites_the_id_and_drops_replies_that_do_not_match() {
+    let (up, seen) = fake_upstream(|q| {
+        let right = fake_reply(q);
+        let mut wrong_id = right.clone();
+        wrong_id[0] ^= 0xFF;
+        let mut wrong_q = right.clone();
+        wrong_q[13] ^= 0x01; // a letter of the name
+        let mut not_response = right.clone();
+        not_response[2] &= 0x7F;
+        vec![
+            (false, b"\x01\x02\x03".to_vec()),
+            (false, wrong_id),
+            (false, wrong_q),
+            (false, not_response),
+            (true, right),
+        ]
+    })
+    .await;
+    let (l, ctx) = serve(limits(), vec![up]);
+    let m = udp_ask(
+        l.local,
+        &query(0x4242, "Example.COM", RecordType::AAAA),
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("no forwarded answer");
+    assert_eq!(m.metadata.id, 0x4242);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(aaaa(&m), ["2001:db8::7".parse::<Ipv6Addr>().unwrap()]);
+    assert_eq!(m.queries[0].name().to_ascii(), "Example.COM.");
+    let ids = seen.lock().unwrap().clone();
+    assert_eq!(ids.len(), 1);
+    assert_ne!(ids[0], 0x4242, "the query ID was not rewritten");
+    let got = ctx.metrics.snapshot();
+    assert_eq!((got.forwarded, got.forward_failed), (1, 0));
+    assert!(ctx.forwarder.pending.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_silent_upstream_is_skipped_and_all_silent_is_servfail() {
+    let silent = UdpSocket::bind("[::1]:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let (good, _) = fake_upstream(|_| vec![]).await;
+    let (l, _) = serve(limits(), vec![silent_addr, good]);
+    let t0 = Instant::now();
+    let m = udp_ask(
+        l.local,
+        &query(1, "example.com", RecordType::AAAA),
+        Duration::from_secs(3),
+    )
+    .await
+    .unwrap();
+    let took = t0.elapsed();
+    assert_eq!(aaaa(&m).len(), 1);
+    assert!(took >= Duration::from_millis(280), "{took:?}");
+
+    let (l2, ctx) = serve(limits(), vec![silent_addr, silent_addr]);
+    let t0 = Instant::now();
+    let m = udp_ask(
+        l2.local,
+        &query(2, "example.com", RecordType::AAAA),
+        Duration::from_secs(3),
+    )
+    .await
+    .unwrap();
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    assert_eq!(m.queries.len(), 1);
+    assert!(t0.elapsed() >= Duration::from_millis(580));
+    assert_eq!(ctx.metrics.snapshot().forward_failed, 1);
+    assert!(ctx.forwarder.pending.lock().unwrap().is_empty());
+    drop((l, silent));
+}
+
+#[tokio::test]
+async fn forwards_beyond_the_limit_get_servfail_at_once() {
+    let silent = UdpSocket::bind("[::1]:0").await.unwrap();
+    let l = Limits {
+        max_forwards: 1,
+        forward_timeout: Duration::from_secs(2),
+        ..limits()
+    };
+    let (l, ctx) = serve(l, vec![silent.local_addr().unwrap()]);
+    let s = UdpSocket::bind("[::1]:0").await.unwrap();
+    s.send_to(&query(1, "one.example", RecordType::AAAA), l.local)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t0 = Instant::now();
+    let m = udp_ask(
+        l.local,
+        &query(2, "two.example", RecordType::AAAA),
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    assert!(t0.elapsed() < Duration::from_millis(500));
+    assert_eq!(ctx.metrics.snapshot().forward_rejected, 1);
+}
+
+#[tokio::test]
+async fn tcp_queries_are_forwarded_over_tcp() {
+    let up = TcpListener::bind("[::1]:0").await.unwrap();
+    let up_addr = up.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = up.accept().await.unwrap();
+            tokio::spawn(async move {
+                let q = read_frame(&mut s).await.unwrap();
+                s.write_all(&frame(&fake_reply(&q))).await.unwrap();
+            });
+        }
+    });
+    let (l, _) = serve(limits(), vec![up_addr]);
+    let mut s = TcpStream::connect(l.local).await.unwrap();
+    s.write_all(&frame(&query(77, "example.com", RecordType::AAAA)))
+        .await
+        .unwrap();
+    s.write_all(&frame(&query(78, "web.internal", RecordType::AAAA)))
+        .await
+        .unwrap();
+    let m = Message::from_vec(&read_frame(&mut s).await.unwrap()).unwrap();
+    assert_eq!(m.metadata.id, 77);
+    assert_eq!(aaaa(&m), ["2001:db8::7".parse::<Ipv6Addr>().unwrap()]);
+    let m = Message::from_vec(&read_frame(&mut s).await.unwrap()).unwrap();
+    assert_eq!((m.metadata.id, aaaa(&m)), (78, vec![web_addr()]));
+}
+
+#[tokio::test]
+async fn the_service_follows_snapshots_with_listeners_and_zones() {
+    let mut settings = DnsSettings::new("lhr-1".parse().unwrap(), "lhr".parse().unwrap(), vec![]);
+    // Port 0: no privileges needed; IPV6_FREEBIND lets the ::3
+    // addresses be bound although no interface has them.
+    settings.port = 0;
+    let dns = DnsService::start(settings);
+    let zones = dns.zones();
+    let (snap_tx, snap_rx) = watch::channel(None);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Observe the listeners from inside by wrapping `apply`.
+    let task = tokio::spawn(async move {
+        let mut dns = dns;
+        let mut snaps: watch::Receiver<Option<Arc<Snapshot>>> = snap_rx;
+        let mut stop = stop_rx;
+        loop {
+            tokio::select! {
+                r = snaps.changed() => {
+                    if r.is_err() { break; }
+                    let s = snaps.borrow_and_update().clone();
+                    if let Some(s) = s {
+                        dns.apply(s).await;
+                        let _ = seen_tx.send(dns.listening());
+                    }
+                }
+                _ = stop.changed() => break,
+            }
+        }
+        dns.stop().await;
+    });
+
+    let acme3 = Ipv6Addr::new(0xfdaa, 0, 0x18, 0, 0, 0, 0, 3);
+    let t0 = Instant::now();
+    snap_tx.send_replace(Some(Arc::new(snapshot(1, true))));
+    let l = seen_rx.recv().await.unwrap();
+    println!("snapshot to zone and listeners: {:?}", t0.elapsed());
+    // acme has a peer here; other's only peer is on iad-1.
+    assert_eq!(l.len(), 1, "{l:?}");
+    assert_eq!(l[0].ip(), IpAddr::V6(acme3));
+    assert_eq!(zones.load().revision(), 1);
+
+    snap_tx.send_replace(Some(Arc::new(snapshot(2, false))));
+    assert!(seen_rx.recv().await.unwrap().is_empty());
+    assert_eq!(zones.load().revision(), 2);
+    // And back: the address can be bound again at once.
+    snap_tx.send_replace(Some(Arc::new(snapshot(3, true))));
+    assert_eq!(seen_rx.recv().await.unwrap().len(), 1);
+    stop_tx.send_replace(true);
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn run_swaps_the_zone_within_100_ms_and_stops_on_shutdown() {
+    let mut settings = DnsSettings::new("lhr-1".parse().unwrap(), "lhr".parse().unwrap(), vec![]);
+    settings.port = 0;
+    let dns = DnsService::start(settings);
+    let zones = dns.zones();
+    let metrics = dns.metrics();
+    let (snap_tx, snap_rx) = watch::channel(None);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(dns.run(snap_rx, stop_rx));
+    for rev in 1..=3u64 {
+        let t0 = Instant::now();
+        snap_tx.send_replace(Some(Arc::new(snapshot(rev, true))));
+        while zones.load().revision() != rev {
+            assert!(t0.elapsed() < Duration::from_millis(100), "rev {rev}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    assert_eq!(metrics.snapshot().zone_swaps, 3);
+    stop_tx.send_replace(true);
+    tokio::time::timeout(Duration::from_secs(2), task)
+        .await
+        .expect("run did not stop")
+        .unwrap();
+}
+
+#[test]
+fn resolv_conf_nameservers() {
+    let got = parse_resolv_conf(
+        "# comment\nsearch example.net\nnameserver 127.0.0.53\n\
+         nameserver  2001:db8::53 \nnameserver fe80::1%1\nnameserver fe80::2%nosuchif0\n\
+         nameserver bogus\noptions edns0\n",
+    );
+    assert_eq!(
+        got,
+        vec![
+            "127.0.0.53:53".parse().unwrap(),
+            "[2001:db8::53]:53".parse().unwrap(),
+            SocketAddr::V6(SocketAddrV6::new("fe80::1".parse().unwrap(), 53, 0, 1)),
+        ]
+    );
+    assert_eq!(
+        upstreams_or_resolv_conf(&["[::1]:5353".parse().unwrap()]),
+        vec!["[::1]:5353".parse::<SocketAddr>().unwrap()]
+    );
+}
+
+#[test]
+fn servfail_echoes_id_flags_and_question() {
+    let q = query(0xBEEF, "example.com", RecordType::AAAA);
+    let mut out = Vec::new();
+    assert!(servfail(&q, &mut out));
+    let m = Message::from_vec(&out).unwrap();
+    assert_eq!(m.metadata.id, 0xBEEF);
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    assert!(m.metadata.recursion_desired && m.metadata.recursion_available);
+    assert_eq!(m.queries.len(), 1);
+    assert!(!servfail(b"short", &mut out));
+    // A header with a garbled question: header only.
+    let mut bad = q.clone();
+    bad[12] = 0xC0;
+    assert!(servfail(&bad, &mut out));
+    assert_eq!(out.len(), HEADER_LEN);
+}
