@@ -15,12 +15,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{scaled, veth, wait_for, Gateway, Netns};
+use common::{scaled, wait_for, Gateway, Netns};
 
 /// The backend the gateway uses: wireguard-go here, the kernel module in
 /// the real-kernel VM.
 fn backend() -> String {
-    std::env::var("SIXPN_TEST_BACKEND").unwrap_or_else(|_| "userspace".into())
+    common::test_backend()
 }
 
 struct Topo {
@@ -49,32 +49,11 @@ fn topo() -> Topo {
     let gw_ns = Netns::new();
     let client = Netns::new();
     let inst = Netns::new();
-    veth(
-        &gw_ns,
-        "to-client",
-        &["fd53:1::1/64"],
-        &client,
-        "to-gw",
-        &["fd53:1::2/64"],
-    );
-    veth(
-        &gw_ns,
-        "to-inst",
-        &["fd53:2::1/64"],
-        &inst,
-        "to-gw",
-        &["fd53:2::2/64"],
-    );
-    let gw = Gateway::builder()
-        .netns(&gw_ns)
-        .endpoint("[fd53:1::1]:51820")
-        .listen_port(51820)
-        .gateway_toml(&format!("backend = \"{}\"", backend()))
-        .start();
+    common::underlay_link(&gw_ns, "to-client", &client, 0x1);
+    common::underlay_link(&gw_ns, "to-inst", &inst, 0x2);
+    let gw = Gateway::builder().underlay(&gw_ns).start();
     gw.cli_ok(&["orgs", "create", "acme"]);
-    let added = gw.cli_ok(&[
-        "instances",
-        "add",
+    let addr = gw.add_instance(&[
         "acme",
         "web",
         "lhr",
@@ -83,26 +62,10 @@ fn topo() -> Topo {
         "--machine",
         "f066:b83b",
     ]);
-    let inst_addr = added.split_whitespace().last().unwrap().to_owned();
-    assert!(inst_addr.starts_with("fdaa:0:1:a7b:7d:"), "{added}");
+    let inst_addr = addr.to_string();
+    assert!(inst_addr.starts_with("fdaa:0:1:a7b:7d:"), "{inst_addr}");
     // The instance host: its address on lo, 6PN back through the gateway.
-    inst.ip(&[
-        "-6",
-        "addr",
-        "add",
-        &format!("{inst_addr}/128"),
-        "dev",
-        "lo",
-    ]);
-    inst.ip(&["-6", "route", "add", "fdaa::/16", "via", "fd53:2::1"]);
-    gw_ns.ip(&[
-        "-6",
-        "route",
-        "add",
-        "fdaa:0:1:a7b:7d::/80",
-        "via",
-        "fd53:2::2",
-    ]);
+    common::host_instance(&gw_ns, &inst, addr, ("fd53:2::1", "fd53:2::2"));
 
     let dir = tempfile::tempdir().unwrap();
     let client_iface = common::unique_ifname();
@@ -474,10 +437,7 @@ fn a_foreign_route_to_a_peer_net_is_left_alone_and_reported() {
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
     let gw_ns = Netns::new();
     let mut gw = Gateway::builder()
-        .netns(&gw_ns)
-        .endpoint("[fd53:1::1]:51820")
-        .listen_port(51820)
-        .gateway_toml(&format!("backend = \"{}\"", backend()))
+        .underlay(&gw_ns)
         .env("NOTIFY_SOCKET", notify_path.to_str().unwrap())
         .start();
     let iface = gw.interface.clone();

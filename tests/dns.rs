@@ -98,16 +98,6 @@ fn client(
     }
 }
 
-fn add_instance(gw: &Gateway, args: &[&str]) -> Ipv6Addr {
-    let mut a = vec!["instances", "add"];
-    a.extend_from_slice(args);
-    let out = gw.cli_ok(&a);
-    out.split_whitespace()
-        .last()
-        .and_then(|w| w.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {out:?}"))
-}
-
 /// Gateway, two org clients, and an upstream resolver; acme seeded with app
 /// `web` (3 started instances in lhr and iad, 1 stopped in ams, process
 /// groups `app` and `worker`) and peers `laptop` (client A) and `ci`; org
@@ -117,22 +107,8 @@ fn topo() -> Topo {
     let a_ns = Netns::new();
     let b_ns = Netns::new();
     let upstream = Netns::new();
-    veth(
-        &gw_ns,
-        "to-a",
-        &["fd53:1::1/64"],
-        &a_ns,
-        "to-gw",
-        &["fd53:1::2/64"],
-    );
-    veth(
-        &gw_ns,
-        "to-b",
-        &["fd53:3::1/64"],
-        &b_ns,
-        "to-gw",
-        &["fd53:3::2/64"],
-    );
+    common::underlay_link(&gw_ns, "to-a", &a_ns, 0x1);
+    common::underlay_link(&gw_ns, "to-b", &b_ns, 0x3);
     veth(
         &gw_ns,
         "to-up",
@@ -205,7 +181,7 @@ fn topo() -> Topo {
         if stopped {
             args.push("--stopped");
         }
-        (id, add_instance(&gw, &args))
+        (id, gw.add_instance(&args))
     };
     let inst = vec![
         web("w1", "lhr", "0:a1", "app", false),
@@ -213,20 +189,17 @@ fn topo() -> Topo {
         web("w3", "iad", "0:a3", "app", false),
         web("w4", "ams", "0:a4", "worker", true),
     ];
-    add_instance(
-        &gw,
-        &[
-            "other",
-            "secret",
-            "lhr",
-            "--host",
-            "a7b:7d",
-            "--machine",
-            "0:b1",
-            "--id",
-            "s1",
-        ],
-    );
+    gw.add_instance(&[
+        "other",
+        "secret",
+        "lhr",
+        "--host",
+        "a7b:7d",
+        "--machine",
+        "0:b1",
+        "--id",
+        "s1",
+    ]);
     let ci_key = common::wg_pubkey(&common::wg_genkey());
     gw.cli_ok(&[
         "wireguard",
@@ -654,20 +627,17 @@ fn every_name_over_udp_and_tcp_through_the_tunnel_org_scoped_and_fresh_within_10
         .recv_timeout(Duration::from_secs(5))
         .expect("the poller got no answer at all");
     let t0 = Instant::now();
-    add_instance(
-        &t.gw,
-        &[
-            "acme",
-            "web",
-            "lhr",
-            "--host",
-            "a7b:7d",
-            "--machine",
-            "0:a5",
-            "--id",
-            "w5",
-        ],
-    );
+    t.gw.add_instance(&[
+        "acme",
+        "web",
+        "lhr",
+        "--host",
+        "a7b:7d",
+        "--machine",
+        "0:a5",
+        "--id",
+        "w5",
+    ]);
     let cli_done = Instant::now();
     let answered = poller.join().unwrap().expect("w5 never became answerable");
     let after_cli = answered.saturating_duration_since(cli_done);

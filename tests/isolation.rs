@@ -30,10 +30,6 @@ use common::{scaled, veth, Gateway, Netns};
 use sixpn::dataplane::nft_codec::counter_packets;
 use sixpn::plan::nft::{FORWARD_DROPPED, INPUT_DROPPED};
 
-fn backend() -> String {
-    std::env::var("SIXPN_TEST_BACKEND").unwrap_or_else(|_| "userspace".into())
-}
-
 /// Moves the calling thread into `ns` (a thread of our own: setns(2) on it
 /// changes only that thread).
 fn enter(ns: &str) {
@@ -237,23 +233,8 @@ fn add_instance(
     host: &str,
     (gw_side, inst_side): (&str, &str),
 ) -> Ipv6Addr {
-    let added = gw.cli_ok(&[
-        "instances",
-        "add",
-        org,
-        "web",
-        "lhr",
-        "--host",
-        host,
-        "--machine",
-        "f066:b83b",
-    ]);
-    let addr: Ipv6Addr = added.split_whitespace().last().unwrap().parse().unwrap();
-    inst.ip(&["-6", "addr", "add", &format!("{addr}/128"), "dev", "lo"]);
-    inst.ip(&["-6", "route", "add", "fdaa::/16", "via", gw_side]);
-    let s = addr.segments();
-    let net = Ipv6Addr::new(s[0], s[1], s[2], s[3], s[4], 0, 0, 0);
-    gw_ns.ip(&["-6", "route", "add", &format!("{net}/80"), "via", inst_side]);
+    let addr = gw.add_instance(&[org, "web", "lhr", "--host", host, "--machine", "f066:b83b"]);
+    common::host_instance(gw_ns, inst, addr, (gw_side, inst_side));
     addr
 }
 
@@ -307,46 +288,13 @@ fn topo() -> Topo {
     let gw_ns = Netns::new();
     let (ca, cb) = (Netns::new(), Netns::new());
     let (ia, ib) = (Netns::new(), Netns::new());
-    veth(
-        &gw_ns,
-        "to-a",
-        &["fd53:1::1/64"],
-        &ca,
-        "to-gw",
-        &["fd53:1::2/64"],
-    );
-    veth(
-        &gw_ns,
-        "to-inst-a",
-        &["fd53:2::1/64"],
-        &ia,
-        "to-gw",
-        &["fd53:2::2/64"],
-    );
-    veth(
-        &gw_ns,
-        "to-b",
-        &["fd53:3::1/64"],
-        &cb,
-        "to-gw",
-        &["fd53:3::2/64"],
-    );
-    veth(
-        &gw_ns,
-        "to-inst-b",
-        &["fd53:4::1/64"],
-        &ib,
-        "to-gw",
-        &["fd53:4::2/64"],
-    );
+    common::underlay_link(&gw_ns, "to-a", &ca, 0x1);
+    common::underlay_link(&gw_ns, "to-inst-a", &ia, 0x2);
+    common::underlay_link(&gw_ns, "to-b", &cb, 0x3);
+    common::underlay_link(&gw_ns, "to-inst-b", &ib, 0x4);
     // Client b reaches the gateway's endpoint address through its own link.
     cb.ip(&["-6", "route", "add", "fd53:1::/64", "via", "fd53:3::1"]);
-    let gw = Gateway::builder()
-        .netns(&gw_ns)
-        .endpoint("[fd53:1::1]:51820")
-        .listen_port(51820)
-        .gateway_toml(&format!("backend = \"{}\"", backend()))
-        .start();
+    let gw = Gateway::builder().underlay(&gw_ns).start();
     gw.cli_ok(&["orgs", "create", "acme"]);
     gw.cli_ok(&["orgs", "create", "globex"]);
     let inst_a = add_instance(

@@ -13,6 +13,32 @@ use std::time::Duration;
 use super::*;
 use crate::model::{HostId, PrivateKey};
 
+/// Declares, in a backend's tests, one `#[tokio::test]` per single-store
+/// check of this suite, so a check added here runs on every backend.
+/// `$setup` is an async fn from the test's name to `Option<(guard, store)>`
+/// (`None`: skipped, having said why); the store has [`first_gateway`].
+macro_rules! single_store_checks {
+    ($setup:path) => {
+        $crate::store::conformance::single_store_checks!(@each $setup;
+            peers_get_distinct_addresses_and_reuse_freed_slots,
+            bad_writes_change_nothing,
+            instances_and_tokens,
+            gateway_host_ids_are_unique_and_stable);
+    };
+    (@each $setup:path; $($name:ident),*) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let Some((_guard, store)) = $setup(stringify!($name)).await else {
+                    return;
+                };
+                $crate::store::conformance::$name(&store).await;
+            }
+        )*
+    };
+}
+pub(crate) use single_store_checks;
+
 /// A gateway `name` of `region` on `host`, with a fresh key.
 pub fn gateway(name: &str, region: &str, host: &str) -> Gateway {
     Gateway {

@@ -31,6 +31,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{Read, Write};
+use std::net::Ipv6Addr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixStream};
@@ -524,6 +525,13 @@ impl Drop for Netns {
 /// Joins two namespaces with a veth pair `a_if` (in `a`) ↔ `b_if` (in `b`),
 /// adds the addresses (CIDR; IPv6 without DAD) and brings both ends up.
 /// Interface names are per namespace, so they need not be unique.
+/// The underlay link `n` of a test topology: a veth from the gateway's
+/// namespace (`gw_if`, `fd53:n::1/64`) to `other`'s `to-gw` (`fd53:n::2/64`).
+pub fn underlay_link(gw_ns: &Netns, gw_if: &str, other: &Netns, n: u16) {
+    let (gw_addr, other_addr) = (format!("fd53:{n:x}::1/64"), format!("fd53:{n:x}::2/64"));
+    veth(gw_ns, gw_if, &[&gw_addr], other, "to-gw", &[&other_addr]);
+}
+
 pub fn veth(a: &Netns, a_if: &str, a_addrs: &[&str], b: &Netns, b_if: &str, b_addrs: &[&str]) {
     a.ip(&[
         "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
@@ -832,6 +840,16 @@ impl GatewayBuilder {
     }
     /// Runs the daemon inside `ns` (`ip netns exec NS sixpn gateway …`). The
     /// API socket is a file, so the CLI still reaches it from the host.
+    /// The usual test gateway: in `ns`, dialled at `[fd53:1::1]:51820` (the
+    /// gateway end of the first underlay veth), on the WireGuard backend
+    /// the tier asks for ([`test_backend`]).
+    pub fn underlay(self, ns: &Netns) -> Self {
+        self.netns(ns)
+            .endpoint("[fd53:1::1]:51820")
+            .listen_port(51820)
+            .gateway_toml(&format!("backend = \"{}\"", test_backend()))
+    }
+
     pub fn netns(mut self, ns: &Netns) -> Self {
         self.netns = Some(ns.name.clone());
         self
@@ -983,6 +1001,29 @@ pub struct Gateway {
     dir: tempfile::TempDir,
 }
 
+/// The WireGuard backend the tests run the gateway on: `userspace`
+/// (wireguard-go) unless the tier sets `SIXPN_TEST_BACKEND` (the VM tier:
+/// `kernel`).
+pub fn test_backend() -> String {
+    std::env::var("SIXPN_TEST_BACKEND").unwrap_or_else(|_| "userspace".into())
+}
+
+/// Makes the instance at `addr` live on `inst`: the address on its `lo`,
+/// 6PN back through the gateway at `gw_side`, and the gateway's route to
+/// the instance host's /80 via `inst_side`.
+pub fn host_instance(
+    gw_ns: &Netns,
+    inst: &Netns,
+    addr: Ipv6Addr,
+    (gw_side, inst_side): (&str, &str),
+) {
+    inst.ip(&["-6", "addr", "add", &format!("{addr}/128"), "dev", "lo"]);
+    inst.ip(&["-6", "route", "add", "fdaa::/16", "via", gw_side]);
+    let s = addr.segments();
+    let net = Ipv6Addr::new(s[0], s[1], s[2], s[3], s[4], 0, 0, 0);
+    gw_ns.ip(&["-6", "route", "add", &format!("{net}/80"), "via", inst_side]);
+}
+
 impl Gateway {
     /// A builder with defaults (`lhr-1` in `lhr`, host id `a7b:d6b`).
     pub fn builder() -> GatewayBuilder {
@@ -1094,6 +1135,17 @@ impl Gateway {
         let mut c = self.cli_cmd(args);
         c.output()
             .unwrap_or_else(|e| panic!("cannot run `{}`: {e}", cmdline(&c)))
+    }
+
+    /// `sixpn instances add ARGS…`; the instance's address.
+    pub fn add_instance(&self, args: &[&str]) -> Ipv6Addr {
+        let mut a = vec!["instances", "add"];
+        a.extend_from_slice(args);
+        let out = self.cli_ok(&a);
+        out.split_whitespace()
+            .last()
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {out:?}"))
     }
 
     /// Runs `sixpn ARGS…`; panics unless it succeeds; returns stdout.

@@ -138,22 +138,14 @@ async fn with_gateway(etcd: &TestEtcd) -> EtcdStore {
     store
 }
 
-/// Runs a check of the shared suite on a fresh loopback etcd.
-macro_rules! suite_test {
-    ($name:ident) => {
-        #[tokio::test]
-        async fn $name() {
-            let etcd = etcd_or_skip!(concat!("etcd::", stringify!($name)));
-            let store = with_gateway(&etcd).await;
-            suite::$name(&store).await;
-        }
-    };
+/// A fresh loopback etcd with the first gateway, for the shared suite.
+async fn suite_store(test: &str) -> Option<(TestEtcd, EtcdStore)> {
+    let etcd = TestEtcd::start(&format!("etcd::{test}")).await?;
+    let store = with_gateway(&etcd).await;
+    Some((etcd, store))
 }
 
-suite_test!(peers_get_distinct_addresses_and_reuse_freed_slots);
-suite_test!(bad_writes_change_nothing);
-suite_test!(instances_and_tokens);
-suite_test!(gateway_host_ids_are_unique_and_stable);
+suite::single_store_checks!(suite_store);
 
 #[tokio::test]
 async fn concurrent_creates_from_two_clients_never_collide() {

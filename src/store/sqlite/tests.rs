@@ -18,22 +18,14 @@ async fn store_with_gateway(dir: &Path) -> SqliteStore {
     store
 }
 
-/// Runs a check of the shared suite on a fresh store in a scratch file.
-macro_rules! suite_test {
-    ($name:ident) => {
-        #[tokio::test]
-        async fn $name() {
-            let dir = tempfile::tempdir().unwrap();
-            let store = store_with_gateway(dir.path()).await;
-            suite::$name(&store).await;
-        }
-    };
+/// A fresh store in a scratch file, for the shared suite.
+async fn suite_store(_test: &str) -> Option<(tempfile::TempDir, SqliteStore)> {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_gateway(dir.path()).await;
+    Some((dir, store))
 }
 
-suite_test!(peers_get_distinct_addresses_and_reuse_freed_slots);
-suite_test!(bad_writes_change_nothing);
-suite_test!(instances_and_tokens);
-suite_test!(gateway_host_ids_are_unique_and_stable);
+suite::single_store_checks!(suite_store);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_creates_from_two_processes_never_collide() {
