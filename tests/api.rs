@@ -233,6 +233,17 @@ async fn org_tokens_see_and_change_only_their_org() {
     assert!(admin.peers(&org("globex")).await.unwrap().is_empty());
     assert_eq!(admin.orgs().await.unwrap().len(), 2);
 
+    // /metrics names every org and its traffic: admin only.
+    let (code, body) = acme.raw(Method::GET, "/metrics", Vec::new()).await.unwrap();
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(code, StatusCode::FORBIDDEN, "{text}");
+    assert!(!text.contains("globex"), "{text}");
+    let (code, _) = admin
+        .raw(Method::GET, "/metrics", Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(code, StatusCode::OK);
+
     // No token, or a wrong one: 401.
     for client in [api.tcp(None), api.tcp(Some("nope"))] {
         let (code, msg) = status(client.orgs().await.unwrap_err());

@@ -310,20 +310,22 @@ async fn healthz(State(st): State<Arc<ApiState>>) -> Response {
     (code, Json(body)).into_response()
 }
 
-/// Prometheus text exposition.
-async fn metrics(State(st): State<Arc<ApiState>>, _caller: Caller) -> Response {
+/// Prometheus text exposition. Admin only: the series cover every org on
+/// this gateway (names, peer counts, traffic), which no org token may read.
+async fn metrics(State(st): State<Arc<ApiState>>, caller: Caller) -> Result<Response, ApiError> {
+    caller.require_admin()?;
     let mut out = String::with_capacity(4096);
     for m in &st.metrics {
         m.render(&mut out).await;
     }
-    (
+    Ok((
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         out,
     )
-        .into_response()
+        .into_response())
 }
 
 async fn regions(State(st): State<Arc<ApiState>>, _caller: Caller) -> ApiResult<Vec<RegionInfo>> {
