@@ -49,16 +49,22 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
+/// A failed SQLite call as a store error. What the disk or the file's
+/// state causes (full, read-only, an I/O error, another writer holding the
+/// lock) is [`StoreError::Unavailable`]: retryable once the operator has
+/// made room or remounted, and answered 503, not 500.
 fn internal(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode as C;
     match e {
-        rusqlite::Error::SqliteFailure(ref f, _)
-            if matches!(
-                f.code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-            ) =>
-        {
-            StoreError::Unavailable(e.to_string())
-        }
+        rusqlite::Error::SqliteFailure(ref f, _) => match f.code {
+            C::DatabaseBusy | C::DatabaseLocked => StoreError::Unavailable(e.to_string()),
+            C::DiskFull => StoreError::Unavailable(format!("the store's disk is full: {e}")),
+            C::ReadOnly => StoreError::Unavailable(format!("the store is read-only: {e}")),
+            C::SystemIoFailure | C::CannotOpen => {
+                StoreError::Unavailable(format!("the store's file can't be written: {e}"))
+            }
+            _ => StoreError::Internal(e.to_string()),
+        },
         _ => StoreError::Internal(e.to_string()),
     }
 }

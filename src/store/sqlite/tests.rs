@@ -246,3 +246,71 @@ mod prop {
         }
     }
 }
+
+/// Unmounts a test's tmpfs, lazily, whatever happened.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn mount(args: &[&str], at: &Path) {
+    let ok = std::process::Command::new("mount")
+        .args(args)
+        .arg(at)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount {args:?} {}", at.display());
+}
+
+#[tokio::test]
+async fn a_full_or_read_only_disk_is_unavailable_not_internal() {
+    let test = "store::sqlite::a_full_or_read_only_disk_is_unavailable_not_internal";
+    if !crate::testkit::need_root(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    mount(&["-t", "tmpfs", "-o", "size=1m", "sixpn-test"], dir.path());
+    let _unmount = Mounted(dir.path().to_owned());
+    let store = store_with_gateway(dir.path()).await;
+    store.create_org(&"acme".parse().unwrap()).await.unwrap();
+
+    // Fill the disk, then write.
+    let fill = dir.path().join("fill");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&fill).unwrap();
+        while f.write_all(&[0u8; 4096]).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let mut full = None;
+    for i in 0..200 {
+        if let Err(e) = store.create_org(&format!("o{i}").parse().unwrap()).await {
+            full = Some(e);
+            break;
+        }
+    }
+    let e = full.expect("a write on a full disk fails");
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+    assert!(e.to_string().contains("full"), "{e}");
+    // Room again: writes go on.
+    std::fs::remove_file(&fill).unwrap();
+    store.create_org(&"after".parse().unwrap()).await.unwrap();
+
+    // A read-only file or an I/O error is the same kind of failure (a
+    // tmpfs with the store open can't be remounted read-only to show it).
+    for code in [rusqlite::ffi::SQLITE_READONLY, rusqlite::ffi::SQLITE_IOERR] {
+        let e = internal(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(code),
+            None,
+        ));
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+    }
+    assert!(store.snapshot().await.is_ok());
+}
