@@ -117,6 +117,36 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, GatewayError>
     }
 }
 
+/// Raises the soft limit on open descriptors to the hard one. Every org's
+/// DNS sockets, every API connection and every netlink socket take one; the
+/// usual soft default of 1024 is a limit a busy gateway reaches.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write `lim`.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    if !ok || lim.rlim_cur >= lim.rlim_max {
+        return;
+    }
+    let before = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        tracing::info!(
+            from = before,
+            to = lim.rlim_max,
+            "raised the open-files limit"
+        );
+    } else {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            soft = before,
+            "could not raise the open-files limit"
+        );
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: Config, config_path: &Path) -> Result<(), GatewayError> {
     // Signals first, so a SIGTERM during start-up stops us cleanly too.
@@ -133,6 +163,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), GatewayError>
     unsafe {
         libc::umask(0o077);
     }
+    raise_open_files_limit();
     let key = load_or_create_key(&config.gateway.private_key_file)?;
     let store = open_store(&config).await?;
     let me = Gateway {
