@@ -57,6 +57,8 @@ enum Node {
 #[must_use]
 pub struct Topology {
     gateway: GatewayBuilder,
+    gw_ns: Option<Netns>,
+    backend: String,
     orgs: Vec<String>,
     nodes: Vec<Node>,
 }
@@ -73,8 +75,9 @@ impl Topology {
         Self {
             gateway: Gateway::builder()
                 .endpoint("[fd53:1::1]:51820")
-                .listen_port(51820)
-                .gateway_toml(&format!("backend = \"{}\"", backend())),
+                .listen_port(51820),
+            gw_ns: None,
+            backend: backend(),
             orgs: Vec::new(),
             nodes: Vec::new(),
         }
@@ -83,6 +86,19 @@ impl Topology {
     /// Changes the gateway's configuration before it starts.
     pub fn gateway(mut self, f: impl FnOnce(GatewayBuilder) -> GatewayBuilder) -> Self {
         self.gateway = f(self.gateway);
+        self
+    }
+
+    /// The WireGuard backend instead of [`backend`]'s.
+    pub fn backend(mut self, name: &str) -> Self {
+        self.backend = name.to_owned();
+        self
+    }
+
+    /// Runs the gateway in `ns`, made (and perhaps linked to more) by the
+    /// test beforehand, instead of a new namespace.
+    pub fn gateway_netns(mut self, ns: Netns) -> Self {
+        self.gw_ns = Some(ns);
         self
     }
 
@@ -119,8 +135,12 @@ impl Topology {
     /// Builds the namespaces and links, starts the gateway, creates the
     /// orgs, then the instances and clients in the order given.
     pub fn start(self) -> RunningTopology {
-        let gw_ns = Netns::new();
-        let gw = self.gateway.netns(&gw_ns).start();
+        let gw_ns = self.gw_ns.unwrap_or_default();
+        let gw = self
+            .gateway
+            .gateway_toml(&format!("backend = \"{}\"", self.backend))
+            .netns(&gw_ns)
+            .start();
         let dir = tempfile::tempdir().expect("cannot create the topology's temp dir");
         let script = wg_quick_userspace_script(dir.path());
         let mut t = RunningTopology {
@@ -168,6 +188,8 @@ pub struct Client {
     pub iface: String,
     /// The `Address =` of the file as used (a claimed one if so made).
     pub addr: Ipv6Addr,
+    /// The `DNS =` the file had (dropped from it before `wg-quick up`).
+    pub dns: Option<String>,
     /// What `sixpn wireguard create` said on stderr.
     pub create_stderr: String,
 }
@@ -271,6 +293,11 @@ impl RunningTopology {
             .gw
             .cli(&["wireguard", "create", org, "lhr", name, path_str(&file)]);
         assert!(out.status.success(), "{}", stderr_of(&out));
+        let dns = std::fs::read_to_string(&file)
+            .expect("cannot read the wg-quick file")
+            .lines()
+            .find_map(|l| l.strip_prefix("DNS = "))
+            .map(|d| d.trim().to_owned());
         let addr = edit_client_conf(&file, &conf);
         wg_quick(&ns, &self.script, &["up", path_str(&file)]);
         self.clients.push(Client {
@@ -280,6 +307,7 @@ impl RunningTopology {
             conf: file,
             iface,
             addr,
+            dns,
             create_stderr: stderr_of(&out),
         });
         self.clients.last().expect("just pushed")
