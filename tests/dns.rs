@@ -129,7 +129,7 @@ fn topo() -> Topo {
     });
     assert!(up.is_some(), "dnsmasq did not come up");
 
-    let net = Topology::new()
+    let mut net = Topology::new()
         .gateway_netns(gw_ns)
         .backend("userspace")
         .gateway(|g| g.extra_toml(&format!("[dns]\nupstream = [\"[{UPSTREAM}]:53\"]")))
@@ -198,7 +198,6 @@ fn topo() -> Topo {
         .parse()
         .unwrap();
 
-    let mut net = net;
     net.add_client("acme", "laptop", ClientConf::AsCreated);
     net.add_client("other", "spy", ClientConf::AsCreated);
     let RunningTopology {
