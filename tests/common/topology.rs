@@ -11,8 +11,8 @@
 //! t.client("laptop").ns.run_ok(&["ping", "-6", "-c", "1", &t.instance("acme", "web").addr.to_string()]);
 //! ```
 //!
-//! The address plan: the n-th link (in the order the builder was told, from
-//! 1) is `fd53:n::1/64` on the gateway's end and `fd53:n::2/64` on the far
+//! The address plan: link n (counted from one, in the order the builder was
+//! told) is `fd53:n::1/64` on the gateway's end and `fd53:n::2/64` on the far
 //! end. The gateway's WireGuard endpoint is `[fd53:1::1]:51820`; a client on
 //! another link gets a route to `fd53:1::/64` through its own. Instance hosts
 //! get the ids `a7b:7d`, `a7b:7e`, … in order, every instance the machine
