@@ -15,13 +15,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{scaled, wait_for, Gateway, Netns};
-
-/// The backend the gateway uses: wireguard-go here, the kernel module in
-/// the real-kernel VM.
-fn backend() -> String {
-    common::test_backend()
-}
+use common::{backend, scaled, wait_for, Gateway, Netns, RunningTopology, Topology};
 
 struct Topo {
     gw: Gateway,
@@ -46,33 +40,24 @@ fn path(p: &Path) -> &str {
 /// Gateway, client and instance host, org `acme` with instance `web` and the
 /// client's tunnel up.
 fn topo() -> Topo {
-    let gw_ns = Netns::new();
-    let client = Netns::new();
-    let inst = Netns::new();
-    common::underlay_link(&gw_ns, "to-client", &client, 0x1);
-    common::underlay_link(&gw_ns, "to-inst", &inst, 0x2);
-    let gw = Gateway::builder().underlay(&gw_ns).start();
-    gw.cli_ok(&["orgs", "create", "acme"]);
-    let addr = gw.add_instance(&[
-        "acme",
-        "web",
-        "lhr",
-        "--host",
-        "a7b:7d",
-        "--machine",
-        "f066:b83b",
-    ]);
-    let inst_addr = addr.to_string();
+    let RunningTopology {
+        gw,
+        gw_ns,
+        mut instances,
+        mut clients,
+        dir,
+        script,
+        ..
+    } = Topology::new()
+        .org("acme")
+        .client("acme", "laptop")
+        .instance("acme", "web")
+        .start();
+    let inst = instances.remove(0);
+    let inst_addr = inst.addr.to_string();
     assert!(inst_addr.starts_with("fdaa:0:1:a7b:7d:"), "{inst_addr}");
-    // The instance host: its address on lo, 6PN back through the gateway.
-    common::host_instance(&gw_ns, &inst, addr, ("fd53:2::1", "fd53:2::2"));
-
-    let dir = tempfile::tempdir().unwrap();
-    let client_iface = common::unique_ifname();
-    let conf = dir.path().join(format!("{client_iface}.conf"));
-    let out = gw.cli(&["wireguard", "create", "acme", "lhr", "laptop", path(&conf)]);
-    assert!(out.status.success(), "{}", common::stderr_of(&out));
-    let err = common::stderr_of(&out);
+    let client = clients.remove(0);
+    let err = &client.create_stderr;
     assert!(
         !err.contains("has not installed"),
         "create returned before the peer was installed: {err}"
@@ -83,19 +68,15 @@ fn topo() -> Topo {
     let peer_addr = p["address"].as_str().unwrap().to_owned();
     let peer_net = p["network"].as_str().unwrap().to_owned();
     let peer_key = p["public_key"].as_str().unwrap().to_owned();
-
-    common::strip_dns_line(&conf);
-    let script = common::wg_quick_userspace_script(dir.path());
-    common::wg_quick(&client, &script, &["up", path(&conf)]);
     Topo {
         gw,
-        client,
-        inst,
+        client: client.ns,
+        inst: inst.ns,
         gw_ns,
         dir,
         script,
-        conf,
-        client_iface,
+        conf: client.conf,
+        client_iface: client.iface,
         dns,
         inst_addr,
         peer_addr,
@@ -437,7 +418,10 @@ fn a_foreign_route_to_a_peer_net_is_left_alone_and_reported() {
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
     let gw_ns = Netns::new();
     let mut gw = Gateway::builder()
-        .underlay(&gw_ns)
+        .netns(&gw_ns)
+        .endpoint("[fd53:1::1]:51820")
+        .listen_port(51820)
+        .gateway_toml(&format!("backend = \"{}\"", backend()))
         .env("NOTIFY_SOCKET", notify_path.to_str().unwrap())
         .start();
     let iface = gw.interface.clone();

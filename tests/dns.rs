@@ -5,7 +5,7 @@
 //! ```text
 //!  client A (acme) ── veth fd53:1::/64 ──┐
 //!                                        gateway ── veth fd53:9::/64 ── upstream
-//!  client B (other) ─ veth fd53:3::/64 ──┘ (sixpn)                      (dnsmasq: example.test)
+//!  client B (other) ─ veth fd53:2::/64 ──┘ (sixpn)                      (dnsmasq: example.test)
 //! ```
 
 #[macro_use]
@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{aaaa_query, enter_netns, veth, Gateway, Netns};
+use common::{
+    aaaa_query, enter_netns, veth, ClientConf, Gateway, Netns, RunningTopology, Topology,
+};
 use hickory_proto::op::{Message, ResponseCode};
 
 /// The upstream resolver's address and the name it serves.
@@ -54,48 +56,24 @@ struct Topo {
     ci_addr: Ipv6Addr,
 }
 
-/// `sixpn wireguard create ORG lhr NAME FILE`, the file's DNS line dropped
-/// (wg-quick would hand it to resolvconf, which changes the host) and its
-/// endpoint pointed at `endpoint`; then `wg-quick up`.
-fn client(
-    gw: &Gateway,
-    ns: Netns,
-    org: &str,
-    name: &str,
-    endpoint: &str,
-    dir: &Path,
-    script: &Path,
-) -> Client {
-    let iface = common::unique_ifname();
-    let conf = dir.join(format!("{iface}.conf"));
-    gw.cli_ok(&["wireguard", "create", org, "lhr", name, path(&conf)]);
-    let text = std::fs::read_to_string(&conf).unwrap();
-    let mut dns = None;
-    let mut addr = None;
-    let mut out = String::new();
-    for line in text.lines() {
-        if let Some(v) = line.strip_prefix("DNS = ") {
-            dns = Some(v.trim().to_owned());
-            continue;
-        }
-        if let Some(v) = line.strip_prefix("Address = ") {
-            addr = Some(v.trim().split('/').next().unwrap().parse().unwrap());
-        }
-        if line.starts_with("Endpoint") {
-            out.push_str(&format!("Endpoint = {endpoint}\n"));
-            continue;
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    std::fs::write(&conf, out).unwrap();
-    common::wg_quick(&ns, script, &["up", path(&conf)]);
+/// A client of the topology, its `DNS =` address required.
+fn client(c: common::Client) -> Client {
     Client {
-        ns,
-        dns: dns.expect("no DNS line in the wg-quick file"),
-        addr: addr.expect("no Address line"),
-        iface,
+        ns: c.ns,
+        dns: c.dns.expect("no DNS line in the wg-quick file"),
+        addr: c.addr,
+        iface: c.iface,
     }
+}
+
+fn add_instance(gw: &Gateway, args: &[&str]) -> Ipv6Addr {
+    let mut a = vec!["instances", "add"];
+    a.extend_from_slice(args);
+    let out = gw.cli_ok(&a);
+    out.split_whitespace()
+        .last()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {out:?}"))
 }
 
 /// Gateway, two org clients, and an upstream resolver; acme seeded with app
@@ -104,11 +82,7 @@ fn client(
 /// `other` with app `secret` and peer `spy` (client B).
 fn topo() -> Topo {
     let gw_ns = Netns::new();
-    let a_ns = Netns::new();
-    let b_ns = Netns::new();
     let upstream = Netns::new();
-    common::underlay_link(&gw_ns, "to-a", &a_ns, 0x1);
-    common::underlay_link(&gw_ns, "to-b", &b_ns, 0x3);
     veth(
         &gw_ns,
         "to-up",
@@ -155,15 +129,14 @@ fn topo() -> Topo {
     });
     assert!(up.is_some(), "dnsmasq did not come up");
 
-    let gw = Gateway::builder()
-        .netns(&gw_ns)
-        .endpoint("[fd53:1::1]:51820")
-        .listen_port(51820)
-        .gateway_toml("backend = \"userspace\"")
-        .extra_toml(&format!("[dns]\nupstream = [\"[{UPSTREAM}]:53\"]"))
+    let mut net = Topology::new()
+        .gateway_netns(gw_ns)
+        .backend("userspace")
+        .gateway(|g| g.extra_toml(&format!("[dns]\nupstream = [\"[{UPSTREAM}]:53\"]")))
+        .org("acme")
+        .org("other")
         .start();
-    gw.cli_ok(&["orgs", "create", "acme"]);
-    gw.cli_ok(&["orgs", "create", "other"]);
+    let gw = &net.gw;
     let web = |id: &'static str, region: &str, machine: &str, group: &str, stopped: bool| {
         let mut args = vec![
             "acme",
@@ -181,7 +154,7 @@ fn topo() -> Topo {
         if stopped {
             args.push("--stopped");
         }
-        (id, gw.add_instance(&args))
+        (id, add_instance(gw, &args))
     };
     let inst = vec![
         web("w1", "lhr", "0:a1", "app", false),
@@ -189,17 +162,20 @@ fn topo() -> Topo {
         web("w3", "iad", "0:a3", "app", false),
         web("w4", "ams", "0:a4", "worker", true),
     ];
-    gw.add_instance(&[
-        "other",
-        "secret",
-        "lhr",
-        "--host",
-        "a7b:7d",
-        "--machine",
-        "0:b1",
-        "--id",
-        "s1",
-    ]);
+    add_instance(
+        gw,
+        &[
+            "other",
+            "secret",
+            "lhr",
+            "--host",
+            "a7b:7d",
+            "--machine",
+            "0:b1",
+            "--id",
+            "s1",
+        ],
+    );
     let ci_key = common::wg_pubkey(&common::wg_genkey());
     gw.cli_ok(&[
         "wireguard",
@@ -222,26 +198,18 @@ fn topo() -> Topo {
         .parse()
         .unwrap();
 
-    let dir = tempfile::tempdir().unwrap();
-    let script = common::wg_quick_userspace_script(dir.path());
-    let a = client(
-        &gw,
-        a_ns,
-        "acme",
-        "laptop",
-        "[fd53:1::1]:51820",
-        dir.path(),
-        &script,
-    );
-    let b = client(
-        &gw,
-        b_ns,
-        "other",
-        "spy",
-        "[fd53:3::1]:51820",
-        dir.path(),
-        &script,
-    );
+    net.add_client("acme", "laptop", ClientConf::AsCreated);
+    net.add_client("other", "spy", ClientConf::AsCreated);
+    let RunningTopology {
+        gw,
+        gw_ns,
+        clients,
+        dir,
+        script,
+        ..
+    } = net;
+    let mut clients = clients.into_iter().map(client);
+    let (a, b) = (clients.next().unwrap(), clients.next().unwrap());
     Topo {
         gw,
         gw_ns,
@@ -627,17 +595,20 @@ fn every_name_over_udp_and_tcp_through_the_tunnel_org_scoped_and_fresh_within_10
         .recv_timeout(Duration::from_secs(5))
         .expect("the poller got no answer at all");
     let t0 = Instant::now();
-    t.gw.add_instance(&[
-        "acme",
-        "web",
-        "lhr",
-        "--host",
-        "a7b:7d",
-        "--machine",
-        "0:a5",
-        "--id",
-        "w5",
-    ]);
+    add_instance(
+        &t.gw,
+        &[
+            "acme",
+            "web",
+            "lhr",
+            "--host",
+            "a7b:7d",
+            "--machine",
+            "0:a5",
+            "--id",
+            "w5",
+        ],
+    );
     let cli_done = Instant::now();
     let answered = poller.join().unwrap().expect("w5 never became answerable");
     let after_cli = answered.saturating_duration_since(cli_done);

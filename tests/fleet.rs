@@ -364,8 +364,17 @@ fn a_fleet_shares_one_etcd_cluster() {
 
     // An instance registered through lhr is in iad's view (what iad's DNS
     // serves for `<app>.internal`).
-    f.lhr
-        .add_instance(&["acme", "web", "lhr", "--host", "a7b:7d", "--machine", "1:2"]);
+    f.lhr.cli_ok(&[
+        "instances",
+        "add",
+        "acme",
+        "web",
+        "lhr",
+        "--host",
+        "a7b:7d",
+        "--machine",
+        "1:2",
+    ]);
     let seen = wait_for(Duration::from_secs(2), || {
         let list = f.iad.cli_json(&["instances", "list", "acme"]);
         list.to_string()
@@ -379,8 +388,17 @@ fn a_fleet_shares_one_etcd_cluster() {
     // with an address in the org's /48, routed to lhr like an instance host.
     let out = f.create(&f.iad, "iad", "desk");
     assert!(out.status.success(), "{}", common::stderr_of(&out));
-    f.iad
-        .add_instance(&["acme", "api", "iad", "--host", "a7b:8e", "--machine", "3:4"]);
+    f.iad.cli_ok(&[
+        "instances",
+        "add",
+        "acme",
+        "api",
+        "iad",
+        "--host",
+        "a7b:8e",
+        "--machine",
+        "3:4",
+    ]);
     let probe = f.probe();
     let dig = |qtype: &str, name: &str| {
         probe.run(&[

@@ -20,13 +20,12 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{scaled, veth, Gateway, Netns};
+use common::{scaled, Client, ClientConf, Netns, RunningTopology, Topology};
 use sixpn::dataplane::nft_codec::counter_packets;
 use sixpn::plan::nft::{FORWARD_DROPPED, INPUT_DROPPED};
 
@@ -201,150 +200,64 @@ fn sock(addr: Ipv6Addr, port: u16) -> SocketAddr {
     SocketAddr::new(addr.into(), port)
 }
 
-struct Client {
-    ns: Netns,
-    conf: PathBuf,
-    addr: Ipv6Addr,
-}
-
 struct Topo {
-    gw: Gateway,
-    gw_ns: Netns,
-    a: Client,
-    b: Client,
-    inst_a_ns: Netns,
-    inst_b_ns: Netns,
+    net: RunningTopology,
     inst_a: Ipv6Addr,
     inst_b: Ipv6Addr,
-    dir: tempfile::TempDir,
-    script: PathBuf,
 }
 
 const DNS_A: &str = "fdaa:0:1::3";
 const DNS_B: &str = "fdaa:0:2::3";
 
-/// Registers an instance of `org` on `host` and makes it live on `inst`,
-/// routed from the gateway over the veth whose far end is `inst_side`.
-fn add_instance(
-    gw: &Gateway,
-    gw_ns: &Netns,
-    inst: &Netns,
-    org: &str,
-    host: &str,
-    (gw_side, inst_side): (&str, &str),
-) -> Ipv6Addr {
-    let addr = gw.add_instance(&[org, "web", "lhr", "--host", host, "--machine", "f066:b83b"]);
-    common::host_instance(gw_ns, inst, addr, (gw_side, inst_side));
-    addr
-}
-
-/// `sixpn wireguard create ORG lhr NAME FILE`, then the file made hostile:
-/// no DNS line (resolvconf), all of 6PN into the tunnel, and optionally a
-/// claimed address of someone else.
-fn make_client(
-    t_gw: &Gateway,
-    dir: &Path,
-    org: &str,
-    name: &str,
-    claim: Option<&str>,
-) -> (PathBuf, Ipv6Addr) {
-    let iface = common::unique_ifname();
-    let conf = dir.join(format!("{iface}.conf"));
-    let out = t_gw.cli(&[
-        "wireguard",
-        "create",
-        org,
-        "lhr",
-        name,
-        conf.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", common::stderr_of(&out));
-    let text = std::fs::read_to_string(&conf).unwrap();
-    let mut addr = None;
-    let edited: String = text
-        .lines()
-        .filter(|l| !l.starts_with("DNS"))
-        .map(|l| {
-            if let Some(a) = l.strip_prefix("Address = ") {
-                let a = a.split('/').next().unwrap().to_owned();
-                let a = match claim {
-                    Some(other) => other.to_owned(),
-                    None => a,
-                };
-                addr = Some(a.parse::<Ipv6Addr>().unwrap());
-                format!("Address = {a}/120\n")
-            } else if l.starts_with("AllowedIPs") {
-                "AllowedIPs = fdaa::/16\n".to_owned()
-            } else {
-                format!("{l}\n")
-            }
-        })
-        .collect();
-    std::fs::write(&conf, edited).unwrap();
-    (conf, addr.unwrap())
+/// Client files made hostile: all of 6PN into the tunnel.
+fn all_of_6pn() -> ClientConf {
+    ClientConf::AllOf6pn { claim: None }
 }
 
 fn topo() -> Topo {
-    let gw_ns = Netns::new();
-    let (ca, cb) = (Netns::new(), Netns::new());
-    let (ia, ib) = (Netns::new(), Netns::new());
-    common::underlay_link(&gw_ns, "to-a", &ca, 0x1);
-    common::underlay_link(&gw_ns, "to-inst-a", &ia, 0x2);
-    common::underlay_link(&gw_ns, "to-b", &cb, 0x3);
-    common::underlay_link(&gw_ns, "to-inst-b", &ib, 0x4);
-    // Client b reaches the gateway's endpoint address through its own link.
-    cb.ip(&["-6", "route", "add", "fd53:1::/64", "via", "fd53:3::1"]);
-    let gw = Gateway::builder().underlay(&gw_ns).start();
-    gw.cli_ok(&["orgs", "create", "acme"]);
-    gw.cli_ok(&["orgs", "create", "globex"]);
-    let inst_a = add_instance(
-        &gw,
-        &gw_ns,
-        &ia,
-        "acme",
-        "a7b:7d",
-        ("fd53:2::1", "fd53:2::2"),
-    );
-    let inst_b = add_instance(
-        &gw,
-        &gw_ns,
-        &ib,
-        "globex",
-        "a7b:7e",
-        ("fd53:4::1", "fd53:4::2"),
-    );
+    let net = Topology::new()
+        .org("acme")
+        .org("globex")
+        .client_with("acme", "laptop-a", all_of_6pn())
+        .instance("acme", "web")
+        .client_with("globex", "laptop-b", all_of_6pn())
+        .instance("globex", "web")
+        .start();
+    let inst_a = net.instance("acme", "web").addr;
+    let inst_b = net.instance("globex", "web").addr;
     assert!(inst_a.to_string().starts_with("fdaa:0:1:"), "{inst_a}");
     assert!(inst_b.to_string().starts_with("fdaa:0:2:"), "{inst_b}");
-
-    let dir = tempfile::tempdir().unwrap();
-    let script = common::wg_quick_userspace_script(dir.path());
-    let (conf_a, addr_a) = make_client(&gw, dir.path(), "acme", "laptop-a", None);
-    let (conf_b, addr_b) = make_client(&gw, dir.path(), "globex", "laptop-b", None);
-    common::wg_quick(&ca, &script, &["up", conf_a.to_str().unwrap()]);
-    common::wg_quick(&cb, &script, &["up", conf_b.to_str().unwrap()]);
     Topo {
-        gw,
-        gw_ns,
-        a: Client {
-            ns: ca,
-            conf: conf_a,
-            addr: addr_a,
-        },
-        b: Client {
-            ns: cb,
-            conf: conf_b,
-            addr: addr_b,
-        },
-        inst_a_ns: ia,
-        inst_b_ns: ib,
+        net,
         inst_a,
         inst_b,
-        dir,
-        script,
+    }
+}
+
+impl std::ops::Deref for Topo {
+    type Target = RunningTopology;
+    fn deref(&self) -> &RunningTopology {
+        &self.net
     }
 }
 
 impl Topo {
+    fn a(&self) -> &Client {
+        self.net.client("laptop-a")
+    }
+
+    fn b(&self) -> &Client {
+        self.net.client("laptop-b")
+    }
+
+    fn inst_a_ns(&self) -> &Netns {
+        &self.net.instance("acme", "web").ns
+    }
+
+    fn inst_b_ns(&self) -> &Netns {
+        &self.net.instance("globex", "web").ns
+    }
+
     /// (forward_dropped, input_dropped) packet counts.
     fn counters(&self) -> (u64, u64) {
         let json = self
@@ -365,7 +278,7 @@ fn dns(s: &str) -> Ipv6Addr {
 fn only_same_org_traffic_crosses_the_gateway() {
     require_root!();
     require_tools!("ip", "wg", "wg-quick", "wireguard-go", "ping", "nft");
-    let t = topo();
+    let mut t = topo();
     let listing = t.gw_ns.run_ok(&["nft", "list", "table", "inet", "sixpn"]);
     assert!(
         listing.contains("comment \"acme\"") && listing.contains("comment \"globex\""),
@@ -376,8 +289,8 @@ fn only_same_org_traffic_crosses_the_gateway() {
     // Bound to the instance addresses: a UDP reply from `[::]` would leave
     // with the host's underlay address, which is not 6PN.
     let (ia, ib) = ([sock(t.inst_a, PORT)], [sock(t.inst_b, PORT)]);
-    let _ea = Echo::start(&t.inst_a_ns, &ia, &ia);
-    let _eb = Echo::start(&t.inst_b_ns, &ib, &ib);
+    let _ea = Echo::start(t.inst_a_ns(), &ia, &ia);
+    let _eb = Echo::start(t.inst_b_ns(), &ib, &ib);
     // Stand-ins for the org DNS servers on the gateway, and one more port.
     let on_gw: Vec<SocketAddr> = [DNS_A, DNS_B].iter().map(|d| sock(dns(d), 53)).collect();
     let other: Vec<SocketAddr> = [DNS_A, DNS_B].iter().map(|d| sock(dns(d), 22)).collect();
@@ -385,7 +298,7 @@ fn only_same_org_traffic_crosses_the_gateway() {
     let _eg = Echo::start_unless_served(&t.gw_ns, &on_gw, &tcp_gw);
 
     // Same org: ping, TCP, DNS (UDP and TCP) all pass.
-    for (c, inst, d) in [(&t.a, t.inst_a, DNS_A), (&t.b, t.inst_b, DNS_B)] {
+    for (c, inst, d) in [(t.a(), t.inst_a, DNS_A), (t.b(), t.inst_b, DNS_B)] {
         assert!(ping(&c.ns, &inst.to_string()), "same-org ping to {inst}");
         assert!(tcp_ok(&c.ns, sock(inst, PORT)), "same-org TCP to {inst}");
         assert!(udp_ok(&c.ns, sock(inst, PORT)), "same-org UDP to {inst}");
@@ -394,8 +307,8 @@ fn only_same_org_traffic_crosses_the_gateway() {
         assert!(tcp_ok(&c.ns, sock(dns(d), 53)), "own DNS over TCP {d}");
     }
     // Same-org instance to peer (the instance side starts it).
-    assert!(in_ns(&t.inst_a_ns, {
-        let peer = t.a.addr;
+    assert!(in_ns(t.inst_a_ns(), {
+        let peer = t.a().addr;
         let inst = t.inst_a;
         move || {
             let s = UdpSocket::bind(sock(inst, 0)).unwrap();
@@ -407,8 +320,8 @@ fn only_same_org_traffic_crosses_the_gateway() {
     let (fwd0, in0) = t.counters();
     let mut report = Vec::new();
     for (c, other_inst, other_peer, other_dns, own_dns) in [
-        (&t.a, t.inst_b, t.b.addr, DNS_B, DNS_A),
-        (&t.b, t.inst_a, t.a.addr, DNS_A, DNS_B),
+        (t.a(), t.inst_b, t.b().addr, DNS_B, DNS_A),
+        (t.b(), t.inst_a, t.a().addr, DNS_A, DNS_B),
     ] {
         assert!(
             !ping(&c.ns, &other_inst.to_string()),
@@ -450,39 +363,34 @@ fn only_same_org_traffic_crosses_the_gateway() {
     assert!(in1 >= in0 + 8, "input drops not counted: {in0} -> {in1}");
 
     // Same org still fine afterwards.
-    assert!(ping(&t.a.ns, &t.inst_a.to_string()));
+    assert!(ping(&t.a().ns, &t.inst_a.to_string()));
 
     // A client of acme whose config claims a globex address gets nothing
     // through: WireGuard drops its packets (source outside its allowed-ips)
     // and the set would drop them anyway.
-    let evil = Netns::new();
-    veth(
-        &t.gw_ns,
-        "to-evil",
-        &["fd53:5::1/64"],
-        &evil,
-        "to-gw",
-        &["fd53:5::2/64"],
-    );
-    evil.ip(&["-6", "route", "add", "fd53:1::/64", "via", "fd53:5::1"]);
     let claimed = "fdaa:0:2:a7b:d6b:0:a:7702";
-    let (conf_e, _) = make_client(&t.gw, t.dir.path(), "acme", "evil", Some(claimed));
-    common::wg_quick(&evil, &t.script, &["up", conf_e.to_str().unwrap()]);
+    t.net.add_client(
+        "acme",
+        "evil",
+        ClientConf::AllOf6pn {
+            claim: Some(claimed.into()),
+        },
+    );
+    let evil = t.net.client("evil");
     for target in [
         t.inst_b.to_string(),
         t.inst_a.to_string(),
         DNS_B.into(),
         DNS_A.into(),
     ] {
-        assert!(!ping(&evil, &target), "spoofing client reached {target}");
+        assert!(!ping(&evil.ns, &target), "spoofing client reached {target}");
     }
-    assert!(!tcp_ok(&evil, sock(t.inst_b, PORT)));
-    assert!(!udp_ok(&evil, sock(dns(DNS_B), 53)));
-    common::wg_quick(&evil, &t.script, &["down", conf_e.to_str().unwrap()]);
+    assert!(!tcp_ok(&evil.ns, sock(t.inst_b, PORT)));
+    assert!(!udp_ok(&evil.ns, sock(dns(DNS_B), 53)));
+    common::wg_quick(&evil.ns, &t.script, &["down", evil.conf.to_str().unwrap()]);
     for r in &report {
         eprintln!("isolation: {r}");
     }
-    let _ = (&t.b.conf, &t.a.conf);
 }
 
 /// Sends a UDP probe from `ns` to `to` every 5 ms for `total`, and returns
@@ -515,16 +423,16 @@ fn a_flushed_or_deleted_table_is_restored_within_a_second() {
     // Bound to the instance address: a reply from `[::]` would leave with
     // the host's underlay address, which is not 6PN.
     let echo = [sock(t.inst_b, PORT)];
-    let _eb = Echo::start(&t.inst_b_ns, &echo, &echo);
+    let _eb = Echo::start(t.inst_b_ns(), &echo, &echo);
     let cross = sock(t.inst_b, PORT);
     // Both tunnels up (the first packet waits for the handshake).
-    assert!(ping(&t.a.ns, &t.inst_a.to_string()));
-    assert!(ping(&t.b.ns, &t.inst_b.to_string()));
+    assert!(ping(&t.a().ns, &t.inst_a.to_string()));
+    assert!(ping(&t.b().ns, &t.inst_b.to_string()));
     assert!(
-        !udp_ok(&t.a.ns, cross),
+        !udp_ok(&t.a().ns, cross),
         "cross-org UDP passes before the flush"
     );
-    assert!(udp_ok(&t.b.ns, cross), "same-org UDP must pass");
+    assert!(udp_ok(&t.b().ns, cross), "same-org UDP must pass");
 
     let mut report = Vec::new();
     for how in [
@@ -534,16 +442,16 @@ fn a_flushed_or_deleted_table_is_restored_within_a_second() {
     ] {
         let (fwd0, _) = t.counters();
         // Probes from acme to globex's instance, every 5 ms, across the cut.
-        let probes = probe(&t.a.ns, cross, scaled(Duration::from_millis(1600)));
+        let probes = probe(&t.a().ns, cross, scaled(Duration::from_millis(1600)));
         std::thread::sleep(Duration::from_millis(100));
         let cut = Instant::now();
         let mut c = t.gw_ns.cmd("nft");
         c.args(how);
         common::run_ok(&mut c);
-        // Each look spawns `nft`: in the emulated VM that costs a vCPU the
-        // daemon needs for the repair being timed, so look less often there.
-        let every = scaled(Duration::from_millis(20));
-        let restored = common::wait_for_every(scaled(Duration::from_secs(3)), every, || {
+        // Each poll spawns `nft`; in the emulated VM that takes a vCPU from
+        // the daemon being timed, so poll as much less often as it is slower.
+        let every = Duration::from_millis(20) * common::slowdown();
+        let restored = common::wait_for_every(every, scaled(Duration::from_secs(3)), || {
             let listing = t.gw_ns.run(&["nft", "list", "table", "inet", "sixpn"]);
             let text = common::stdout_of(&listing);
             (listing.status.success() && text.contains("@same_org48 accept")).then(|| cut.elapsed())
@@ -577,11 +485,11 @@ fn a_flushed_or_deleted_table_is_restored_within_a_second() {
             "cross-org traffic passed for {window:?}"
         );
         assert!(
-            !udp_ok(&t.a.ns, cross),
+            !udp_ok(&t.a().ns, cross),
             "cross-org UDP passes after the repair"
         );
         assert!(
-            udp_ok(&t.b.ns, cross),
+            udp_ok(&t.b().ns, cross),
             "same-org UDP broken after the repair"
         );
     }
