@@ -10,6 +10,8 @@
 //! async and whose transactions are compare-and-swap, fits behind it.
 
 pub mod etcd;
+#[cfg(any(test, feature = "testkit"))]
+pub mod fixture;
 mod log;
 pub mod placement;
 pub mod sqlite;

@@ -11,8 +11,8 @@ use proptest::prelude::*;
 use super::*;
 use crate::dns::zone::{RegionDistances, ZoneIndex, TTL};
 use crate::dns::SharedZones;
-use crate::model::{HostId, NetworkId, PeerSlot, PrivateKey, RegionName};
-use crate::store::{Gateway, Instance, Org, Peer, Snapshot};
+use crate::model::{HostId, NetworkId, PrivateKey, RegionName};
+use crate::store::{Gateway, Instance, Org, Snapshot};
 
 const ACME: u32 = 0x18;
 const OTHER: u32 = 0x19;
@@ -80,18 +80,7 @@ fn instance(
 
 fn peer(s: &mut Snapshot, (org, net): (&str, u32), name: &str, gw: &str, slot: u32) {
     let g = s.gateways.iter().find(|g| g.name.as_str() == gw).unwrap();
-    let slot = PeerSlot::new(slot).unwrap();
-    let p = Peer {
-        org: org.parse().unwrap(),
-        name: name.parse().unwrap(),
-        gateway: g.name.clone(),
-        region: g.region.clone(),
-        slot,
-        net: slot.net(prefix(net), g.host_id),
-        public_key: PrivateKey::generate().public_key(),
-        created_at: 0,
-        revision: 0,
-    };
+    let p = crate::store::fixture::peer_on(g, org, prefix(net), name, slot);
     s.peers.push(p);
 }
 

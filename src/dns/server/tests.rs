@@ -9,8 +9,8 @@ use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 
 use super::*;
-use crate::model::{HostId, NetworkId, PeerSlot, PrivateKey};
-use crate::store::{Gateway, Instance, Org, Peer};
+use crate::model::{HostId, NetworkId, PrivateKey};
+use crate::store::{Gateway, Instance, Org};
 
 const ACME: u32 = 0x18;
 const OTHER: u32 = 0x19;
@@ -58,19 +58,7 @@ fn snapshot(revision: u64, laptop: bool) -> Snapshot {
         started: true,
     });
     let mut peer = |org: &str, net: u32, name: &str, gw: usize| {
-        let g = &s.gateways[gw];
-        let slot = PeerSlot::new(0).unwrap();
-        let p = Peer {
-            org: org.parse().unwrap(),
-            name: name.parse().unwrap(),
-            gateway: g.name.clone(),
-            region: g.region.clone(),
-            slot,
-            net: slot.net(prefix(net), g.host_id),
-            public_key: PrivateKey::generate().public_key(),
-            created_at: 0,
-            revision: 0,
-        };
+        let p = crate::store::fixture::peer_on(&s.gateways[gw], org, prefix(net), name, 0);
         s.peers.push(p);
     };
     if laptop {
