@@ -95,12 +95,25 @@ fn notify_readiness_watchdog_reload_metrics_and_healthz() {
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     let ns = Netns::new();
+    // Started with the usual soft limit of 1024 open files (inherited from
+    // us), the daemon raises it to the hard limit.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write `lim`.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    let ours = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max.min(1024);
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
     let mut gw = Gateway::builder()
         .netns(&ns)
         .gateway_toml("backend = \"userspace\"")
         .env("NOTIFY_SOCKET", sock_path.to_str().unwrap())
         .env("WATCHDOG_USEC", "1500000")
         .start();
+    lim.rlim_cur = ours;
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
     let mut seen = Vec::new();
     assert!(
         common::await_notify(&sock, "READY=1", Duration::from_secs(10), &mut seen),
@@ -111,6 +124,19 @@ fn notify_readiness_watchdog_reload_metrics_and_healthz() {
     assert!(
         common::await_notify(&sock, "WATCHDOG=1", Duration::from_secs(3), &mut seen),
         "no WATCHDOG=1; got {seen:?}"
+    );
+
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", gw.pid().unwrap())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        open_files[3],
+        lim.rlim_max.to_string(),
+        "soft limit not raised to the hard one: {open_files:?}"
     );
 
     let (code, body) = get(&gw, "/healthz");
