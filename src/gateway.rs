@@ -164,6 +164,12 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), GatewayError>
         libc::umask(0o077);
     }
     raise_open_files_limit();
+    // Before anything else touches the interface: one daemon per interface.
+    let _lock = crate::lock::lock_interface(
+        Path::new(crate::lock::RUNTIME_DIR),
+        &config.gateway.interface,
+    )
+    .map_err(|e| GatewayError::Other(e.to_string()))?;
     let key = load_or_create_key(&config.gateway.private_key_file)?;
     let store = open_store(&config).await?;
     let me = Gateway {

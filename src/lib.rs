@@ -10,6 +10,7 @@ pub mod dns;
 pub mod doctor;
 pub mod gateway;
 pub mod liveness;
+pub mod lock;
 pub mod metrics;
 pub mod model;
 pub mod notify;

@@ -12,7 +12,7 @@ const LAYERS: &[&[&str]] = &[
     &["dataplane"],
     &["reconcile", "liveness", "report", "notify"],
     &["api", "dns"],
-    &["gateway", "cli", "doctor"],
+    &["gateway", "cli", "doctor", "lock"],
 ];
 
 /// What `plan` may never name: I/O crates and the std modules that do I/O.

@@ -221,3 +221,41 @@ fn notify_readiness_watchdog_reload_metrics_and_healthz() {
             || seen.iter().any(|m| m.contains("STOPPING=1"))
     );
 }
+
+#[test]
+fn a_second_daemon_on_the_same_interface_refuses_to_start() {
+    require_root!();
+    require_tools!("ip", "wireguard-go");
+    let ns = Netns::new();
+    let gw = Gateway::builder()
+        .netns(&ns)
+        .gateway_toml("backend = \"userspace\"")
+        .start();
+    gw.cli_ok(&["orgs", "create", "acme"]);
+    let first = gw.pid().expect("the first daemon runs");
+
+    // A second daemon, its own key, store and socket, the same interface.
+    let dir = tempfile::tempdir().unwrap();
+    let config = std::fs::read_to_string(&gw.config_path)
+        .unwrap()
+        .replace(gw.dir().to_str().unwrap(), dir.path().to_str().unwrap());
+    let second = dir.path().join("gateway.toml");
+    std::fs::write(&second, config).unwrap();
+    let mut cmd = ns.cmd("timeout");
+    cmd.args(["20", common::SIXPN, "gateway", "--config"]).arg(&second);
+    let out = run(&mut cmd);
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "the second daemon started: {err}");
+    assert_ne!(out.status.code(), Some(124), "it ran until killed: {err}");
+    assert!(err.contains(&gw.interface), "{err}");
+    assert!(err.contains(&format!("pid {first}")), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+
+    // The first one never noticed: it goes on to match the store.
+    assert_eq!(gw.pid(), Some(first));
+    let healthy = common::wait_for(Duration::from_secs(10), || {
+        common::health(&gw.socket).then_some(())
+    });
+    assert!(healthy.is_some(), "{}", gw.log());
+    assert!(!gw.log().contains("already managed"), "{}", gw.log());
+}
