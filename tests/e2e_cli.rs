@@ -542,6 +542,38 @@ fn stdout_as_file_prints_the_config() {
 }
 
 #[test]
+fn a_stdout_that_cannot_take_the_config_leaves_no_peer() {
+    require_root!();
+    let (gw, _) = gateway_with_org();
+    // A full device, and a pipe whose reader is gone (EPIPE).
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mut to_full = gw.cli_cmd(&["wireguard", "create", "personal", "lhr", "full", "stdout"]);
+    to_full.stdout(full);
+    let mut to_closed = gw.cli_cmd(&["wireguard", "create", "personal", "lhr", "gone", "stdout"]);
+    to_closed
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let closed = {
+        let mut child = to_closed.spawn().unwrap();
+        drop(child.stdout.take());
+        child.wait_with_output().unwrap()
+    };
+    for (name, out) in [("full", to_full.output().unwrap()), ("gone", closed)] {
+        let stderr = stderr_of(&out);
+        assert!(!out.status.success(), "{name}: exit 0\n{stderr}");
+        assert_one_error_line(&stderr, &["stdout"]);
+        let list = peers(&gw, "personal");
+        assert!(
+            list.as_array().unwrap().iter().all(|p| p["name"] != name),
+            "{name} stayed registered: {list}"
+        );
+    }
+}
+
+#[test]
 fn peers_survive_a_gateway_restart() {
     require_root!();
     let (mut gw, _) = gateway_with_org();

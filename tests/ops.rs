@@ -242,7 +242,8 @@ fn a_second_daemon_on_the_same_interface_refuses_to_start() {
     let second = dir.path().join("gateway.toml");
     std::fs::write(&second, config).unwrap();
     let mut cmd = ns.cmd("timeout");
-    cmd.args(["20", common::SIXPN, "gateway", "--config"]).arg(&second);
+    cmd.args(["20", common::SIXPN, "gateway", "--config"])
+        .arg(&second);
     let out = run(&mut cmd);
     let err = stderr_of(&out);
     assert!(!out.status.success(), "the second daemon started: {err}");

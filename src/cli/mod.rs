@@ -451,10 +451,12 @@ async fn wireguard_create(
     }
     let written = match out {
         None => {
-            print!("{text}");
-            std::io::stdout()
-                .flush()
-                .map_err(|e| format!("cannot write to stdout: {e}"))
+            // Not print!: it panics when stdout can't take the text.
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush())
+                .map_err(|e| format!("cannot write the configuration to stdout: {e}"))
         }
         Some(mut f) => f
             .write_all(text.as_bytes())
@@ -470,8 +472,12 @@ async fn wireguard_create(
         let _ = client.remove_peer(&org, &peer.name).await;
         return Err(CliError::File(e));
     }
+    // The file is written and the peer registered: what follows is news,
+    // and a stdout that can't take it changes neither.
     if file != "stdout" {
-        println!("Wrote WireGuard configuration to '{file}'; load in your WireGuard client");
+        say(&format!(
+            "Wrote WireGuard configuration to '{file}'; load in your WireGuard client"
+        ));
     }
     if args.qr {
         // To stderr when the file itself went to stdout, so the two don't mix.
@@ -479,7 +485,7 @@ async fn wireguard_create(
         if file == "stdout" {
             eprintln!("{code}");
         } else {
-            println!("{code}");
+            say(&code);
         }
     }
     if peer.state == PeerState::Pending {
@@ -489,6 +495,12 @@ async fn wireguard_create(
         );
     }
     Ok(())
+}
+
+/// A line to stdout that may be lost (closed or full stdout) without a panic.
+fn say(line: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
 }
 
 /// A file name typed at the prompt (any non-empty string).
