@@ -7,7 +7,7 @@
 //! file, store, sockets) is checked before the gateway announces itself.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -62,10 +62,20 @@ fn load_or_create_secret(
 ) -> Result<(String, bool), GatewayError> {
     match std::fs::read_to_string(path) {
         Ok(s) => {
-            let mode = std::fs::metadata(path)
-                .map_err(|e| file_err(path, e))?
-                .permissions()
-                .mode();
+            let meta = std::fs::metadata(path).map_err(|e| file_err(path, e))?;
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let me = unsafe { libc::geteuid() };
+            if meta.uid() != me {
+                return Err(file_err(
+                    path,
+                    format!(
+                        "owned by uid {}, not by the daemon's user (uid {me}): someone else \
+                         can replace this secret; chown it",
+                        meta.uid()
+                    ),
+                ));
+            }
+            let mode = meta.permissions().mode();
             if mode & 0o077 != 0 {
                 return Err(file_err(
                     path,
@@ -95,6 +105,35 @@ fn load_or_create_secret(
         }
         Err(e) => Err(file_err(path, e)),
     }
+}
+
+/// A generous estimate of a token's entropy: its length times the bits per
+/// character of the smallest usual alphabet holding every character it
+/// uses (digits, hex, one-case letters and digits, base64, printable).
+fn token_entropy_bits(token: &str) -> u32 {
+    let all = |f: fn(char) -> bool| token.chars().all(f);
+    let per_char: f64 = if all(|c| c.is_ascii_digit()) {
+        10f64.log2()
+    } else if all(|c| c.is_ascii_hexdigit()) {
+        4.0
+    } else if all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        || all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+    {
+        36f64.log2()
+    } else if all(|c| c.is_ascii_alphanumeric() || "+/=-_".contains(c)) {
+        6.0
+    } else {
+        95f64.log2()
+    };
+    let distinct = token
+        .chars()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    // One character repeated is no secret, whatever its length.
+    if distinct < 4 {
+        return 0;
+    }
+    (token.chars().count() as f64 * per_char) as u32
 }
 
 /// Loads the gateway's private key, creating it 0600 if missing.
@@ -191,6 +230,16 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), GatewayError>
         Some(_) => {
             let (token, created) =
                 load_or_create_secret(&config.api.admin_token_file, server::new_token)?;
+            let bits = token_entropy_bits(&token);
+            if bits < 128 {
+                return Err(file_err(
+                    &config.api.admin_token_file,
+                    format!(
+                        "the admin token has about {bits} bits of entropy, fewer than 128; \
+                         remove the file to have a strong one generated"
+                    ),
+                ));
+            }
             if created {
                 tracing::info!(path = %config.api.admin_token_file.display(), "created admin API token");
             }
@@ -369,4 +418,67 @@ fn linux_dataplane(config: &Config) -> Result<Adapters, GatewayError> {
     let nl = crate::dataplane::linux::LinuxNetlink::new()?;
     let fw = crate::dataplane::linux::LinuxFirewall::new()?;
     Ok((Arc::new(wg), Arc::new(nl), Arc::new(fw)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weak_admin_tokens_fall_short_of_128_bits() {
+        for weak in [
+            "admin-secret-token",
+            "hunter2",
+            "0123456789abcdef0123456789abcde",
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        ] {
+            assert!(token_entropy_bits(weak) < 128, "{weak}");
+        }
+        for strong in [
+            server::new_token(),
+            "3f1c9a7e5b2d4c6a8e0f1b3d5c7a9e2f4b6d8c0a".into(),
+            "Correct-Horse-Battery-Staple-Xylophone-9".into(),
+        ] {
+            assert!(token_entropy_bits(&strong) >= 128, "{strong}");
+        }
+    }
+
+    #[test]
+    fn a_malformed_key_file_is_refused_without_quoting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = PrivateKey::generate().to_base64();
+        for (name, text) in [
+            ("short", real[..40].to_owned()),
+            ("long", format!("{real}xyz")),
+            ("junk", format!("{}!!!!", &real[..40])),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, &text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let e = load_or_create_key(&path).unwrap_err().to_string();
+            assert!(e.contains("private key"), "{e}");
+            assert!(
+                !e.contains(&text[..20]),
+                "{name}: the error quotes the key: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_secret_readable_by_others_or_owned_by_someone_else_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, PrivateKey::generate().to_base64()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load_or_create_key(&path).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(load_or_create_key(&path).is_ok());
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            let e = load_or_create_key(&path).unwrap_err().to_string();
+            assert!(e.contains("not by the daemon's user"), "{e}");
+        }
+    }
 }

@@ -557,8 +557,13 @@ impl PrivateKey {
 }
 impl FromStr for PrivateKey {
     type Err = InvalidValue;
+    /// A bad key is never echoed back: an error about a private key may end
+    /// up in a log, and a nearly-right key is nearly the key.
     fn from_str(s: &str) -> Result<Self, InvalidValue> {
-        decode_key("private key", s).map(Self)
+        decode_key("private key", s).map(Self).map_err(|mut e| {
+            e.value = "<redacted>".into();
+            e
+        })
     }
 }
 impl fmt::Debug for PrivateKey {
