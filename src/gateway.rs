@@ -20,7 +20,7 @@ use crate::plan::Identity;
 use crate::reconcile::{Reconciler, Settings};
 use crate::store::etcd::EtcdStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Gateway, Store, StoreError};
+use crate::store::{Gateway, Snapshot, Store, StoreError};
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -186,8 +186,53 @@ fn raise_open_files_limit() {
     }
 }
 
+/// How long the API waits at start for the dataplane's first pass before it
+/// serves anyway (the gateway registers once the dataplane is up).
+const DATAPLANE_UP: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Registers (or re-registers) this gateway: from now on peers may be
+/// placed on it.
+async fn register(store: &dyn Store, me: &Gateway) -> Result<(), StoreError> {
+    store.register_gateway(me).await?;
+    tracing::info!(gateway = %me.name, region = %me.region, host_id = %me.host_id,
+        endpoint = %me.endpoint, public_key = %me.public_key, "gateway registered");
+    Ok(())
+}
+
+/// A gateway name is an identity: a daemon whose key differs from the one
+/// the store has for its name is another machine (a cloned VM keeps the
+/// host name, which is the default name) and must not overwrite the other
+/// gateway's key and endpoint, unless the operator says so.
+pub fn check_identity(snap: &Snapshot, me: &Gateway, take_over: bool) -> Result<(), GatewayError> {
+    let Some(there) = snap.gateway(&me.name) else {
+        return Ok(());
+    };
+    if there.public_key == me.public_key {
+        return Ok(());
+    }
+    let short = |k: &crate::model::PublicKey| k.to_base64().chars().take(8).collect::<String>();
+    if take_over {
+        tracing::warn!(gateway = %me.name, old_key = %short(&there.public_key),
+            new_key = %short(&me.public_key), "taking over the gateway name (--take-over)");
+        return Ok(());
+    }
+    Err(GatewayError::Other(format!(
+        "gateway name '{}' is registered with another key ({}…, endpoint {}); this daemon's key \
+         is {}…. Another machine (a cloned VM?) uses this name: give this one its own \
+         [gateway] name, or, if it replaces that gateway, start it once with --take-over",
+        me.name,
+        short(&there.public_key),
+        there.endpoint,
+        short(&me.public_key)
+    )))
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config, config_path: &Path) -> Result<(), GatewayError> {
+///
+/// `take_over`: register under the configured name even if the store holds
+/// it under another key (otherwise that refuses to start, see
+/// [`check_identity`]).
+pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<(), GatewayError> {
     // Signals first, so a SIGTERM during start-up stops us cleanly too.
     let signal = |kind, name: &str| {
         tokio::signal::unix::signal(kind)
@@ -222,9 +267,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), GatewayError>
     // the same host stops here, having changed nothing.
     let unix = server::bind_unix(&config.api.socket)?;
     tracing::info!(socket = %config.api.socket.display(), "API listening on unix socket");
-    store.register_gateway(&me).await?;
-    tracing::info!(gateway = %me.name, region = %me.region, host_id = %me.host_id,
-        endpoint = %me.endpoint, public_key = %me.public_key, "gateway registered");
+    check_identity(&*store.snapshot().await?, &me, take_over)?;
 
     let admin_token_sha256 = match config.api.listen {
         Some(_) => {
@@ -251,6 +294,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), GatewayError>
     let (wg, nl, fw) = linux_dataplane(&config)?;
     tracing::info!(backend = wg.backend_name(), interface = %config.gateway.interface,
         "WireGuard backend chosen");
+
     let reconciler = Reconciler::new(
         wg,
         nl,
@@ -287,6 +331,7 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), GatewayError>
     let router = server::router(state);
 
     let snapshots = reconciler.snapshots();
+    let mut first_pass = reconciler.installed();
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let installed = reconciler.installed();
@@ -301,6 +346,30 @@ pub async fn run(config: Config, config_path: &Path) -> Result<(), GatewayError>
         stop_rx.clone(),
     ));
     let reconcile_task = tokio::spawn(reconciler.run(stop_rx.clone()));
+    // Only once the dataplane is up (a pass has put the interface in place)
+    // is this gateway one that new peers may be placed on: a daemon whose
+    // dataplane fails is never chosen. The API waits for that, briefly.
+    // (A fresh store is at revision 0, which `published` doesn't count; a
+    // complete first pass does.)
+    let up = |i: &Arc<crate::reconcile::Installed>| i.published() || i.last_sync.is_some();
+    if tokio::time::timeout(DATAPLANE_UP, first_pass.wait_for(up))
+        .await
+        .is_ok_and(|r| r.is_ok())
+    {
+        register(store.as_ref(), &me).await?;
+    } else {
+        tracing::error!(interface = %config.gateway.interface, wait = ?DATAPLANE_UP,
+            "the dataplane is not up; this gateway stays unregistered (no new peers placed \
+             here) until it is");
+        let (store, me) = (store.clone(), me.clone());
+        tokio::spawn(async move {
+            if first_pass.wait_for(up).await.is_ok() {
+                if let Err(e) = register(store.as_ref(), &me).await {
+                    tracing::error!(error = %e, "registering the gateway failed");
+                }
+            }
+        });
+    }
     tokio::spawn(crate::notify::supervise(
         installed,
         counters,

@@ -40,10 +40,10 @@ fn main() -> ExitCode {
     };
     let result: anyhow::Result<()> = rt.block_on(async {
         match cli.command {
-            Command::Gateway { config } => {
+            Command::Gateway { config, take_over } => {
                 init_logging(cli.log_json);
                 let loaded = Config::load(&config)?;
-                sixpn::gateway::run(loaded, &config).await?;
+                sixpn::gateway::run(loaded, &config, take_over).await?;
                 Ok(())
             }
             command => Ok(cli::run(&cli.api, command).await?),

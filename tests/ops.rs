@@ -260,3 +260,111 @@ fn a_second_daemon_on_the_same_interface_refuses_to_start() {
     assert!(healthy.is_some(), "{}", gw.log());
     assert!(!gw.log().contains("already managed"), "{}", gw.log());
 }
+
+/// A second daemon's config: `gw`'s, with its own dir for key, socket and
+/// token, the store shared unless `own_store`; then `edit` on the text.
+fn second_config(gw: &Gateway, dir: &Path, edit: impl Fn(String) -> String) -> std::path::PathBuf {
+    let db = gw.db_path.to_str().unwrap().to_owned();
+    let text = std::fs::read_to_string(&gw.config_path)
+        .unwrap()
+        .replace(&db, "@DB@")
+        .replace(gw.dir().to_str().unwrap(), dir.to_str().unwrap())
+        .replace("@DB@", &db);
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, edit(text)).unwrap();
+    path
+}
+
+/// The gateways registered in `gw`'s store: name, key, endpoint, a line each.
+fn gateways(gw: &Gateway) -> String {
+    let out = run(Command::new("sqlite3")
+        .arg(&gw.db_path)
+        .arg("SELECT name, public_key, endpoint FROM gateways ORDER BY name"));
+    stdout_of(&out)
+}
+
+/// Runs `sixpn gateway --config CONFIG ARGS…` in `ns` for at most 20 s.
+fn run_gateway(ns: &Netns, config: &Path, args: &[&str]) -> std::process::Output {
+    let mut cmd = ns.cmd("timeout");
+    cmd.args(["20", common::SIXPN, "gateway", "--config"])
+        .arg(config)
+        .args(args);
+    run(&mut cmd)
+}
+
+#[test]
+fn a_gateway_name_is_an_identity_a_clone_cannot_take() {
+    require_root!();
+    require_tools!("ip", "wireguard-go");
+    let gw = Gateway::builder()
+        .gateway_toml("backend = \"userspace\"")
+        .start();
+    gw.cli_ok(&["orgs", "create", "acme"]);
+    let before = gateways(&gw);
+    // A cloned VM: the same name, another key, the same store.
+    let dir = tempfile::tempdir().unwrap();
+    let clone = second_config(&gw, dir.path(), |t| t);
+    let ns = Netns::new();
+    let out = run_gateway(&ns, &clone, &[]);
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "the clone started: {err}");
+    assert_ne!(out.status.code(), Some(124), "it ran until killed: {err}");
+    assert!(
+        err.contains(&format!("gateway name '{}'", gw.name)),
+        "{err}"
+    );
+    assert!(err.contains("--take-over"), "{err}");
+    let first_key: String = common::wg_pubkey(&gw.private_key())
+        .chars()
+        .take(8)
+        .collect();
+    assert!(
+        err.contains(&first_key),
+        "the registered key's fingerprint: {err}"
+    );
+    // The first gateway's registration is untouched.
+    assert_eq!(gateways(&gw), before);
+}
+
+#[test]
+fn a_gateway_that_fails_to_start_is_never_chosen_for_new_peers() {
+    require_root!();
+    require_tools!("ip", "wireguard-go");
+    let gw = Gateway::builder()
+        .gateway_toml("backend = \"userspace\"")
+        .start();
+    gw.cli_ok(&["orgs", "create", "acme"]);
+    // Another gateway of the region, on an interface it can't own.
+    let dir = tempfile::tempdir().unwrap();
+    let broken = second_config(&gw, dir.path(), |t| {
+        t.replace(&format!("name = \"{}\"", gw.name), "name = \"lhr-9\"")
+            .replace(
+                &format!("host_id = \"{}\"", gw.host_id),
+                "host_id = \"a7b:99\"",
+            )
+            .replace(
+                &format!("interface = \"{}\"", gw.interface),
+                "interface = \"lo\"",
+            )
+    });
+    let ns = Netns::new();
+    let out = run_gateway(&ns, &broken, &[]);
+    assert!(!out.status.success(), "{}", stderr_of(&out));
+    let registered = gateways(&gw);
+    assert!(
+        !registered.contains("lhr-9"),
+        "the failed gateway is registered: {registered}"
+    );
+    for i in 0..4 {
+        gw.cli_ok(&[
+            "wireguard",
+            "create",
+            "acme",
+            "lhr",
+            &format!("p{i}"),
+            "stdout",
+        ]);
+    }
+    let peers = gw.cli_json(&["wireguard", "list", "acme"]).to_string();
+    assert!(!peers.contains("lhr-9"), "{peers}");
+}

@@ -71,6 +71,10 @@ pub enum Command {
         /// The TOML configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Take over the gateway name even though the store has it under
+        /// another key (a rebuilt gateway with a new key; never for a clone).
+        #[arg(long)]
+        take_over: bool,
     },
     /// Manage organizations.
     #[command(subcommand)]
