@@ -417,6 +417,10 @@ pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<
     .await;
     let _ = reconcile_task.await;
     let _ = dns_task.await;
+    // After the last writer: the store's files are whole on their own.
+    if let Err(e) = store.close().await {
+        tracing::warn!(error = %e, "the store could not be closed cleanly");
+    }
     let _ = std::fs::remove_file(&config.api.socket);
     // The interface, its peers, addresses and routes stay: a restarted
     // daemon adopts them and live sessions continue.

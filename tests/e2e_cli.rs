@@ -591,6 +591,20 @@ fn peers_survive_a_gateway_restart() {
     let status = gw.stop().expect("the gateway was running");
     assert!(status.success(), "SIGTERM should stop it cleanly: {status}");
     assert!(!gw.socket.exists(), "the API socket outlived the daemon");
+    // A clean stop checkpoints the write-ahead log: the database file alone
+    // is a complete backup.
+    let wal = gw.db_path.with_extension("db-wal");
+    assert!(
+        std::fs::metadata(&wal).map_or(true, |m| m.len() == 0),
+        "{} still holds writes after a clean stop",
+        wal.display()
+    );
+    let copy = tempfile::tempdir().unwrap();
+    let alone = copy.path().join("state.db");
+    std::fs::copy(&gw.db_path, &alone).unwrap();
+    let mut count = Command::new("sqlite3");
+    count.arg(&alone).arg("SELECT name FROM peers");
+    assert_eq!(run_ok(&mut count).trim(), "keep");
     gw.restart();
     assert_eq!(peers(&gw, "personal"), before);
     assert_eq!(gw.private_key(), key, "the gateway key changed");

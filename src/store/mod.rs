@@ -339,6 +339,14 @@ pub trait Store: Send + Sync {
     /// Every gateway's latest report, kept current from the store.
     fn sync_reports(&self) -> watch::Receiver<Arc<SyncReports>>;
 
+    /// A clean stop: leaves the store's files whole on their own (SQLite
+    /// checkpoints its write-ahead log into the database file, so copying
+    /// that file alone after a stop is a complete backup). Nothing to do by
+    /// default.
+    async fn close(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// The current snapshot and, if the backend still has them, the writes
     /// that led to it from revision `from`, in order: a consumer holding
     /// the snapshot at `from` can then follow on at the cost of the change

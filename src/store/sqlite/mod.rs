@@ -174,6 +174,27 @@ impl Drop for SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
+    async fn close(&self) -> Result<(), StoreError> {
+        let conn = self.conn.clone();
+        let (busy, wal_pages, done): (i64, i64, i64) = tokio::task::spawn_blocking(move || {
+            let c = conn.lock().map_err(|_| {
+                StoreError::Internal("the store's connection lock is poisoned".into())
+            })?;
+            c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .map_err(internal)
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("checkpoint task failed: {e}")))??;
+        if busy != 0 {
+            return Err(StoreError::Unavailable(format!(
+                "another process holds the store: {done} of {wal_pages} log pages checkpointed"
+            )));
+        }
+        Ok(())
+    }
+
     async fn snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
         Ok(self.snapshot_since(Revision::MAX).await?.0)
     }
