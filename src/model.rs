@@ -624,6 +624,27 @@ impl Endpoint {
         &self.0
     }
 }
+/// A host name by RFC 1123 (labels of 1–63 letters, digits and inner
+/// hyphens, 253 bytes at most) or a dotted IPv4 address; a name whose last
+/// label is all digits must be that address.
+fn valid_host(host: &str) -> bool {
+    if host.is_empty() || host.len() > 253 {
+        return false;
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if !host.split('.').all(label_ok) {
+        return false;
+    }
+    let last = host.rsplit('.').next().unwrap_or(host);
+    !last.bytes().all(|b| b.is_ascii_digit()) || host.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
 impl FromStr for Endpoint {
     type Err = InvalidValue;
     fn from_str(s: &str) -> Result<Self, InvalidValue> {
@@ -644,12 +665,7 @@ impl FromStr for Endpoint {
             inner
                 .parse::<Ipv6Addr>()
                 .map_err(|_| bad("bad IPv6 literal"))?;
-        } else if host.is_empty()
-            || host.len() > 253
-            || !host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        {
+        } else if !valid_host(host) {
             return Err(bad("host must be a DNS name, an IPv4 address or [IPv6]"));
         }
         Ok(Self(s.to_owned()))
@@ -760,10 +776,30 @@ mod tests {
         for bad in ["", "a/b", "a b", "sixteen-chars-xx", ".."] {
             assert!(bad.parse::<InterfaceName>().is_err(), "{bad}");
         }
-        for ok in ["gw.example.net:51820", "10.0.0.1:1", "[2001:db8::1]:51820"] {
+        for ok in [
+            "gw.example.net:51820",
+            "10.0.0.1:1",
+            "[2001:db8::1]:51820",
+            "lhr-1:51820",
+            "a7b.d6b.example:51820",
+        ] {
             assert!(ok.parse::<Endpoint>().is_ok(), "{ok}");
         }
-        for bad in ["gw", "gw:0", "gw:x", "[::1:5", "a b:1", ":1"] {
+        for bad in [
+            "gw",
+            "gw:0",
+            "gw:x",
+            "[::1:5",
+            "a b:1",
+            ":1",
+            "..:51820",
+            "a..b:51820",
+            "-gw.example:51820",
+            "gw-.example:51820",
+            "gw.example.:51820",
+            "1.2.3.999:51820",
+            "10.0.0:51820",
+        ] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
         }
     }
