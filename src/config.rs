@@ -143,6 +143,13 @@ pub struct ApiConfig {
     /// The admin bearer token for TCP, created 0600 if missing.
     #[serde(default = "default_admin_token_file")]
     pub admin_token_file: PathBuf,
+    /// The most TCP connections served at once; more are closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_max_connections() -> usize {
+    crate::api::server::TcpLimits::default().max_connections
 }
 
 impl Default for ApiConfig {
@@ -151,6 +158,7 @@ impl Default for ApiConfig {
             socket: default_socket(),
             listen: None,
             admin_token_file: default_admin_token_file(),
+            max_connections: default_max_connections(),
         }
     }
 }

@@ -392,7 +392,11 @@ pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<
                 source,
             })?;
         tracing::info!(%addr, "API listening on TCP (bearer tokens)");
-        tasks.spawn(server::serve_tcp(tcp, router, stopped()));
+        let limits = server::TcpLimits {
+            max_connections: config.api.max_connections,
+            ..server::TcpLimits::default()
+        };
+        tasks.spawn(server::serve_tcp(tcp, router, limits, stopped()));
     }
 
     tracing::info!("gateway serving");

@@ -62,8 +62,13 @@ impl Api {
         let unix = server::bind_unix(&sock).unwrap();
         tokio::spawn(server::serve_unix(unix, router.clone(), stopped()));
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let limits = server::TcpLimits {
+            max_connections: FLOOD_CAP,
+            header_timeout: std::time::Duration::from_secs(1),
+            connection_timeout: std::time::Duration::from_secs(5),
+        };
         let tcp_addr = format!("http://{}", tcp.local_addr().unwrap());
-        tokio::spawn(server::serve_tcp(tcp, router, stopped()));
+        tokio::spawn(server::serve_tcp(tcp, router, limits, stopped()));
         Self {
             unix: Client::new(sock.to_str().unwrap(), None).unwrap(),
             tcp_addr,
@@ -78,6 +83,9 @@ impl Api {
         Client::new(&self.tcp_addr, token.map(str::to_owned)).unwrap()
     }
 }
+
+/// The TCP connection cap of the test API.
+const FLOOD_CAP: usize = 64;
 
 impl Drop for Api {
     fn drop(&mut self) {
@@ -534,4 +542,55 @@ async fn peer_states_answer_pending_when_the_first_pass_never_ends() {
         took >= server::FIRST_PASS_WAIT && took < server::FIRST_PASS_WAIT * 2,
         "a list with no pass yet took {took:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_silent_tcp_connections_stalls_nothing() {
+    use std::io::{Read, Write};
+    let api = Api::start().await;
+    api.unix.create_org(&org("acme")).await.unwrap();
+    let addr = api.tcp_addr.trim_start_matches("http://").to_owned();
+    // Four times the cap, each having sent one byte of a request and no more.
+    let mut flood = Vec::new();
+    for _ in 0..FLOOD_CAP * 4 {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        let _ = s.write_all(b"G");
+        flood.push(s);
+    }
+    // The root socket answers at once, and a create completes.
+    let t0 = std::time::Instant::now();
+    api.unix.orgs().await.unwrap();
+    api.unix
+        .create_peer(&org("acme"), &peer_req("lhr", "during-flood"))
+        .await
+        .unwrap();
+    let took = t0.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "unix socket took {took:?} under the flood"
+    );
+    eprintln!(
+        "unix socket list + create under a {}-connection flood: {took:?}",
+        flood.len()
+    );
+    // Past the header timeout every one of them has been closed by the server.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    for (i, s) in flood.iter_mut().enumerate() {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        let mut answer = Vec::new();
+        match s.read_to_end(&mut answer) {
+            // Closed, possibly after a 408 for the timed-out request.
+            Ok(_) => {}
+            Err(e) => assert!(
+                e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut,
+                "connection {i} still open after the header timeout"
+            ),
+        }
+    }
+    drop(flood);
+    // And TCP serves again.
+    let admin = api.tcp(Some(&api.admin_token));
+    assert_eq!(admin.orgs().await.unwrap().len(), 1);
 }

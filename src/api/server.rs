@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{
@@ -627,13 +628,84 @@ pub async fn serve_unix(
         .await
 }
 
-/// Serves `router` on TCP (bearer tokens required) until `shutdown` resolves.
+/// Bounds on the TCP listener, which anyone who can reach it may open
+/// connections to (no token is needed to connect).
+#[derive(Debug, Clone, Copy)]
+pub struct TcpLimits {
+    /// Connections served at once; one more is closed as soon as accepted,
+    /// so a flood holds at most this many descriptors.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this.
+    pub header_timeout: Duration,
+    /// A whole connection (one request: no keep-alive) lasts at most this.
+    pub connection_timeout: Duration,
+}
+
+impl Default for TcpLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 512,
+            header_timeout: Duration::from_secs(5),
+            connection_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves `router` on TCP (bearer tokens required) until `shutdown`
+/// resolves, within `limits`: a connection that sends no complete request
+/// in time is closed, each serves one request, and past the cap new ones
+/// are closed at once. The unix socket and the reconciler share nothing
+/// with this listener but the process's descriptor limit, which the cap
+/// keeps it far from.
 pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     router: Router,
+    limits: TcpLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router.layer(Extension(Transport::Tcp)))
-        .with_graceful_shutdown(shutdown)
-        .await
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let router = router.layer(Extension(Transport::Tcp));
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "API connection refused: at the connection cap");
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        conns.spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(limits.connection_timeout, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "API connection ended"),
+                Err(_) => tracing::debug!(%peer, "API connection took too long; closed"),
+            }
+        });
+    }
+    // In-flight requests finish (bounded by the connection timeout).
+    let _ = tokio::time::timeout(limits.connection_timeout, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    Ok(())
 }
