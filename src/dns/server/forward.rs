@@ -21,6 +21,9 @@ pub(super) struct Forwarder {
     pub(super) sockets: [Option<Arc<UdpSocket>>; 2],
     pub(super) pending: PendingMap,
     pub(super) permits: Arc<Semaphore>,
+    /// Forwards in flight per org, each at most `per_org`.
+    pub(super) by_org: Arc<Mutex<HashMap<OrgPrefix, usize>>>,
+    pub(super) per_org: usize,
     pub(super) metrics: Arc<DnsMetrics>,
 }
 
@@ -79,18 +82,36 @@ impl Forwarder {
             sockets,
             pending,
             permits: Arc::new(Semaphore::new(limits.max_forwards)),
+            by_org: Arc::default(),
+            per_org: limits.max_forwards_per_org.max(1),
             metrics,
         });
         (f, tasks)
     }
 
-    /// A permit for one forward, or `None` when the limit is reached.
-    pub(super) fn permit(&self) -> Option<OwnedSemaphorePermit> {
-        let p = self.permits.clone().try_acquire_owned().ok();
+    /// A permit for one forward of `org`'s, or `None` when the org's share
+    /// or the overall limit is reached.
+    pub(super) fn permit(&self, org: OrgPrefix) -> Option<ForwardPermit> {
+        let p = self.try_permit(org);
         if p.is_none() {
             inc(&self.metrics.forward_rejected);
         }
         p
+    }
+
+    fn try_permit(&self, org: OrgPrefix) -> Option<ForwardPermit> {
+        let mut by_org = self.by_org.lock().ok()?;
+        let n = by_org.entry(org).or_insert(0);
+        if *n >= self.per_org {
+            return None;
+        }
+        let global = self.permits.clone().try_acquire_owned().ok()?;
+        *n += 1;
+        Some(ForwardPermit {
+            _global: global,
+            org,
+            by_org: self.by_org.clone(),
+        })
     }
 
     /// Forwards `query` over UDP; the reply carries the query's ID.
@@ -224,6 +245,26 @@ pub(super) async fn receive_replies(sock: Arc<UdpSocket>, pending: PendingMap) {
             }
         } else {
             debug!(%from, len = n, "forwarding socket: dropped an unmatched reply");
+        }
+    }
+}
+
+/// One forward in flight: a share of the overall limit and of its org's.
+pub(super) struct ForwardPermit {
+    _global: OwnedSemaphorePermit,
+    org: OrgPrefix,
+    by_org: Arc<Mutex<HashMap<OrgPrefix, usize>>>,
+}
+
+impl Drop for ForwardPermit {
+    fn drop(&mut self) {
+        if let Ok(mut by_org) = self.by_org.lock() {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = by_org.entry(self.org) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
         }
     }
 }

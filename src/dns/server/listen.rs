@@ -141,7 +141,7 @@ pub(super) async fn serve_udp(sock: Arc<UdpSocket>, prefix: OrgPrefix, ctx: Arc<
                 }
                 Outcome::Drop => inc(&ctx.metrics.dropped),
                 Outcome::Forward => {
-                    if !forward_udp(&ctx, &sock, query, from) && servfail(query, out) {
+                    if !forward_udp(&ctx, &sock, prefix, query, from) && servfail(query, out) {
                         ctx.metrics.response(Rcode::ServFail.code());
                         tx.push(raw_from);
                     }
@@ -169,10 +169,11 @@ pub(super) async fn serve_udp(sock: Arc<UdpSocket>, prefix: OrgPrefix, ctx: Arc<
 pub(super) fn forward_udp(
     ctx: &Arc<Ctx>,
     sock: &Arc<UdpSocket>,
+    org: OrgPrefix,
     query: &[u8],
     from: SocketAddr,
 ) -> bool {
-    let Some(permit) = ctx.forwarder.permit() else {
+    let Some(permit) = ctx.forwarder.permit(org) else {
         return false;
     };
     let (ctx, sock, query) = (ctx.clone(), sock.clone(), query.to_vec());
@@ -264,7 +265,7 @@ pub(super) async fn serve_conn(
                 continue;
             }
             Outcome::Forward => {
-                let reply = match ctx.forwarder.permit() {
+                let reply = match ctx.forwarder.permit(prefix) {
                     Some(_permit) => ctx.forwarder.tcp(&query).await,
                     None => None,
                 };

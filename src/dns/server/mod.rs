@@ -55,7 +55,9 @@
 //! late, spoofed — is dropped. A query that came over TCP is forwarded over
 //! TCP (a fresh connection per query), so large answers arrive whole. At
 //! most [`Limits::max_forwards`] forwards are in flight across all
-//! listeners; beyond that clients get SERVFAIL at once.
+//! listeners, and [`Limits::max_forwards_per_org`] for any one org (so an
+//! org flooding names whose servers never answer leaves the others their
+//! lookups); beyond that clients get SERVFAIL at once.
 //!
 //! Nothing here panics on any input: every read of a message is
 //! bounds-checked, and malformed queries are the handler's job (FORMERR or

@@ -24,6 +24,9 @@ pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_FORWARDS: usize = 1024;
 
 /// The largest DNS message (TCP's 16-bit length).
+/// Forwards in flight for one org: an eighth of [`MAX_FORWARDS`].
+pub const MAX_FORWARDS_PER_ORG: usize = MAX_FORWARDS / 8;
+
 pub(super) const MAX_MESSAGE: usize = 65535;
 
 pub(super) const HEADER_LEN: usize = 12;
@@ -41,6 +44,10 @@ pub struct Limits {
     pub forward_timeout: Duration,
     /// Forwards in flight ([`MAX_FORWARDS`]).
     pub max_forwards: usize,
+    /// Forwards in flight for one org ([`MAX_FORWARDS_PER_ORG`]): one org
+    /// flooding names whose servers never answer can take no more than
+    /// this, and the rest stays for the others.
+    pub max_forwards_per_org: usize,
 }
 
 impl Default for Limits {
@@ -51,6 +58,7 @@ impl Default for Limits {
             tcp_queries: TCP_QUERIES_PER_CONNECTION,
             forward_timeout: FORWARD_TIMEOUT,
             max_forwards: MAX_FORWARDS,
+            max_forwards_per_org: MAX_FORWARDS_PER_ORG,
         }
     }
 }

@@ -569,3 +569,33 @@ fn servfail_echoes_id_flags_and_question() {
     assert!(servfail(&bad, &mut out));
     assert_eq!(out.len(), HEADER_LEN);
 }
+
+#[tokio::test]
+async fn one_org_flooding_the_forwarder_leaves_the_others_their_share() {
+    let l = Limits {
+        max_forwards: 8,
+        max_forwards_per_org: 3,
+        ..limits()
+    };
+    let (_l, ctx) = serve(l, vec!["[::1]:9".parse().unwrap()]);
+    let f = &ctx.forwarder;
+    let (acme, other) = (prefix(ACME), prefix(OTHER));
+    // acme's names never answer: its forwards pile up to its share, no more.
+    let held: Vec<_> = (0..10).filter_map(|_| f.permit(acme)).collect();
+    assert_eq!(held.len(), 3);
+    assert_eq!(ctx.metrics.snapshot().forward_rejected, 7);
+    // Another org still forwards, up to its own share.
+    let theirs: Vec<_> = (0..3).map(|_| f.permit(other)).collect();
+    assert!(
+        theirs.iter().all(Option::is_some),
+        "other's lookups refused"
+    );
+    assert!(f.permit(other).is_none());
+    // A finished forward gives its org's share back.
+    drop(held);
+    let again: Vec<_> = (0..3).filter_map(|_| f.permit(acme)).collect();
+    assert_eq!(again.len(), 3);
+    assert!(f.by_org.lock().unwrap().values().all(|n| *n <= 3));
+    drop((again, theirs));
+    assert!(f.by_org.lock().unwrap().is_empty(), "counts left behind");
+}
