@@ -197,28 +197,52 @@ pub(super) fn forward_udp(
 
 pub(super) async fn serve_tcp(listener: TcpListener, prefix: OrgPrefix, ctx: Arc<Ctx>) {
     let slots = Arc::new(Semaphore::new(ctx.limits.tcp_connections));
+    // One source (a peer) may hold only its share of the listener, so it
+    // can't lock the rest of its org out of TCP DNS.
+    let per_source = ctx.limits.tcp_connections_per_source.max(1);
+    let mut by_source: HashMap<IpAddr, usize> = HashMap::new();
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, from)) => match slots.clone().try_acquire_owned() {
-                    Ok(slot) => {
-                        conns.spawn(serve_conn(stream, from, prefix, ctx.clone(), slot));
+                Ok((stream, from)) => {
+                    let held = by_source.get(&from.ip()).copied().unwrap_or(0);
+                    let slot = (held < per_source)
+                        .then(|| slots.clone().try_acquire_owned().ok())
+                        .flatten();
+                    match slot {
+                        Some(slot) => {
+                            *by_source.entry(from.ip()).or_insert(0) += 1;
+                            let ctx = ctx.clone();
+                            conns.spawn(async move {
+                                serve_conn(stream, from, prefix, ctx, slot).await;
+                                from.ip()
+                            });
+                        }
+                        None => {
+                            inc(&ctx.metrics.tcp_rejected);
+                            // Reset rather than linger: the client learns at once.
+                            let _ = stream.set_zero_linger();
+                            drop(stream);
+                        }
                     }
-                    Err(_) => {
-                        inc(&ctx.metrics.tcp_rejected);
-                        // Reset rather than linger: the client learns at once.
-                        let _ = stream.set_zero_linger();
-                        drop(stream);
-                    }
-                },
+                }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     debug!(error = %e, "DNS TCP accept failed");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            Some(done) = conns.join_next(), if !conns.is_empty() => {
+                if let Ok(ip) = done {
+                    if let std::collections::hash_map::Entry::Occupied(mut e) = by_source.entry(ip) {
+                        *e.get_mut() -= 1;
+                        if *e.get() == 0 {
+                            e.remove();
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -38,7 +38,8 @@
 //! next: a client may pipeline many queries and gets the responses in the
 //! order it sent them (the socket buffer is the queue; at most one query per
 //! connection is in flight). Bounds: [`Limits::tcp_connections`] per
-//! listener (more are closed at accept), [`Limits::tcp_idle`] for every read
+//! listener and [`Limits::tcp_connections_per_source`] for one source
+//! address in it (more are closed at accept), [`Limits::tcp_idle`] for every read
 //! and write (a silent or slow client is dropped), and
 //! [`Limits::tcp_queries`] per connection, after which it is closed.
 //!

@@ -24,6 +24,10 @@ pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_FORWARDS: usize = 1024;
 
 /// The largest DNS message (TCP's 16-bit length).
+/// TCP connections one source may hold on a listener: an eighth of
+/// [`TCP_CONNECTIONS_PER_LISTENER`].
+pub const TCP_CONNECTIONS_PER_SOURCE: usize = TCP_CONNECTIONS_PER_LISTENER / 8;
+
 /// Forwards in flight for one org: an eighth of [`MAX_FORWARDS`].
 pub const MAX_FORWARDS_PER_ORG: usize = MAX_FORWARDS / 8;
 
@@ -36,6 +40,9 @@ pub(super) const HEADER_LEN: usize = 12;
 pub struct Limits {
     /// TCP connections per listener ([`TCP_CONNECTIONS_PER_LISTENER`]).
     pub tcp_connections: usize,
+    /// TCP connections one source address may hold on a listener
+    /// ([`TCP_CONNECTIONS_PER_SOURCE`]).
+    pub tcp_connections_per_source: usize,
     /// TCP idle timeout ([`TCP_IDLE_TIMEOUT`]).
     pub tcp_idle: Duration,
     /// Queries per TCP connection ([`TCP_QUERIES_PER_CONNECTION`]).
@@ -54,6 +61,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             tcp_connections: TCP_CONNECTIONS_PER_LISTENER,
+            tcp_connections_per_source: TCP_CONNECTIONS_PER_SOURCE,
             tcp_idle: TCP_IDLE_TIMEOUT,
             tcp_queries: TCP_QUERIES_PER_CONNECTION,
             forward_timeout: FORWARD_TIMEOUT,

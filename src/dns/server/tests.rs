@@ -599,3 +599,39 @@ async fn one_org_flooding_the_forwarder_leaves_the_others_their_share() {
     drop((again, theirs));
     assert!(f.by_org.lock().unwrap().is_empty(), "counts left behind");
 }
+
+#[tokio::test]
+async fn one_source_holds_only_its_share_of_a_tcp_listener() {
+    let l = Limits {
+        tcp_connections: 8,
+        tcp_connections_per_source: 2,
+        ..limits()
+    };
+    let (l, ctx) = serve(l, vec![]);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(l.local).await.unwrap();
+        s.write_all(&frame(&query(1, "web.internal", RecordType::AAAA)))
+            .await
+            .unwrap();
+        read_frame(&mut s).await.unwrap();
+        held.push(s);
+    }
+    // The listener has room, but not for a third from the same source.
+    let mut third = TcpStream::connect(l.local).await.unwrap();
+    let mut byte = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(1), third.read(&mut byte))
+        .await
+        .expect("the third connection from one source was not closed");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert_eq!(ctx.metrics.snapshot().tcp_rejected, 1);
+    // One closed, its share is back.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut again = TcpStream::connect(l.local).await.unwrap();
+    again
+        .write_all(&frame(&query(2, "web.internal", RecordType::AAAA)))
+        .await
+        .unwrap();
+    assert!(read_frame(&mut again).await.is_ok());
+}
