@@ -188,7 +188,7 @@ fn raise_open_files_limit() {
 
 /// How long the API waits at start for the dataplane's first pass before it
 /// serves anyway (the gateway registers once the dataplane is up).
-const DATAPLANE_UP: std::time::Duration = std::time::Duration::from_secs(10);
+const DATAPLANE_UP: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Registers (or re-registers) this gateway: from now on peers may be
 /// placed on it.
