@@ -368,3 +368,49 @@ fn a_gateway_that_fails_to_start_is_never_chosen_for_new_peers() {
     let peers = gw.cli_json(&["wireguard", "list", "acme"]).to_string();
     assert!(!peers.contains("lhr-9"), "{peers}");
 }
+
+#[test]
+fn backend_kernel_without_the_module_fails_start_in_one_line() {
+    require_root!();
+    if Path::new("/sys/module/wireguard").exists() {
+        eprintln!("SKIPPED backend_kernel_without_the_module_fails_start_in_one_line: this kernel has WireGuard");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nname = \"kt-1\"\nregion = \"lhr\"\nhost_id = \"a7b:42\"\n\
+             interface = \"{}\"\nendpoint = \"127.0.0.1:51821\"\nlisten_port = 51821\n\
+             private_key_file = \"{d}/gw.key\"\nbackend = \"kernel\"\n\
+             [store]\npath = \"{d}/state.db\"\n[api]\nsocket = \"{d}/api.sock\"\n",
+            common::unique_ifname()
+        ),
+    )
+    .unwrap();
+    let ns = Netns::new();
+    let t0 = std::time::Instant::now();
+    let out = run_gateway(&ns, &config, &[]);
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "{err}");
+    assert_ne!(
+        out.status.code(),
+        Some(124),
+        "it retried until killed: {err}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("Error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(errors[0].contains("backend = \"kernel\""), "{err}");
+    assert!(errors[0].contains("userspace"), "{err}");
+    // Never registered: no new peer is ever placed on it.
+    let db = dir.path().join("state.db");
+    if db.exists() {
+        let out = run(Command::new("sqlite3")
+            .arg(&db)
+            .arg("SELECT name FROM gateways"));
+        assert_eq!(stdout_of(&out).trim(), "", "registered");
+    }
+}

@@ -84,7 +84,21 @@ impl LinuxWg {
             .parse()
             .map_err(|e| KernelError::new(format!("interface name {iface}"), e))?;
         let kernel = match backend {
-            Backend::Kernel => true,
+            Backend::Kernel => {
+                // Asked for by name: without the module that is a start-up
+                // error, not a retry for ever.
+                let (kernel, why) = probe_kernel(&iface, &name)?;
+                if !kernel {
+                    return Err(KernelError::new(
+                        format!("backend = \"kernel\" for {iface}"),
+                        format!(
+                            "{why}; load the wireguard module, or set backend = \"userspace\" \
+                             (wireguard-go) or \"auto\""
+                        ),
+                    ));
+                }
+                true
+            }
             Backend::Userspace => false,
             Backend::Auto => {
                 let (kernel, why) = probe_kernel(&iface, &name)?;
