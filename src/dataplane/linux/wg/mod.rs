@@ -89,13 +89,14 @@ impl LinuxWg {
                 // error, not a retry for ever.
                 let (kernel, why) = probe_kernel(&iface, &name)?;
                 if !kernel {
-                    return Err(KernelError::new(
-                        format!("backend = \"kernel\" for {iface}"),
-                        format!(
+                    return Err(KernelError {
+                        op: format!("backend = \"kernel\" for {iface}"),
+                        message: format!(
                             "{why}; load the wireguard module, or set backend = \"userspace\" \
                              (wireguard-go) or \"auto\""
                         ),
-                    ));
+                        errno: Some(libc::EOPNOTSUPP),
+                    });
                 }
                 true
             }

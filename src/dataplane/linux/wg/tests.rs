@@ -151,7 +151,13 @@ fn kernel_device_lifecycle_when_the_module_exists() {
     }
     in_netns(|| async {
         let name = iface("k");
-        let wg = LinuxWg::new(name.clone(), Backend::Kernel).unwrap();
+        let wg = match LinuxWg::new(name.clone(), Backend::Kernel) {
+            Err(e) if e.errno == Some(libc::EOPNOTSUPP) => {
+                eprintln!("SKIPPED kernel_device_lifecycle: no WireGuard in this kernel");
+                return;
+            }
+            r => r.unwrap(),
+        };
         assert_eq!(wg.backend_name(), KERNEL_NAME);
         match wg.ensure().await {
             Err(e) if e.errno == Some(libc::EOPNOTSUPP) => {
