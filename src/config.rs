@@ -148,8 +148,11 @@ pub struct ApiConfig {
     pub max_connections: usize,
 }
 
+/// The default TCP connection cap of the control API.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
 fn default_max_connections() -> usize {
-    crate::api::server::TcpLimits::default().max_connections
+    DEFAULT_MAX_CONNECTIONS
 }
 
 impl Default for ApiConfig {

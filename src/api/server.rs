@@ -644,7 +644,7 @@ pub struct TcpLimits {
 impl Default for TcpLimits {
     fn default() -> Self {
         Self {
-            max_connections: 512,
+            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
             header_timeout: Duration::from_secs(5),
             connection_timeout: Duration::from_secs(30),
         }
