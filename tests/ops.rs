@@ -241,13 +241,7 @@ fn a_second_daemon_on_the_same_interface_refuses_to_start() {
         .replace(gw.dir().to_str().unwrap(), dir.path().to_str().unwrap());
     let second = dir.path().join("gateway.toml");
     std::fs::write(&second, config).unwrap();
-    let mut cmd = ns.cmd("timeout");
-    cmd.args(["20", common::SIXPN, "gateway", "--config"])
-        .arg(&second);
-    let out = run(&mut cmd);
-    let err = stderr_of(&out);
-    assert!(!out.status.success(), "the second daemon started: {err}");
-    assert_ne!(out.status.code(), Some(124), "it ran until killed: {err}");
+    let err = refused_start(&ns, &second);
     assert!(err.contains(&gw.interface), "{err}");
     assert!(err.contains(&format!("pid {first}")), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
@@ -283,6 +277,16 @@ fn gateways(gw: &Gateway) -> String {
     stdout_of(&out)
 }
 
+/// Runs `sixpn gateway --config CONFIG` in `ns`, which must refuse to start
+/// (exit non-zero, not run until killed); its stderr.
+fn refused_start(ns: &Netns, config: &Path) -> String {
+    let out = run_gateway(ns, config, &[]);
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "it started: {err}");
+    assert_ne!(out.status.code(), Some(124), "it ran until killed: {err}");
+    err
+}
+
 /// Runs `sixpn gateway --config CONFIG ARGS…` in `ns` for at most 20 s.
 fn run_gateway(ns: &Netns, config: &Path, args: &[&str]) -> std::process::Output {
     let mut cmd = ns.cmd("timeout");
@@ -305,10 +309,7 @@ fn a_gateway_name_is_an_identity_a_clone_cannot_take() {
     let dir = tempfile::tempdir().unwrap();
     let clone = second_config(&gw, dir.path(), |t| t);
     let ns = Netns::new();
-    let out = run_gateway(&ns, &clone, &[]);
-    let err = stderr_of(&out);
-    assert!(!out.status.success(), "the clone started: {err}");
-    assert_ne!(out.status.code(), Some(124), "it ran until killed: {err}");
+    let err = refused_start(&ns, &clone);
     assert!(
         err.contains(&format!("gateway name '{}'", gw.name)),
         "{err}"
@@ -392,14 +393,7 @@ fn backend_kernel_without_the_module_fails_start_in_one_line() {
     .unwrap();
     let ns = Netns::new();
     let t0 = std::time::Instant::now();
-    let out = run_gateway(&ns, &config, &[]);
-    let err = stderr_of(&out);
-    assert!(!out.status.success(), "{err}");
-    assert_ne!(
-        out.status.code(),
-        Some(124),
-        "it retried until killed: {err}"
-    );
+    let err = refused_start(&ns, &config);
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("Error:")).collect();
     assert_eq!(errors.len(), 1, "{err}");

@@ -53,6 +53,17 @@ pub struct FakeState {
     pub fail_firewall: usize,
 }
 
+impl FakeState {
+    /// Fails `op` if a firewall failure is still to be injected.
+    fn injected_firewall_failure(&mut self, op: &str) -> Result<(), KernelError> {
+        if self.fail_firewall > 0 {
+            self.fail_firewall -= 1;
+            return Err(KernelError::new(op, "injected failure"));
+        }
+        Ok(())
+    }
+}
+
 /// A shared fake kernel.
 #[derive(Debug, Clone)]
 pub struct FakeKernel {
@@ -340,10 +351,7 @@ impl Firewall for FakeKernel {
 
     async fn replace(&self, ruleset: &Ruleset) -> Result<(), KernelError> {
         let mut s = self.state();
-        if s.fail_firewall > 0 {
-            s.fail_firewall -= 1;
-            return Err(KernelError::new("replace table", "injected failure"));
-        }
+        s.injected_firewall_failure("replace table")?;
         table::apply(&mut s.firewall, &to_json(&ruleset.replace_batch()))
             .map_err(|e| refused("replace table", e))?;
         s.calls
@@ -357,10 +365,7 @@ impl Firewall for FakeKernel {
         remove: &[ElementKey],
     ) -> Result<(), KernelError> {
         let mut s = self.state();
-        if s.fail_firewall > 0 {
-            s.fail_firewall -= 1;
-            return Err(KernelError::new("update elements", "injected failure"));
-        }
+        s.injected_firewall_failure("update elements")?;
         table::apply(&mut s.firewall, &to_json(&update_batch(add, remove)))
             .map_err(|e| refused("update elements", e))?;
         s.calls

@@ -93,6 +93,25 @@ impl LinuxFirewall {
         })
     }
 
+    /// `nft ARGS` listing something of our table, off the async threads:
+    /// its JSON, or `None` when the table doesn't exist.
+    async fn list(
+        &self,
+        op: &str,
+        args: &'static [&'static str],
+    ) -> Result<Option<String>, KernelError> {
+        let (nft, own) = (self.nft.clone(), self.own.clone());
+        let out = tokio::task::spawn_blocking(move || Self::run_nft(&nft, &own, args, None))
+            .await
+            .map_err(|e| blocking_err(op, e))?;
+        match out {
+            Ok(json) => Ok(Some(json)),
+            // nft says "No such file or directory" for a missing table.
+            Err((_, m)) if m.contains("No such file or directory") => Ok(None),
+            Err(e) => Err(nft_err(op, e)),
+        }
+    }
+
     /// Runs `nft ARGS` with `input` on stdin; stdout on success.
     fn run_nft(nft: &str, own: &OwnPids, args: &[&str], input: Option<&str>) -> NftResult {
         let mut cmd = Command::new(nft);
@@ -147,25 +166,13 @@ fn nft_err(op: &str, (errno, message): (Option<i32>, String)) -> KernelError {
 impl Firewall for LinuxFirewall {
     async fn observe(&self) -> Result<Option<ObservedTable>, KernelError> {
         let op = "list table inet sixpn";
-        let (nft, own) = (self.nft.clone(), self.own.clone());
-        let out = tokio::task::spawn_blocking(move || {
-            Self::run_nft(
-                &nft,
-                &own,
-                &["-j", "list", "table", "inet", model::TABLE],
-                None,
-            )
-        })
-        .await
-        .map_err(|e| blocking_err(op, e))?;
-        match out {
-            Ok(json) => crate::dataplane::nft_codec::parse_listing(&json)
-                .map(Some)
-                .map_err(|e| KernelError::new(op, e)),
-            // nft says "No such file or directory" for a missing table.
-            Err((_, m)) if m.contains("No such file or directory") => Ok(None),
-            Err(e) => Err(nft_err(op, e)),
-        }
+        self.list(op, &["-j", "list", "table", "inet", model::TABLE])
+            .await?
+            .map(|json| {
+                crate::dataplane::nft_codec::parse_listing(&json)
+                    .map_err(|e| KernelError::new(op, e))
+            })
+            .transpose()
     }
 
     async fn replace(&self, ruleset: &Ruleset) -> Result<(), KernelError> {
@@ -232,22 +239,13 @@ impl Firewall for LinuxFirewall {
 
     async fn counters(&self) -> Result<Option<FirewallCounters>, KernelError> {
         let op = "list counters of table inet sixpn";
-        let (nft, own) = (self.nft.clone(), self.own.clone());
-        let out = tokio::task::spawn_blocking(move || {
-            Self::run_nft(
-                &nft,
-                &own,
+        let listing = self
+            .list(
+                op,
                 &["-j", "list", "counters", "table", "inet", model::TABLE],
-                None,
             )
-        })
-        .await
-        .map_err(|e| blocking_err(op, e))?;
-        match out {
-            Ok(json) => Ok(Some(crate::dataplane::nft_codec::parse_counters(&json))),
-            Err((_, m)) if m.contains("No such file or directory") => Ok(None),
-            Err(e) => Err(nft_err(op, e)),
-        }
+            .await?;
+        Ok(listing.map(|json| crate::dataplane::nft_codec::parse_counters(&json)))
     }
 
     fn subscribe(&self) -> Result<mpsc::Receiver<()>, KernelError> {
