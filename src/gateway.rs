@@ -247,13 +247,14 @@ pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<
     unsafe {
         libc::umask(0o077);
     }
-    raise_open_files_limit();
     // Before anything else touches the interface: one daemon per interface.
+    // A refused start says one line and changes nothing, not even limits.
     let _lock = crate::lock::lock_interface(
         Path::new(crate::lock::RUNTIME_DIR),
         &config.gateway.interface,
     )
     .map_err(|e| GatewayError::Other(e.to_string()))?;
+    raise_open_files_limit();
     let key = load_or_create_key(&config.gateway.private_key_file)?;
     let store = open_store(&config).await?;
     let me = Gateway {

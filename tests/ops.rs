@@ -287,12 +287,21 @@ fn refused_start(ns: &Netns, config: &Path) -> String {
     err
 }
 
-/// Runs `sixpn gateway --config CONFIG ARGS…` in `ns` for at most 20 s.
+/// Runs `sixpn gateway --config CONFIG ARGS…` in `ns` for at most 20 s,
+/// with the usual soft open-files limit of 1024 below a higher hard one (as
+/// on a stock host), so the daemon has a limit to raise.
 fn run_gateway(ns: &Netns, config: &Path, args: &[&str]) -> std::process::Output {
-    let mut cmd = ns.cmd("timeout");
-    cmd.args(["20", common::SIXPN, "gateway", "--config"])
-        .arg(config)
-        .args(args);
+    let mut cmd = ns.cmd("prlimit");
+    cmd.args([
+        "--nofile=1024:4096",
+        "timeout",
+        "20",
+        common::SIXPN,
+        "gateway",
+        "--config",
+    ])
+    .arg(config)
+    .args(args);
     run(&mut cmd)
 }
 
