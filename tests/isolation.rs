@@ -268,6 +268,24 @@ impl Topo {
             counter_packets(&json, INPUT_DROPPED).expect("input counter"),
         )
     }
+
+    /// Packets the guard dropped, as `tc -s qdisc show` reports for the
+    /// interface's clsact qdisc.
+    fn guard_dropped(&self) -> u64 {
+        let shown = self
+            .gw_ns
+            .run_ok(&["tc", "-s", "qdisc", "show", "dev", &self.gw.interface]);
+        let after = shown
+            .split("qdisc clsact")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no clsact qdisc: {shown}"));
+        after
+            .split("(dropped ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no drop count: {shown}"))
+    }
 }
 
 fn dns(s: &str) -> Ipv6Addr {
@@ -277,7 +295,7 @@ fn dns(s: &str) -> Ipv6Addr {
 #[test]
 fn only_same_org_traffic_crosses_the_gateway() {
     require_root!();
-    require_tools!("ip", "wg", "wg-quick", "wireguard-go", "ping", "nft");
+    require_tools!("ip", "wg", "wg-quick", "wireguard-go", "ping", "nft", "tc");
     let mut t = topo();
     let listing = t.gw_ns.run_ok(&["nft", "list", "table", "inet", "sixpn"]);
     assert!(
@@ -318,6 +336,7 @@ fn only_same_org_traffic_crosses_the_gateway() {
 
     // Cross org: every one dropped and counted.
     let (fwd0, in0) = t.counters();
+    let guard0 = t.guard_dropped();
     let mut report = Vec::new();
     for (c, other_inst, other_peer, other_dns, own_dns) in [
         (t.a(), t.inst_b, t.b().addr, DNS_B, DNS_A),
@@ -352,15 +371,20 @@ fn only_same_org_traffic_crosses_the_gateway() {
         assert!(!tcp_ok(&c.ns, "[fd53:4::2]:8080".parse().unwrap()));
     }
     let (fwd1, in1) = t.counters();
+    let guard1 = t.guard_dropped();
     report.push(format!(
-        "dropped and counted: forward_dropped {fwd0} -> {fwd1}, input_dropped {in0} -> {in1}"
+        "dropped and counted: guard {guard0} -> {guard1}, forward_dropped {fwd0} -> {fwd1}, \
+         input_dropped {in0} -> {in1}"
     ));
-    // Ping 2 × 2 + TCP SYN retries + …: at least one per attempt above.
+    // Everything outside the sender's /48 stops at the guard, before the
+    // table: ping 2 × 2, the other org's DNS and ::3, the non-6PN address,
+    // with TCP SYN retries: at least one per attempt above.
     assert!(
-        fwd1 >= fwd0 + 8,
-        "forward drops not counted: {fwd0} -> {fwd1}"
+        guard1 + fwd1 >= guard0 + fwd0 + 12,
+        "cross-org drops not counted: guard {guard0} -> {guard1}, forward {fwd0} -> {fwd1}"
     );
-    assert!(in1 >= in0 + 8, "input drops not counted: {in0} -> {in1}");
+    // Another port on the sender's own ::3 is within its /48: the table's.
+    assert!(in1 >= in0 + 2, "input drops not counted: {in0} -> {in1}");
 
     // Same org still fine afterwards.
     assert!(ping(&t.a().ns, &t.inst_a.to_string()));
@@ -416,9 +440,9 @@ fn probe(ns: &Netns, to: SocketAddr, total: Duration) -> JoinHandle<Vec<Duration
 }
 
 #[test]
-fn a_flushed_or_deleted_table_is_restored_within_a_second() {
+fn no_cross_org_packet_crosses_while_the_table_or_the_guard_is_gone() {
     require_root!();
-    require_tools!("ip", "wg", "wg-quick", "wireguard-go", "ping", "nft");
+    require_tools!("ip", "wg", "wg-quick", "wireguard-go", "ping", "nft", "tc");
     let t = topo();
     // Bound to the instance address: a reply from `[::]` would leave with
     // the host's underlay address, which is not 6PN.
@@ -480,9 +504,11 @@ fn a_flushed_or_deleted_table_is_restored_within_a_second() {
             restored < scaled(Duration::from_secs(1)),
             "restore took {restored:?}"
         );
+        // The guard under the table (tc on the interface) held meanwhile.
         assert!(
-            window < scaled(Duration::from_secs(1)),
-            "cross-org traffic passed for {window:?}"
+            since_cut.is_empty(),
+            "{} cross-org echoes crossed while the table was gone, the last {window:?} after the cut",
+            since_cut.len()
         );
         assert!(
             !udp_ok(&t.a().ns, cross),
@@ -493,8 +519,45 @@ fn a_flushed_or_deleted_table_is_restored_within_a_second() {
             "same-org UDP broken after the repair"
         );
     }
+
+    // The other way round: the guard gone, the table alone isolates, and
+    // the guard is back within the second.
+    let iface = t.gw.interface.clone();
+    let probes = probe(&t.a().ns, cross, scaled(Duration::from_millis(1000)));
+    std::thread::sleep(Duration::from_millis(100));
+    let cut = Instant::now();
+    t.gw_ns
+        .run_ok(&["tc", "qdisc", "del", "dev", &iface, "clsact"]);
+    let every = Duration::from_millis(20) * common::slowdown();
+    let back = common::wait_for_every(every, scaled(Duration::from_secs(3)), || {
+        let shown = t
+            .gw_ns
+            .run(&["tc", "filter", "show", "dev", &iface, "egress"]);
+        common::stdout_of(&shown)
+            .contains("bytecode")
+            .then(|| cut.elapsed())
+    })
+    .unwrap_or_else(|| panic!("the guard was not put back in 3 s:\n{}", t.gw.log()));
+    let crossed = probes.join().unwrap();
+    assert!(
+        crossed.is_empty(),
+        "{} echoes crossed with the table alone",
+        crossed.len()
+    );
+    report.push(format!(
+        "tc qdisc del clsact: guard back after {back:?}; 0 echoes crossed"
+    ));
+    assert!(
+        back < scaled(Duration::from_secs(1)),
+        "guard back after {back:?}"
+    );
+    assert!(
+        udp_ok(&t.b().ns, cross),
+        "same-org UDP broken after the guard came back"
+    );
     for r in &report {
         eprintln!("restore: {r}");
     }
     assert!(t.gw.log().contains("isolation ruleset installed"));
+    assert!(t.gw.log().contains("isolation guard attached"));
 }

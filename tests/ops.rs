@@ -168,6 +168,10 @@ fn notify_readiness_watchdog_reload_metrics_and_healthz() {
         text.contains("sixpn_firewall_dropped_packets_total{counter=\"forward_dropped\"}"),
         "{text}"
     );
+    assert!(
+        text.contains("# TYPE sixpn_guard_dropped_packets_total counter"),
+        "{text}"
+    );
 
     // SIGHUP re-reads the config: RELOADING=1 then READY=1, still running.
     let pid = gw.pid().unwrap() as i32;

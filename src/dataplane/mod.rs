@@ -114,6 +114,14 @@ pub trait Netlink: Send + Sync {
     /// Sets the link up with `mtu`.
     async fn set_link_up(&self, index: u32, mtu: u32) -> Result<(), KernelError>;
 
+    /// Attaches the isolation guard ([`crate::plan::guard`]) at ingress and
+    /// egress of the link, replacing whatever filter holds its place.
+    async fn attach_guard(&self, index: u32) -> Result<(), KernelError>;
+
+    /// Packets the isolation guard dropped on the link since it was
+    /// attached (None: not attached).
+    async fn guard_dropped(&self, index: u32) -> Result<Option<u64>, KernelError>;
+
     /// Every IPv6 address on the link, with its prefix length.
     async fn addresses(&self, index: u32) -> Result<Vec<(Ipv6Addr, u8)>, KernelError>;
 
@@ -142,7 +150,7 @@ pub trait Netlink: Send + Sync {
     /// had to change it.
     async fn ensure_forwarding(&self) -> Result<bool, KernelError>;
 
-    /// Link, IPv6 address and IPv6 route events from now on.
+    /// Link, IPv6 address, IPv6 route and traffic-control events from now on.
     fn subscribe(&self) -> Result<mpsc::Receiver<NetEvent>, KernelError>;
 }
 

@@ -75,4 +75,7 @@ pub struct LinkState {
     pub up: bool,
     /// Its MTU.
     pub mtu: u32,
+    /// Whether the isolation guard ([`crate::plan::guard`]) is attached at
+    /// both ingress and egress, exactly as sixpn renders it.
+    pub guarded: bool,
 }

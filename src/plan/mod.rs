@@ -16,6 +16,7 @@
 //! that is every peer registered on this gateway; just-in-time peers will
 //! narrow it to the active ones.
 
+pub mod guard;
 pub mod kernel;
 pub mod nft;
 
@@ -188,6 +189,8 @@ pub struct Identity {
 pub struct Plan {
     /// The interface is missing: create it (then observe and plan again).
     pub create_interface: bool,
+    /// Attach the isolation guard ([`guard`]) to the interface.
+    pub guard: bool,
     /// Set the link up with [`MTU`].
     pub link_up: bool,
     /// Set the private key and listen port.
@@ -215,6 +218,7 @@ impl Plan {
     /// How many changes the plan makes.
     pub fn len(&self) -> usize {
         usize::from(self.create_interface)
+            + usize::from(self.guard)
             + usize::from(self.link_up)
             + usize::from(self.configure_device)
             + self.upsert_peers.len()
@@ -258,6 +262,7 @@ fn plan_interface<'a>(observed: &'a Observed, me: &Identity) -> (Plan, Option<&'
         return (create, None);
     };
     let p = Plan {
+        guard: !link.guarded,
         link_up: !link.up || link.mtu != MTU,
         configure_device: device.public_key != Some(me.public_key)
             || device.listen_port != me.listen_port,
@@ -379,6 +384,7 @@ pub fn plan_touched(
 /// reconciler uses it to keep its cache without re-reading the kernel.
 pub fn apply_to(observed: &mut Observed, plan: &Plan, me: &Identity) {
     if let Some(l) = observed.link.as_mut() {
+        l.guarded |= plan.guard;
         if plan.link_up {
             l.up = true;
             l.mtu = MTU;
@@ -498,6 +504,7 @@ mod tests {
                 index: 5,
                 up: true,
                 mtu: MTU,
+                guarded: true,
             }),
             device: Some(DeviceState {
                 public_key: Some(me.public_key),
@@ -563,12 +570,15 @@ mod tests {
         let mut o = live(&me);
         if let Some(l) = o.link.as_mut() {
             l.up = false;
+            l.guarded = false;
         }
         if let Some(d) = o.device.as_mut() {
             d.listen_port = 0;
         }
         let p = plan(Some(&Desired::default()), &o, &me);
-        assert!(p.link_up && p.configure_device);
+        assert!(p.link_up && p.configure_device && p.guard);
+        // Before the store has loaded too: the guard holds from the start.
+        assert!(plan(None, &o, &me).guard);
         apply_to(&mut o, &p, &me);
         assert!(plan(Some(&Desired::default()), &o, &me).is_empty());
     }

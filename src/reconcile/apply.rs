@@ -312,6 +312,16 @@ impl Reconciler {
     ) -> (Plan, Vec<KernelError>) {
         let mut errors = Vec::new();
         let mut done = Plan::default();
+        // The guard first: it holds before the link carries a packet.
+        if plan.guard {
+            match self.nl.attach_guard(index).await {
+                Ok(()) => {
+                    done.guard = true;
+                    info!("isolation guard attached (tc ingress and egress)");
+                }
+                Err(e) => errors.push(e),
+            }
+        }
         if plan.link_up {
             match self.nl.set_link_up(index, MTU).await {
                 Ok(()) => {

@@ -1,6 +1,7 @@
 //! The reconciler's part of `/metrics`: its counters, per-org peer figures
 //! read from one dump of the device, and the isolation table's drop
-//! counters, read through the firewall adapter.
+//! counters and the guard's, read through the firewall and netlink
+//! adapters.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,13 +11,15 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use super::{Counters, Installed};
-use crate::dataplane::{Firewall, WgDevice};
+use crate::dataplane::{Firewall, Netlink, WgDevice};
 use crate::store::Snapshot;
 
 /// Reconcile counters and per-org peer figures for Prometheus.
 pub(super) struct Metrics {
     pub(super) wg: Arc<dyn WgDevice>,
     pub(super) fw: Arc<dyn Firewall>,
+    pub(super) nl: Arc<dyn Netlink>,
+    pub(super) interface: String,
     pub(super) installed: watch::Receiver<Arc<Installed>>,
     pub(super) snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     pub(super) counters: Arc<Counters>,
@@ -88,6 +91,19 @@ impl crate::metrics::MetricsSource for Metrics {
             );
             for (counter, packets) in drops.named() {
                 sample(out, name, &[("counter", counter)], packets);
+            }
+        }
+        if let Ok(Some(link)) = self.nl.link(&self.interface).await {
+            if let Ok(Some(packets)) = self.nl.guard_dropped(link.index).await {
+                family(
+                    out,
+                    "sixpn_guard_dropped_packets_total",
+                    "counter",
+                    "Packets the isolation guard (tc on the WireGuard interface) dropped: from or to a \
+                     peer and not within one org's /48. It runs before the table, so these never \
+                     reach its counters.",
+                    packets,
+                );
             }
         }
         let installed = self.installed.borrow().clone();

@@ -149,6 +149,8 @@ impl Reconciler {
         Arc::new(Metrics {
             wg: self.wg.clone(),
             fw: self.fw.clone(),
+            nl: self.nl.clone(),
+            interface: self.settings.interface.as_str().to_owned(),
             installed: self.installed.subscribe(),
             snapshots: self.snapshots.subscribe(),
             counters: self.counters.clone(),

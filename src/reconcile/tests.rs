@@ -39,7 +39,11 @@ async fn first_pass_builds_everything_and_second_changes_nothing() {
     assert!(r.rec.pass_all().await);
     let calls = r.kernel.take_calls();
     assert!(calls.contains(&"create interface".to_string()));
-    assert!(calls.contains(&"link up mtu 1420".to_string()));
+    let at = |c: &str| calls.iter().position(|x| x == c);
+    assert!(
+        at("attach guard") < at("link up mtu 1420") && at("attach guard").is_some(),
+        "the guard holds before the link is up: {calls:?}"
+    );
     assert!(calls.contains(&"configure port 51820".to_string()));
     assert!(calls.contains(&"add address fdaa:0:1::3/128".to_string()));
     assert!(calls.contains(&"add route fdaa:0:1:a7b:d6b:0:a:0/120".to_string()));
@@ -133,6 +137,9 @@ async fn drift_is_repaired_and_counted() {
         s.device.peers.remove(&a);
         s.routes.clear();
         s.addresses.clear();
+        if let Some(l) = s.link.as_mut() {
+            l.guarded = false;
+        }
     }
     assert!(
         r.rec
@@ -144,8 +151,9 @@ async fn drift_is_repaired_and_counted() {
             .await
     );
     let calls = r.kernel.take_calls();
-    assert_eq!(calls.len(), 3, "{calls:?}");
-    assert_eq!(r.rec.counters.drift_repairs.load(Ordering::Relaxed), 3);
+    assert_eq!(calls.len(), 4, "{calls:?}");
+    assert!(calls.contains(&"attach guard".to_string()), "{calls:?}");
+    assert_eq!(r.rec.counters.drift_repairs.load(Ordering::Relaxed), 4);
 }
 
 #[tokio::test]

@@ -41,6 +41,8 @@ pub struct FakeState {
     pub foreign_routes: BTreeSet<(Ipv6Addr, u8)>,
     /// IPv6 forwarding.
     pub forwarding: bool,
+    /// What the guard "dropped" (set by tests).
+    pub guard_dropped: u64,
     /// Every mutating call, as a short string, in order.
     pub calls: Vec<String>,
     /// Make the next N route additions fail.
@@ -149,6 +151,7 @@ impl WgDevice for FakeKernel {
                 index: 7,
                 up: false,
                 mtu: 1420,
+                guarded: false,
             });
             s.calls.push("create interface".into());
         }
@@ -234,6 +237,29 @@ impl Netlink for FakeKernel {
         }
         s.calls.push(format!("link up mtu {mtu}"));
         Ok(())
+    }
+
+    async fn attach_guard(&self, index: u32) -> Result<(), KernelError> {
+        let mut s = self.state();
+        match s.link.as_mut() {
+            Some(l) if l.index == index => l.guarded = true,
+            _ => {
+                return Err(KernelError::new(
+                    "attach the isolation guard",
+                    "no such device",
+                ))
+            }
+        }
+        s.calls.push("attach guard".into());
+        Ok(())
+    }
+
+    async fn guard_dropped(&self, index: u32) -> Result<Option<u64>, KernelError> {
+        let s = self.state();
+        Ok(match s.link {
+            Some(l) if l.index == index && l.guarded => Some(s.guard_dropped),
+            _ => None,
+        })
     }
 
     async fn addresses(&self, _index: u32) -> Result<Vec<(Ipv6Addr, u8)>, KernelError> {

@@ -18,6 +18,7 @@
 
 mod netlink;
 mod nft;
+mod tc;
 mod wg;
 
 #[cfg(test)]

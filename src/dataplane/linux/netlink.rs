@@ -213,8 +213,11 @@ impl Netlink for LinuxNetlink {
             Err(e) if rtnl_errno(&e) == Some(libc::ENODEV) => None,
             Err(e) => return Err(rtnl_error(format!("get link {name}"), &e)),
         };
-        Ok(msg.map(|m| LinkState {
+        let Some(m) = msg else { return Ok(None) };
+        let guarded = super::tc::guarded(&self.handle, m.header.index).await?;
+        Ok(Some(LinkState {
             index: m.header.index,
+            guarded,
             up: m.header.flags.contains(LinkFlags::Up),
             mtu: m
                 .attributes
@@ -225,6 +228,14 @@ impl Netlink for LinuxNetlink {
                 })
                 .unwrap_or(0),
         }))
+    }
+
+    async fn attach_guard(&self, index: u32) -> Result<(), KernelError> {
+        super::tc::attach(&self.handle, index).await
+    }
+
+    async fn guard_dropped(&self, index: u32) -> Result<Option<u64>, KernelError> {
+        super::tc::dropped(&self.handle, index).await
     }
 
     async fn set_link_up(&self, index: u32, mtu: u32) -> Result<(), KernelError> {
@@ -386,6 +397,8 @@ impl Netlink for LinuxNetlink {
             MulticastGroup::Link,
             MulticastGroup::Ipv6Ifaddr,
             MulticastGroup::Ipv6Route,
+            // Qdiscs and filters: the isolation guard.
+            MulticastGroup::Tc,
         ])
         .map_err(|e| KernelError::io(op, &e))?;
         {
@@ -414,6 +427,12 @@ impl Netlink for LinuxNetlink {
                         RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
                             // 0: a route without a single output interface.
                             NetEvent::Changed(route_oif(&r).unwrap_or(0))
+                        }
+                        RouteNetlinkMessage::NewQueueDiscipline(t)
+                        | RouteNetlinkMessage::DelQueueDiscipline(t)
+                        | RouteNetlinkMessage::NewTrafficFilter(t)
+                        | RouteNetlinkMessage::DelTrafficFilter(t) => {
+                            NetEvent::Changed(u32::try_from(t.header.index).unwrap_or(0))
                         }
                         _ => continue,
                     },
@@ -500,6 +519,77 @@ mod tests {
             assert!(!nl.ensure_forwarding().await.unwrap());
             let on = std::fs::read_to_string(FORWARDING).unwrap();
             assert_eq!(on.trim(), "1");
+        });
+    }
+
+    fn tc(args: &[&str]) -> String {
+        let out = std::process::Command::new("tc")
+            .args(args)
+            .output()
+            .expect("run tc");
+        assert!(
+            out.status.success(),
+            "tc {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn the_guard_is_attached_observed_and_put_back_whole() {
+        if !need_root("the_guard_is_attached_observed_and_put_back_whole") {
+            return;
+        }
+        in_netns(|| async {
+            let nl = LinuxNetlink::new().unwrap();
+            // A layer-3 device, as the WireGuard interface is.
+            run(&["tuntap", "add", "dev", "sxg0", "mode", "tun"]);
+            let l = nl.link("sxg0").await.unwrap().unwrap();
+            assert!(!l.guarded, "no qdisc yet");
+            nl.attach_guard(l.index).await.unwrap();
+            nl.attach_guard(l.index).await.unwrap(); // idempotent
+            assert!(nl.link("sxg0").await.unwrap().unwrap().guarded);
+            for hook in ["ingress", "egress"] {
+                let shown = tc(&["filter", "show", "dev", "sxg0", hook]);
+                let ours: Vec<&str> = shown.lines().filter(|l| l.contains("bytecode")).collect();
+                assert_eq!(ours.len(), 1, "{hook}: {shown}");
+                assert!(
+                    ours[0].contains("pref 1 ") && ours[0].contains("direct-action"),
+                    "{shown}"
+                );
+                assert!(ours[0].contains("bytecode '15,128 0 0 0,"), "{shown}");
+            }
+
+            // One hook lost: not guarded, and attaching puts it back.
+            tc(&["filter", "del", "dev", "sxg0", "egress"]);
+            assert!(!nl.link("sxg0").await.unwrap().unwrap().guarded);
+            nl.attach_guard(l.index).await.unwrap();
+            assert!(nl.link("sxg0").await.unwrap().unwrap().guarded);
+            // Another program in our place: replaced.
+            tc(&[
+                "filter",
+                "replace",
+                "dev",
+                "sxg0",
+                "ingress",
+                "pref",
+                "1",
+                "handle",
+                "1",
+                "bpf",
+                "da",
+                "bytecode",
+                "1,6 0 0 0,",
+            ]);
+            assert!(!nl.link("sxg0").await.unwrap().unwrap().guarded);
+            nl.attach_guard(l.index).await.unwrap();
+            assert!(nl.link("sxg0").await.unwrap().unwrap().guarded);
+            // The whole qdisc gone: back too.
+            tc(&["qdisc", "del", "dev", "sxg0", "clsact"]);
+            assert!(!nl.link("sxg0").await.unwrap().unwrap().guarded);
+            nl.attach_guard(l.index).await.unwrap();
+            assert!(nl.link("sxg0").await.unwrap().unwrap().guarded);
         });
     }
 
