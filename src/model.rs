@@ -316,6 +316,53 @@ impl fmt::Debug for HostId {
 }
 serde_via_str!(HostId);
 
+/// The public id of an org token: the first 6 bytes of the token's SHA-256,
+/// in lowercase hex (`3f9a0c12be77`). It names the token in lists and
+/// revocations without being the token, and the store derives it from the
+/// hash it keeps, so it needs no column of its own.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TokenId([u8; 6]);
+
+impl TokenId {
+    /// The id of the token whose SHA-256 is `sha`.
+    pub fn of(sha: &[u8; 32]) -> Self {
+        let mut id = [0; 6];
+        id.copy_from_slice(&sha[..6]);
+        Self(id)
+    }
+    /// Whether `sha` is the hash of the token this id names.
+    pub fn names(&self, sha: &[u8; 32]) -> bool {
+        sha[..6] == self.0
+    }
+}
+impl FromStr for TokenId {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
+        let bad = |reason| InvalidValue::new("token id", s, reason);
+        if s.len() != 12 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(bad(
+                "12 lowercase hex digits, as `sixpn orgs token ORG --list` shows",
+            ));
+        }
+        let mut id = [0; 6];
+        for (i, byte) in id.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad("not hex"))?;
+        }
+        Ok(Self(id))
+    }
+}
+impl fmt::Display for TokenId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+impl fmt::Debug for TokenId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TokenId({self})")
+    }
+}
+serde_via_str!(TokenId);
+
 /// The 32-bit machine id of an instance (`f066:b83b`).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MachineId(u32);
@@ -740,6 +787,28 @@ mod tests {
         assert!(PeerSlot::new(PeerSlot::COUNT).is_err());
         let last = PeerSlot::new(PeerSlot::COUNT - 1).unwrap().net(p, h);
         assert_eq!(last.peer_addr().to_string(), "fdaa:0:1:0:1:0:ffff:ff02");
+    }
+
+    #[test]
+    fn token_ids_name_a_hash_and_parse_only_as_shown() {
+        let sha: [u8; 32] = std::array::from_fn(|i| (i * 17) as u8);
+        let id = TokenId::of(&sha);
+        assert_eq!(id.to_string(), "001122334455");
+        assert_eq!(id.to_string().parse::<TokenId>().unwrap(), id);
+        assert!(id.names(&sha));
+        let mut other = sha;
+        other[5] ^= 1;
+        assert!(!id.names(&other));
+        for bad in [
+            "",
+            "0011223344",
+            "00112233445566",
+            "0011223344GG",
+            "00112233445A",
+            " 00112233445",
+        ] {
+            assert!(bad.parse::<TokenId>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -213,7 +213,11 @@ async fn org_tokens_see_and_change_only_their_org() {
     let admin = api.tcp(Some(&api.admin_token));
     admin.create_org(&org("acme")).await.unwrap();
     admin.create_org(&org("globex")).await.unwrap();
-    let acme_token = admin.create_org_token(&org("acme")).await.unwrap().token;
+    let acme_token = admin
+        .create_org_token(&org("acme"), None)
+        .await
+        .unwrap()
+        .token;
     let acme = api.tcp(Some(&acme_token));
 
     // Own org: allowed.
@@ -233,7 +237,8 @@ async fn org_tokens_see_and_change_only_their_org() {
             .map(|_| ()),
         acme.instances(&org("globex"), None).await.map(|_| ()),
         acme.create_org(&org("mine")).await.map(|_| ()),
-        acme.create_org_token(&org("acme")).await.map(|_| ()),
+        acme.create_org_token(&org("acme"), None).await.map(|_| ()),
+        acme.org_tokens(&org("acme")).await.map(|_| ()),
     ] {
         let (code, _) = status(result.unwrap_err());
         assert_eq!(code, StatusCode::FORBIDDEN);
@@ -260,6 +265,124 @@ async fn org_tokens_see_and_change_only_their_org() {
     }
     // The unix socket is root-only, so it needs no token.
     assert_eq!(api.unix.orgs().await.unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn org_tokens_are_listed_without_secrets_expire_and_revoke_at_once() {
+    let api = Api::start().await;
+    let admin = api.tcp(Some(&api.admin_token));
+    admin.create_org(&org("acme")).await.unwrap();
+    admin.create_org(&org("globex")).await.unwrap();
+    let forever = admin.create_org_token(&org("acme"), None).await.unwrap();
+    let brief = admin.create_org_token(&org("acme"), Some(1)).await.unwrap();
+    let other = admin.create_org_token(&org("globex"), None).await.unwrap();
+    assert_eq!(forever.expires_at, None);
+    assert!(brief.expires_at.is_some());
+
+    // Listed by id, with times, never the secret; each org its own.
+    let raw = admin
+        .raw(Method::GET, "/v1/orgs/acme/tokens", Vec::new())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw.1).into_owned();
+    assert_eq!(raw.0, StatusCode::OK, "{text}");
+    for secret in [&forever.token, &brief.token, &other.token] {
+        assert!(!text.contains(secret.as_str()), "{text}");
+    }
+    let listed = admin.org_tokens(&org("acme")).await.unwrap();
+    let mut ids: Vec<_> = listed.iter().map(|t| t.id).collect();
+    ids.sort();
+    let mut want = vec![forever.id, brief.id];
+    want.sort();
+    assert_eq!(ids, want);
+    assert!(listed.iter().all(|t| t.created_at > 0 && !t.expired));
+
+    // An expired token gets 401 saying so.
+    let acme_brief = api.tcp(Some(&brief.token));
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let (code, msg) = status(acme_brief.peers(&org("acme")).await.unwrap_err());
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    assert!(
+        msg.contains("expired") && msg.contains(&brief.id.to_string()),
+        "{msg}"
+    );
+    assert!(admin
+        .org_tokens(&org("acme"))
+        .await
+        .unwrap()
+        .iter()
+        .any(|t| t.id == brief.id && t.expired));
+
+    // Revoked: the next request fails; the org's other token and the other
+    // org's are untouched; revoking through the wrong org is a 404.
+    let acme = api.tcp(Some(&forever.token));
+    assert!(acme.peers(&org("acme")).await.is_ok());
+    let (code, _) = status(
+        admin
+            .revoke_org_token(&org("globex"), &forever.id)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    admin
+        .revoke_org_token(&org("acme"), &forever.id)
+        .await
+        .unwrap();
+    let (code, _) = status(acme.peers(&org("acme")).await.unwrap_err());
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    let (code, msg) = status(
+        admin
+            .revoke_org_token(&org("acme"), &forever.id)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, StatusCode::NOT_FOUND, "{msg}");
+    assert!(api
+        .tcp(Some(&other.token))
+        .peers(&org("globex"))
+        .await
+        .is_ok());
+    let left: Vec<_> = admin
+        .org_tokens(&org("acme"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(left, vec![brief.id]);
+
+    // Bad input: one clear 400, nothing written.
+    for (path, body) in [
+        ("/v1/orgs/acme/tokens", r#"{"expires_in_secs":0}"#),
+        (
+            "/v1/orgs/acme/tokens",
+            r#"{"expires_in_secs":99999999999999}"#,
+        ),
+        ("/v1/orgs/acme/tokens", r#"{"expires":"1d"}"#),
+    ] {
+        let (code, body) = admin
+            .raw(Method::POST, path, body.as_bytes().to_vec())
+            .await
+            .unwrap();
+        assert_eq!(
+            code,
+            StatusCode::BAD_REQUEST,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let (code, _) = admin
+        .raw(Method::DELETE, "/v1/orgs/acme/tokens/NOT-AN-ID", Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert_eq!(admin.org_tokens(&org("acme")).await.unwrap().len(), 1);
+    // A create without a body (older clients) still works.
+    let (code, _) = admin
+        .raw(Method::POST, "/v1/orgs/acme/tokens", Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(code, StatusCode::CREATED);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -609,3 +609,55 @@ fn peers_survive_a_gateway_restart() {
     assert_eq!(peers(&gw, "personal"), before);
     assert_eq!(gw.private_key(), key, "the gateway key changed");
 }
+
+#[test]
+fn org_tokens_are_minted_listed_without_secrets_and_revoked() {
+    require_root!();
+    let (gw, _) = gateway_with_org();
+    let out = gw.cli(&["orgs", "token", "personal", "--expires", "30d"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let token = stdout_of(&out).trim().to_owned();
+    assert!(
+        token.starts_with("sixpn_"),
+        "only the token on stdout: {token}"
+    );
+    let note = stderr_of(&out);
+    assert!(note.contains("expires"), "{note}");
+    let forever = gw.cli_ok(&["orgs", "token", "personal"]).trim().to_owned();
+
+    let listing = gw.cli_ok(&["orgs", "token", "personal", "--list"]);
+    assert!(
+        !listing.contains(&token) && !listing.contains(&forever),
+        "{listing}"
+    );
+    let rows = table(&listing);
+    assert_eq!(rows.len(), 3, "a header and two tokens: {listing}");
+    assert!(
+        listing.contains("never") && listing.contains("UTC"),
+        "{listing}"
+    );
+    let json = gw.cli_json(&["orgs", "token", "personal", "--list"]);
+    let ids: Vec<String> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 2);
+
+    let out = gw.cli(&["orgs", "token", "personal", "--revoke", &ids[0]]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let left = gw.cli_json(&["orgs", "token", "personal", "--list"]);
+    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+    // Again, or a bad id: one clear error line, nothing changed.
+    let out = gw.cli(&["orgs", "token", "personal", "--revoke", &ids[0]]);
+    assert!(!out.status.success());
+    assert_one_error_line(&stderr_of(&out), &["no token", &ids[0]]);
+    let out = gw.cli(&["orgs", "token", "personal", "--revoke", "zz"]);
+    assert!(!out.status.success());
+    assert_one_error_line(&stderr_of(&out), &["token id"]);
+    let out = gw.cli(&["orgs", "token", "personal", "--expires", "soon"]);
+    assert!(!out.status.success());
+    assert_one_error_line(&stderr_of(&out), &["invalid duration"]);
+    assert_eq!(gw.cli_json(&["orgs", "token", "personal", "--list"]), left);
+}

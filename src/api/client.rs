@@ -11,10 +11,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{
-    AddInstance, CreateOrg, CreatePeer, ErrorBody, Health, InstanceInfo, OrgInfo, OrgToken,
-    PeerInfo, PeerStatus, RegionInfo,
+    AddInstance, CreateOrg, CreateOrgToken, CreatePeer, ErrorBody, Health, InstanceInfo, OrgInfo,
+    OrgToken, PeerInfo, PeerStatus, RegionInfo, TokenInfo,
 };
-use crate::model::{AppName, InstanceId, OrgName, PeerName};
+use crate::model::{AppName, InstanceId, OrgName, PeerName, TokenId};
 
 /// One HTTP/1.1 request over an open stream.
 async fn exchange<S>(
@@ -220,8 +220,22 @@ impl Client {
         self.call(Method::POST, "/v1/orgs", Some(&body)).await
     }
     /// `POST /v1/orgs/{org}/tokens`.
-    pub async fn create_org_token(&self, org: &OrgName) -> Result<OrgToken, ClientError> {
-        self.call::<(), _>(Method::POST, &format!("/v1/orgs/{org}/tokens"), None)
+    pub async fn create_org_token(
+        &self,
+        org: &OrgName,
+        expires_in_secs: Option<u64>,
+    ) -> Result<OrgToken, ClientError> {
+        let body = CreateOrgToken { expires_in_secs };
+        self.call(Method::POST, &format!("/v1/orgs/{org}/tokens"), Some(&body))
+            .await
+    }
+    /// `GET /v1/orgs/{org}/tokens`.
+    pub async fn org_tokens(&self, org: &OrgName) -> Result<Vec<TokenInfo>, ClientError> {
+        self.get(&format!("/v1/orgs/{org}/tokens")).await
+    }
+    /// `DELETE /v1/orgs/{org}/tokens/{id}`.
+    pub async fn revoke_org_token(&self, org: &OrgName, id: &TokenId) -> Result<(), ClientError> {
+        self.call::<(), ()>(Method::DELETE, &format!("/v1/orgs/{org}/tokens/{id}"), None)
             .await
     }
     /// `GET /v1/orgs/{org}/peers`.

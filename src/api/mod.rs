@@ -10,7 +10,8 @@
 //! | GET | `/v1/health` | anyone with access |
 //! | GET | `/v1/regions` | any caller |
 //! | GET, POST | `/v1/orgs` | list: scoped; create: admin |
-//! | POST | `/v1/orgs/{org}/tokens` | admin |
+//! | GET, POST | `/v1/orgs/{org}/tokens` | admin |
+//! | DELETE | `/v1/orgs/{org}/tokens/{id}` | admin |
 //! | GET, POST | `/v1/orgs/{org}/peers` | the org |
 //! | DELETE | `/v1/orgs/{org}/peers/{name}` | the org |
 //! | GET | `/v1/orgs/{org}/peers/{name}/status` | the org |
@@ -27,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{
     AppName, Endpoint, GatewayName, HostId, InstanceId, MachineId, NetworkId, OrgName, OrgPrefix,
-    PeerName, PeerNet, ProcessGroup, PublicKey, RegionName,
+    PeerName, PeerNet, ProcessGroup, PublicKey, RegionName, TokenId,
 };
 use crate::store::{Instance, Org, Peer, Snapshot};
 
@@ -97,6 +98,20 @@ impl From<&Org> for OrgInfo {
     }
 }
 
+/// `POST /v1/orgs/{org}/tokens` body (optional: no body makes a token
+/// that never expires).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrgToken {
+    /// The token stops working this many seconds from now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_secs: Option<u64>,
+}
+
+/// The longest lifetime a token may be given (100 years): past it, "never"
+/// is what is meant.
+pub const MAX_TOKEN_LIFETIME_SECS: u64 = 100 * 365 * 24 * 3600;
+
 /// `POST /v1/orgs/{org}/tokens`: a new org-scoped token, shown once.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OrgToken {
@@ -104,6 +119,27 @@ pub struct OrgToken {
     pub org: OrgName,
     /// The bearer token.
     pub token: String,
+    /// Its id, for `--list` and `--revoke`.
+    pub id: TokenId,
+    /// When it stops working (unix seconds); absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+/// `GET /v1/orgs/{org}/tokens`: one token, never its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Its id.
+    pub id: TokenId,
+    /// Its org.
+    pub org: OrgName,
+    /// Made at (unix seconds; 0: before sixpn kept the time).
+    pub created_at: u64,
+    /// Stops working at (unix seconds); absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    /// Whether it has expired (by the server's clock).
+    pub expired: bool,
 }
 
 /// `POST /v1/orgs/{org}/peers`.

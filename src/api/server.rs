@@ -14,18 +14,20 @@ use axum::extract::{
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get};
 use axum::{Extension, Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::{
-    AddInstance, CreateOrg, CreatePeer, ErrorBody, Health, InstanceInfo, OrgInfo, OrgToken,
-    PeerInfo, PeerStatus, RegionInfo, MAX_BODY,
+    AddInstance, CreateOrg, CreateOrgToken, CreatePeer, ErrorBody, Health, InstanceInfo, OrgInfo,
+    OrgToken, PeerInfo, PeerStatus, RegionInfo, TokenInfo, MAX_BODY, MAX_TOKEN_LIFETIME_SECS,
 };
-use crate::model::{AppName, GatewayName, InstanceId, OrgName, PeerName, RegionName};
-use crate::store::{InstanceAddress, NewInstance, NewPeer, Store, StoreError};
+use crate::model::{AppName, GatewayName, InstanceId, OrgName, PeerName, RegionName, TokenId};
+use crate::store::{
+    InstanceAddress, NewInstance, NewOrgToken, NewPeer, OrgTokenRecord, Store, StoreError,
+};
 
 pub use crate::liveness::{
     DataplaneHealth, DataplaneView, PeerStats, FIRST_PASS_WAIT, INSTALL_WAIT,
@@ -183,6 +185,14 @@ pub fn new_token() -> String {
     )
 }
 
+/// Now, in unix seconds (the clock tokens expire by).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Compares two hashes in constant time.
 fn same_hash(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -226,7 +236,14 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
             return Ok(Caller::Admin);
         }
         match state.store.token_org(sha).await? {
-            Some(org) => Ok(Caller::Org(org)),
+            Some(t) if t.expired(unix_now()) => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "this token ({}) of org '{}' has expired; ask an admin for a new one",
+                    t.id, t.org
+                ),
+            )),
+            Some(t) => Ok(Caller::Org(t.org)),
             None => Err(unauthorized()),
         }
     }
@@ -263,7 +280,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/regions", get(regions))
         .route("/v1/orgs", get(list_orgs).post(create_org))
-        .route("/v1/orgs/{org}/tokens", post(create_token))
+        .route("/v1/orgs/{org}/tokens", get(list_tokens).post(create_token))
+        .route("/v1/orgs/{org}/tokens/{id}", delete(revoke_token))
         .route("/v1/orgs/{org}/peers", get(list_peers).post(create_peer))
         .route("/v1/orgs/{org}/peers/{name}", delete(remove_peer))
         .route("/v1/orgs/{org}/peers/{name}/status", get(peer_status))
@@ -371,12 +389,84 @@ async fn create_token(
     State(st): State<Arc<ApiState>>,
     caller: Caller,
     OrgPath(org): OrgPath,
+    body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<OrgToken>), ApiError> {
     caller.require_admin()?;
+    // No body at all is a token that never expires (what older clients send).
+    let req: CreateOrgToken = if body.iter().all(u8::is_ascii_whitespace) {
+        CreateOrgToken::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("bad body: {e}")))?
+    };
+    let now = unix_now();
+    let expires_at = match req.expires_in_secs {
+        None => None,
+        Some(0) => return Err(ApiError::bad_request("expires_in_secs must be at least 1")),
+        Some(s) if s > MAX_TOKEN_LIFETIME_SECS => {
+            return Err(ApiError::bad_request(format!(
+                "expires_in_secs may be at most {MAX_TOKEN_LIFETIME_SECS} (100 years); \
+                 leave it out for a token that never expires"
+            )))
+        }
+        Some(s) => Some(now + s),
+    };
     let token = new_token();
-    st.store.add_org_token(&org, token_sha256(&token)).await?;
-    tracing::info!(org = %org, "org token created");
-    Ok((StatusCode::CREATED, Json(OrgToken { org, token })))
+    let rec = st
+        .store
+        .add_org_token(&NewOrgToken {
+            org: org.clone(),
+            sha256: token_sha256(&token),
+            created_at: now,
+            expires_at,
+        })
+        .await?;
+    tracing::info!(org = %org, id = %rec.id, expires_at = ?rec.expires_at, "org token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(OrgToken {
+            org,
+            token,
+            id: rec.id,
+            expires_at: rec.expires_at,
+        }),
+    ))
+}
+
+async fn list_tokens(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    OrgPath(org): OrgPath,
+) -> ApiResult<Vec<TokenInfo>> {
+    caller.require_admin()?;
+    let now = unix_now();
+    let tokens = st.store.org_tokens(&org).await?;
+    Ok(Json(
+        tokens.into_iter().map(|t| token_info(t, now)).collect(),
+    ))
+}
+
+fn token_info(t: OrgTokenRecord, now: u64) -> TokenInfo {
+    TokenInfo {
+        expired: t.expired(now),
+        id: t.id,
+        org: t.org,
+        created_at: t.created_at,
+        expires_at: t.expires_at,
+    }
+}
+
+async fn revoke_token(
+    State(st): State<Arc<ApiState>>,
+    caller: Caller,
+    UrlPath((org, id)): UrlPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let org: OrgName = parse(&org)?;
+    let id: TokenId = parse(&id)?;
+    caller.require_admin()?;
+    let t = st.store.revoke_org_token(&org, &id).await?;
+    tracing::info!(org = %t.org, id = %t.id, "org token revoked");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_peers(

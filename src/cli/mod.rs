@@ -17,7 +17,7 @@ use crate::api::client::{Client, ClientError};
 use crate::api::{AddInstance, CreatePeer, PeerState};
 use crate::model::{
     AppName, HostId, InstanceId, InvalidValue, MachineId, OrgName, PeerName, PrivateKey,
-    ProcessGroup, PublicKey, RegionName,
+    ProcessGroup, PublicKey, RegionName, TokenId,
 };
 
 /// What a CLI command can fail with; each prints as one line.
@@ -107,10 +107,24 @@ pub enum OrgsCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Mint an API token that sees and changes only this org (admin only).
+    /// Mint an API token that sees and changes only this org (admin only);
+    /// or list or revoke the org's tokens.
     Token {
         /// The org.
         org: Option<String>,
+        /// The token stops working after this long: `90m`, `12h`, `30d`,
+        /// `3600s` or seconds (default: never).
+        #[arg(long, value_name = "DURATION", conflicts_with_all = ["list", "revoke"])]
+        expires: Option<String>,
+        /// List the org's tokens (id, created, expiry; never the secret).
+        #[arg(long, conflicts_with = "revoke")]
+        list: bool,
+        /// With --list: print JSON.
+        #[arg(long, requires = "list")]
+        json: bool,
+        /// Revoke the token with this id (from --list): it stops working at once.
+        #[arg(long, value_name = "ID")]
+        revoke: Option<String>,
     },
 }
 
@@ -324,10 +338,50 @@ pub async fn run(api: &str, command: Command) -> Result<(), CliError> {
             print_table(&["NAME", "PREFIX", "DNS"], rows);
             Ok(())
         }
-        Command::Orgs(OrgsCmd::Token { org }) => {
+        Command::Orgs(OrgsCmd::Token {
+            org,
+            expires,
+            list,
+            json,
+            revoke,
+        }) => {
             let org = p.select(org, "ORG", "Select organization", org_choices)?;
-            let t = client.create_org_token(&org).await?;
+            if let Some(id) = revoke {
+                let id: TokenId = id.parse()?;
+                client.revoke_org_token(&org, &id).await?;
+                eprintln!("revoked token {id} of org {org}");
+                return Ok(());
+            }
+            if list {
+                let tokens = client.org_tokens(&org).await?;
+                if json {
+                    return print_json(&tokens);
+                }
+                let rows = tokens
+                    .iter()
+                    .map(|t| {
+                        let created = match t.created_at {
+                            0 => "-".to_owned(),
+                            c => utc(c),
+                        };
+                        let expires = match (t.expires_at, t.expired) {
+                            (None, _) => "never".to_owned(),
+                            (Some(e), true) => format!("{} (expired)", utc(e)),
+                            (Some(e), false) => utc(e),
+                        };
+                        vec![t.id.to_string(), created, expires]
+                    })
+                    .collect();
+                print_table(&["ID", "CREATED", "EXPIRES"], rows);
+                return Ok(());
+            }
+            let expires_in = expires.as_deref().map(parse_duration).transpose()?;
+            let t = client.create_org_token(&org, expires_in).await?;
             println!("{}", t.token);
+            match t.expires_at {
+                Some(e) => eprintln!("token {} of org {org}, expires {}", t.id, utc(e)),
+                None => eprintln!("token {} of org {org}, never expires", t.id),
+            }
             Ok(())
         }
         Command::Wireguard(WgCmd::Create(args)) => {
@@ -639,6 +693,50 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
+/// `90m`, `12h`, `30d`, `3600s` or plain seconds, as seconds.
+fn parse_duration(s: &str) -> Result<u64, CliError> {
+    let bad = || {
+        CliError::Other(format!(
+            "invalid duration {s:?}: use e.g. 90m, 12h, 30d or 3600s"
+        ))
+    };
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(scale).filter(|&v| v > 0).ok_or_else(bad)
+}
+
+/// Unix seconds as `2026-12-07 13:05 UTC`.
+fn utc(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        secs / 3600,
+        secs % 3600 / 60
+    )
+}
+
 fn ago(unix: u64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -675,5 +773,38 @@ fn print_status(s: &crate::api::PeerStatus) {
     }
     if let Some(n) = &s.note {
         println!("  note:             {n}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_units_and_refuse_nonsense() {
+        assert_eq!(parse_duration("90m").unwrap(), 5_400);
+        assert_eq!(parse_duration("12h").unwrap(), 43_200);
+        assert_eq!(parse_duration("30d").unwrap(), 2_592_000);
+        assert_eq!(parse_duration("3600s").unwrap(), 3_600);
+        assert_eq!(parse_duration("42").unwrap(), 42);
+        for bad in [
+            "",
+            "0",
+            "0d",
+            "d",
+            "1w",
+            "-1h",
+            "1.5h",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn times_print_as_utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00 UTC");
+        assert_eq!(utc(1_796_643_900), "2026-12-07 11:45 UTC");
     }
 }

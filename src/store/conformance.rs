@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::model::{HostId, PrivateKey};
+use crate::model::{HostId, OrgName, PrivateKey, TokenId};
 
 /// Declares, in a backend's tests, one `#[tokio::test]` per single-store
 /// check of this suite, so a check added here runs on every backend.
@@ -221,13 +221,68 @@ pub async fn instances_and_tokens(store: &dyn Store) {
     assert_eq!(gone, inst);
     assert!(store.add_instance(&req).await.is_ok(), "address freed");
 
-    let sha = [7u8; 32];
-    assert_eq!(store.token_org(sha).await.unwrap(), None);
-    store
-        .add_org_token(&"o3".parse().unwrap(), sha)
+    tokens_list_expire_and_revoke(store).await;
+}
+
+/// Org tokens resolve to their org, with their times; each org lists only
+/// its own, without the secret; a revoked token resolves to nothing, and
+/// revoking needs the right org and id.
+async fn tokens_list_expire_and_revoke(store: &dyn Store) {
+    let (o3, o4): (OrgName, OrgName) = ("o3".parse().unwrap(), "o4".parse().unwrap());
+    let new = |org: &OrgName, sha: [u8; 32], expires_at| NewOrgToken {
+        org: org.clone(),
+        sha256: sha,
+        created_at: 1_000,
+        expires_at,
+    };
+    let (a, b, c) = ([7u8; 32], [8u8; 32], [9u8; 32]);
+    assert_eq!(store.token_org(a).await.unwrap(), None);
+    let ra = store.add_org_token(&new(&o3, a, None)).await.unwrap();
+    assert_eq!(ra.id, TokenId::of(&a));
+    assert_eq!(
+        (ra.org.as_str(), ra.created_at, ra.expires_at),
+        ("o3", 1_000, None)
+    );
+    let rb = store
+        .add_org_token(&new(&o3, b, Some(2_000)))
         .await
         .unwrap();
-    assert_eq!(store.token_org(sha).await.unwrap().unwrap().as_str(), "o3");
+    store.add_org_token(&new(&o4, c, None)).await.unwrap();
+    assert_eq!(store.token_org(a).await.unwrap(), Some(ra.clone()));
+    let got_b = store.token_org(b).await.unwrap().unwrap();
+    assert!(!got_b.expired(1_999) && got_b.expired(2_000), "{got_b:?}");
+    let e = store.add_org_token(&new(&o4, a, None)).await.unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+    let e = store
+        .add_org_token(&new(&"nope".parse().unwrap(), [1; 32], None))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::NotFound(_)), "{e}");
+
+    let mut listed = store.org_tokens(&o3).await.unwrap();
+    listed.sort_by_key(|t| t.id);
+    let mut want = vec![ra.clone(), rb.clone()];
+    want.sort_by_key(|t| t.id);
+    assert_eq!(listed, want);
+    assert_eq!(store.org_tokens(&o4).await.unwrap().len(), 1);
+    assert!(matches!(
+        store
+            .org_tokens(&"nope".parse().unwrap())
+            .await
+            .unwrap_err(),
+        StoreError::NotFound(_)
+    ));
+
+    // Another org's token can't be revoked through this org.
+    let e = store.revoke_org_token(&o4, &ra.id).await.unwrap_err();
+    assert!(matches!(e, StoreError::NotFound(_)), "{e}");
+    assert_eq!(store.revoke_org_token(&o3, &ra.id).await.unwrap(), ra);
+    assert_eq!(store.token_org(a).await.unwrap(), None);
+    assert!(matches!(
+        store.revoke_org_token(&o3, &ra.id).await.unwrap_err(),
+        StoreError::NotFound(_)
+    ));
+    assert_eq!(store.org_tokens(&o3).await.unwrap(), vec![rb]);
 }
 
 /// A host id is one gateway's, and a gateway keeps its host id; a restart

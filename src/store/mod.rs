@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::model::{
     AppName, Endpoint, GatewayName, HostId, InstanceId, MachineId, NetworkId, OrgName, OrgPrefix,
-    PeerName, PeerNet, PeerSlot, ProcessGroup, PublicKey, RegionName,
+    PeerName, PeerNet, PeerSlot, ProcessGroup, PublicKey, RegionName, TokenId,
 };
 
 /// A store-wide revision: it grows with every committed write.
@@ -262,6 +262,40 @@ pub struct NewInstance {
     pub started: bool,
 }
 
+/// An org-scoped API token as the store keeps it: its SHA-256 (never the
+/// token), its org, and when it was made and stops working.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrgTokenRecord {
+    /// Derived from the hash: what lists show and revocations name.
+    pub id: TokenId,
+    /// The org it sees and changes.
+    pub org: OrgName,
+    /// When it was made (unix seconds; 0: before sixpn kept the time).
+    pub created_at: u64,
+    /// When it stops working (unix seconds); None: never.
+    pub expires_at: Option<u64>,
+}
+
+impl OrgTokenRecord {
+    /// Whether the token has expired at `now` (unix seconds).
+    pub fn expired(&self, now: u64) -> bool {
+        self.expires_at.is_some_and(|t| now >= t)
+    }
+}
+
+/// A request to store a new org token.
+#[derive(Clone, Debug)]
+pub struct NewOrgToken {
+    /// The org.
+    pub org: OrgName,
+    /// SHA-256 of the token.
+    pub sha256: [u8; 32],
+    /// Now (unix seconds).
+    pub created_at: u64,
+    /// When it stops working; None: never.
+    pub expires_at: Option<u64>,
+}
+
 /// What can go wrong in a store call, by what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -321,11 +355,24 @@ pub trait Store: Send + Sync {
         id: &InstanceId,
     ) -> Result<Instance, StoreError>;
 
-    /// Stores the SHA-256 of a new org-scoped API token.
-    async fn add_org_token(&self, org: &OrgName, token_sha256: [u8; 32]) -> Result<(), StoreError>;
+    /// Stores a new org-scoped API token (its SHA-256).
+    async fn add_org_token(&self, token: &NewOrgToken) -> Result<OrgTokenRecord, StoreError>;
 
-    /// The org an API token (by its SHA-256) is scoped to, if any.
-    async fn token_org(&self, token_sha256: [u8; 32]) -> Result<Option<OrgName>, StoreError>;
+    /// The org token with this SHA-256, if any (expired ones too: the
+    /// caller decides, with its clock).
+    async fn token_org(&self, token_sha256: [u8; 32])
+        -> Result<Option<OrgTokenRecord>, StoreError>;
+
+    /// The org's tokens, by id. `NotFound` if there is no such org.
+    async fn org_tokens(&self, org: &OrgName) -> Result<Vec<OrgTokenRecord>, StoreError>;
+
+    /// Deletes one of the org's tokens: it stops working at once.
+    /// `NotFound` if the org has no token with this id.
+    async fn revoke_org_token(
+        &self,
+        org: &OrgName,
+        id: &TokenId,
+    ) -> Result<OrgTokenRecord, StoreError>;
 
     /// Publishes `gateway`'s report of what it has installed. It changes
     /// nothing a gateway installs, so it doesn't move the change feed (or

@@ -57,12 +57,12 @@ use tokio::sync::watch;
 use super::log::DeltaLog;
 use super::placement;
 use super::{
-    Delta, Gateway, Instance, NewInstance, NewPeer, Org, Peer, Revision, Snapshot, Store,
-    StoreError, SyncReport, SyncReports,
+    Delta, Gateway, Instance, NewInstance, NewOrgToken, NewPeer, Org, OrgTokenRecord, Peer,
+    Revision, Snapshot, Store, StoreError, SyncReport, SyncReports,
 };
 use crate::model::{
     self, AppName, GatewayName, InstanceId, NetworkId, OrgName, PeerName, PeerSlot, ProcessGroup,
-    PublicKey, RegionName,
+    PublicKey, RegionName, TokenId,
 };
 
 /// The bound on every request: past it the store counts as unavailable.

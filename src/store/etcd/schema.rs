@@ -19,7 +19,7 @@
 //! | `P keys/<public key, hex>` | `<org>/<peer>` | public-key uniqueness |
 //! | `P instances/<org>/<app>/<id>` | [`InstanceRecord`] | an app instance |
 //! | `P addrs/<address>` | `<org>/<app>/<id>` | instance-address uniqueness |
-//! | `P tokens/<sha256, hex>` | org name | org-scoped API tokens |
+//! | `P tokens/<sha256, hex>` | [`TokenValue`] (or, written before 0.3, the bare org name) | org-scoped API tokens |
 //! | `P synced/<gateway>` | [`SyncReport`] | what the gateway has installed |
 //! | `P written` | empty | put by every write: its mod revision is the newest write |
 //!
@@ -152,6 +152,13 @@ impl Keys {
     pub(super) fn token(&self, sha: &[u8; 32]) -> String {
         self.k(format_args!("tokens/{}", hex(sha)))
     }
+    /// Every token key whose hash starts with the id's bytes.
+    pub(super) fn tokens_with(&self, id: &TokenId) -> String {
+        self.k(format_args!("tokens/{id}"))
+    }
+    pub(super) fn tokens(&self) -> String {
+        self.k("tokens/")
+    }
     pub(super) fn synced(&self, gw: &GatewayName) -> String {
         self.k(format_args!("synced/{gw}"))
     }
@@ -182,6 +189,58 @@ pub(super) fn decode<T: serde::de::DeserializeOwned>(
 
 pub(super) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(|e| StoreError::Internal(format!("encoding: {e}")))
+}
+
+/// An org token as stored under `tokens/<sha256>`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenValue {
+    /// Its org.
+    pub org: OrgName,
+    /// Made at (unix seconds).
+    pub created_at: u64,
+    /// Stops working at (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+/// A `tokens/<sha256>` key and value as the record; values written before
+/// tokens had times are the bare org name.
+pub(super) fn token_record(keys: &Keys, kv: &KeyValue) -> Result<OrgTokenRecord, StoreError> {
+    let bad = || {
+        StoreError::Internal(format!(
+            "corrupt token key {:?}",
+            String::from_utf8_lossy(kv.key())
+        ))
+    };
+    let Some(parts) = keys.parts(kv.key()) else {
+        return Err(bad());
+    };
+    let ["tokens", h] = parts.as_slice() else {
+        return Err(bad());
+    };
+    let mut sha = [0u8; 32];
+    if h.len() != 64 {
+        return Err(bad());
+    }
+    for (i, b) in sha.iter_mut().enumerate() {
+        *b = u8::from_str_radix(h.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16).map_err(|_| bad())?;
+    }
+    let v = match serde_json::from_slice::<TokenValue>(kv.value()) {
+        Ok(v) => v,
+        Err(_) => TokenValue {
+            org: text(kv, "token org")?
+                .parse()
+                .map_err(corrupt("org name"))?,
+            created_at: 0,
+            expires_at: None,
+        },
+    };
+    Ok(OrgTokenRecord {
+        id: TokenId::of(&sha),
+        org: v.org,
+        created_at: v.created_at,
+        expires_at: v.expires_at,
+    })
 }
 
 pub(super) fn text(kv: &KeyValue, what: &str) -> Result<String, StoreError> {

@@ -308,7 +308,14 @@ async fn followed_snapshots_match_whole_reads() {
             }
             90..95 => {
                 let Some(o) = org(&mut rng) else { continue };
-                w.add_org_token(&o, rand::random()).await.unwrap();
+                w.add_org_token(&crate::store::NewOrgToken {
+                    org: o,
+                    sha256: rand::random(),
+                    created_at: 1,
+                    expires_at: None,
+                })
+                .await
+                .unwrap();
             }
             95..98 => {
                 // A restart registers again: no change.

@@ -293,13 +293,23 @@ impl Store for EtcdStore {
         Err(contention("remove instance"))
     }
 
-    async fn add_org_token(&self, org: &OrgName, sha: [u8; 32]) -> Result<(), StoreError> {
-        let (_, org_kv) = self.org(org).await?;
-        let tkey = self.keys.token(&sha);
+    async fn add_org_token(&self, t: &NewOrgToken) -> Result<OrgTokenRecord, StoreError> {
+        let (_, org_kv) = self.org(&t.org).await?;
+        let tkey = self.keys.token(&t.sha256);
+        let value = TokenValue {
+            org: t.org.clone(),
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+        };
         let cmps = [not_exists(&tkey), unchanged(&org_kv)];
-        let ops = vec![put(tkey.as_str(), org.as_str())];
+        let ops = vec![put(tkey.as_str(), encode(&value)?)];
         if self.commit(cmps, ops).await?.is_some() {
-            Ok(())
+            Ok(OrgTokenRecord {
+                id: TokenId::of(&t.sha256),
+                org: t.org.clone(),
+                created_at: t.created_at,
+                expires_at: t.expires_at,
+            })
         } else {
             Err(StoreError::Conflict(
                 "that token is already registered".into(),
@@ -307,11 +317,56 @@ impl Store for EtcdStore {
         }
     }
 
-    async fn token_org(&self, sha: [u8; 32]) -> Result<Option<OrgName>, StoreError> {
+    async fn token_org(&self, sha: [u8; 32]) -> Result<Option<OrgTokenRecord>, StoreError> {
         self.get(&self.keys.token(&sha))
             .await?
-            .map(|kv| text(&kv, "token org")?.parse().map_err(corrupt("org name")))
+            .map(|kv| token_record(&self.keys, &kv))
             .transpose()
+    }
+
+    async fn org_tokens(&self, org: &OrgName) -> Result<Vec<OrgTokenRecord>, StoreError> {
+        self.org(org).await?;
+        // Tokens are few (minted by hand); one range read of them all.
+        let mut out = Vec::new();
+        for kv in self.range(&self.keys.tokens(), false).await? {
+            let t = token_record(&self.keys, &kv)?;
+            if &t.org == org {
+                out.push(t);
+            }
+        }
+        out.sort_by_key(|t| t.id);
+        Ok(out)
+    }
+
+    async fn revoke_org_token(
+        &self,
+        org: &OrgName,
+        id: &TokenId,
+    ) -> Result<OrgTokenRecord, StoreError> {
+        let missing = || {
+            StoreError::NotFound(format!(
+                "org '{org}' has no token {id} (see `sixpn orgs token {org} --list`)"
+            ))
+        };
+        for attempt in 0..MAX_ATTEMPTS {
+            let mut found = None;
+            for kv in self.range(&self.keys.tokens_with(id), false).await? {
+                let t = token_record(&self.keys, &kv)?;
+                if &t.org == org {
+                    found = Some((t, kv));
+                    break;
+                }
+            }
+            let Some((t, kv)) = found else {
+                return Err(missing());
+            };
+            let ops = vec![TxnOp::delete(kv.key(), None)];
+            if self.commit([unchanged(&kv)], ops).await?.is_some() {
+                return Ok(t);
+            }
+            jitter(attempt).await;
+        }
+        Err(contention("revoke token"))
     }
 
     async fn report_sync(

@@ -26,10 +26,10 @@ use tokio::sync::watch;
 
 use super::log::DeltaLog;
 use super::{
-    Delta, Gateway, Instance, NewInstance, NewPeer, Org, Peer, Revision, Snapshot, Store,
-    StoreError, SyncReport, SyncReports,
+    Delta, Gateway, Instance, NewInstance, NewOrgToken, NewPeer, Org, OrgTokenRecord, Peer,
+    Revision, Snapshot, Store, StoreError, SyncReport, SyncReports,
 };
-use crate::model::{self, GatewayName, NetworkId, OrgName, PeerName, PeerSlot};
+use crate::model::{self, GatewayName, NetworkId, OrgName, PeerName, PeerSlot, TokenId};
 
 /// A store in one SQLite file.
 pub struct SqliteStore {
@@ -170,6 +170,33 @@ impl Drop for SqliteStore {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// One org_tokens row as read: hash, org name, created, expires.
+type TokenRow = (Vec<u8>, String, i64, Option<i64>);
+
+fn token_columns(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+}
+
+fn sha_of(b: &[u8]) -> Option<[u8; 32]> {
+    b.try_into().ok()
+}
+
+fn token_record((sha, org, created, expires): TokenRow) -> Result<OrgTokenRecord, StoreError> {
+    let sha =
+        sha_of(&sha).ok_or_else(|| StoreError::Internal("a token hash is not 32 bytes".into()))?;
+    let time = |t: i64| u64::try_from(t).map_err(corrupt("token time"));
+    Ok(OrgTokenRecord {
+        id: TokenId::of(&sha),
+        org: org.parse().map_err(corrupt("org name"))?,
+        created_at: time(created)?,
+        expires_at: expires.map(time).transpose()?,
+    })
+}
+
+fn sql_time(t: u64) -> Result<i64, StoreError> {
+    i64::try_from(t).map_err(|_| StoreError::Invalid(format!("time {t} is out of range")))
 }
 
 #[async_trait]
@@ -599,37 +626,123 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn add_org_token(&self, org: &OrgName, sha: [u8; 32]) -> Result<(), StoreError> {
-        let org = org.clone();
+    async fn add_org_token(&self, token: &NewOrgToken) -> Result<OrgTokenRecord, StoreError> {
+        let t = token.clone();
         self.write(
             move |tx| {
-                let (org_id, _) = org_row(tx, &org)?;
+                let (org_id, _) = org_row(tx, &t.org)?;
+                let taken: Option<i64> = tx
+                    .query_row(
+                        "SELECT 1 FROM org_tokens WHERE sha256 = ?1",
+                        [t.sha256.to_vec()],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(internal)?;
+                if taken.is_some() {
+                    return Err(StoreError::Conflict(
+                        "that token is already registered".into(),
+                    ));
+                }
                 tx.execute(
-                    "INSERT INTO org_tokens (sha256, org_id) VALUES (?1, ?2)",
-                    params![sha.to_vec(), org_id],
+                    "INSERT INTO org_tokens (sha256, org_id, created_at, expires_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        t.sha256.to_vec(),
+                        org_id,
+                        sql_time(t.created_at)?,
+                        t.expires_at.map(sql_time).transpose()?
+                    ],
                 )
                 .map_err(internal)?;
-                Ok(())
+                Ok(OrgTokenRecord {
+                    id: TokenId::of(&t.sha256),
+                    org: t.org,
+                    created_at: t.created_at,
+                    expires_at: t.expires_at,
+                })
             },
             |_| Some(Delta::Unchanged),
         )
         .await
     }
 
-    async fn token_org(&self, sha: [u8; 32]) -> Result<Option<OrgName>, StoreError> {
+    async fn token_org(&self, sha: [u8; 32]) -> Result<Option<OrgTokenRecord>, StoreError> {
         self.with_conn(move |conn| {
-            let name: Option<String> = conn
-                .query_row(
-                    "SELECT o.name FROM org_tokens t JOIN orgs o ON o.id = t.org_id
-                     WHERE t.sha256 = ?1",
-                    [sha.to_vec()],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(internal)?;
-            name.map(|n| n.parse().map_err(corrupt("org name")))
-                .transpose()
+            conn.query_row(
+                "SELECT t.sha256, o.name, t.created_at, t.expires_at
+                 FROM org_tokens t JOIN orgs o ON o.id = t.org_id WHERE t.sha256 = ?1",
+                [sha.to_vec()],
+                token_columns,
+            )
+            .optional()
+            .map_err(internal)?
+            .map(token_record)
+            .transpose()
         })
+        .await
+    }
+
+    async fn org_tokens(&self, org: &OrgName) -> Result<Vec<OrgTokenRecord>, StoreError> {
+        let org = org.clone();
+        self.with_conn(move |conn| {
+            let (org_id, _) = org_row(conn, &org)?;
+            let mut stmt = conn
+                .prepare(
+                    "SELECT t.sha256, o.name, t.created_at, t.expires_at
+                     FROM org_tokens t JOIN orgs o ON o.id = t.org_id WHERE t.org_id = ?1",
+                )
+                .map_err(internal)?;
+            let rows = stmt
+                .query_map([org_id], token_columns)
+                .map_err(internal)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(internal)?;
+            let mut out = rows
+                .into_iter()
+                .map(token_record)
+                .collect::<Result<Vec<_>, _>>()?;
+            out.sort_by_key(|t| t.id);
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn revoke_org_token(
+        &self,
+        org: &OrgName,
+        id: &TokenId,
+    ) -> Result<OrgTokenRecord, StoreError> {
+        let (org, id) = (org.clone(), *id);
+        self.write(
+            move |tx| {
+                let (org_id, _) = org_row(tx, &org)?;
+                let mut stmt = tx
+                    .prepare(
+                        "SELECT t.sha256, o.name, t.created_at, t.expires_at
+                         FROM org_tokens t JOIN orgs o ON o.id = t.org_id WHERE t.org_id = ?1",
+                    )
+                    .map_err(internal)?;
+                let rows = stmt
+                    .query_map([org_id], token_columns)
+                    .map_err(internal)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(internal)?;
+                drop(stmt);
+                let Some(row) = rows
+                    .into_iter()
+                    .find(|r| sha_of(&r.0).is_some_and(|s| id.names(&s)))
+                else {
+                    return Err(StoreError::NotFound(format!(
+                        "org '{org}' has no token {id} (see `sixpn orgs token {org} --list`)"
+                    )));
+                };
+                tx.execute("DELETE FROM org_tokens WHERE sha256 = ?1", [row.0.clone()])
+                    .map_err(internal)?;
+                token_record(row)
+            },
+            |_| Some(Delta::Unchanged),
+        )
         .await
     }
 

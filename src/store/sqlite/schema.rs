@@ -54,6 +54,11 @@ pub(super) const MIGRATIONS: &[&str] = &[
          gateway TEXT PRIMARY KEY,
          report TEXT NOT NULL
      );",
+    // 3: when each org token was made and stops working (tokens made
+    // before keep created_at 0 and never expire).
+    "ALTER TABLE org_tokens ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE org_tokens ADD COLUMN expires_at INTEGER;
+     CREATE INDEX org_tokens_org ON org_tokens (org_id);",
 ];
 
 pub(super) fn open_conn(path: &Path) -> Result<Connection, StoreError> {

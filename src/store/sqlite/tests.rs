@@ -165,9 +165,15 @@ mod prop {
                             store.remove_instance(&org(o), &app, &id(n)).await.map(|_| ())
                         }
                         Write::Org(o) => store.create_org(&org(o)).await.map(|_| ()),
-                        Write::Token(o) => {
-                            store.add_org_token(&org(o), [o; 32]).await
-                        }
+                        Write::Token(o) => store
+                            .add_org_token(&crate::store::NewOrgToken {
+                                org: org(o),
+                                sha256: [o; 32],
+                                created_at: 1,
+                                expires_at: None,
+                            })
+                            .await
+                            .map(|_| ()),
                         Write::Foreign(n) => {
                             other.add_instance(&instance(0, n + 100)).await.map(|_| ())
                         }
