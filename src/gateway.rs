@@ -292,7 +292,7 @@ pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<
         None => None,
     };
 
-    let (wg, nl, fw) = linux_dataplane(&config)?;
+    let ((wg, nl, fw), mut port_in_use) = linux_dataplane(&config)?;
     tracing::info!(backend = wg.backend_name(), interface = %config.gateway.interface,
         "WireGuard backend chosen");
 
@@ -353,10 +353,19 @@ pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<
     // (A fresh store is at revision 0, which `published` doesn't count; a
     // complete first pass does.)
     let up = |i: &Arc<crate::reconcile::Installed>| i.published() || i.last_sync.is_some();
-    if tokio::time::timeout(DATAPLANE_UP, first_pass.wait_for(up))
-        .await
-        .is_ok_and(|r| r.is_ok())
-    {
+    // A listen port someone else holds won't free itself: that fails the
+    // start, in one line and unregistered, instead of a retry for ever. The
+    // pass sets it before it publishes, so `biased` sees it first.
+    let taken = async {
+        let taken = port_in_use.wait_for(Option::is_some).await;
+        taken.ok().and_then(|e| e.clone())
+    };
+    let dataplane_up = tokio::select! {
+        biased;
+        Some(e) = taken => return Err(GatewayError::Kernel(e)),
+        r = tokio::time::timeout(DATAPLANE_UP, first_pass.wait_for(up)) => r.is_ok_and(|r| r.is_ok()),
+    };
+    if dataplane_up {
         register(store.as_ref(), &me).await?;
     } else {
         tracing::error!(interface = %config.gateway.interface, wait = ?DATAPLANE_UP,
@@ -486,16 +495,20 @@ fn config_differences(a: &Config, b: &Config) -> Vec<&'static str> {
 /// The kernel adapters the reconciler drives.
 type Adapters = (Arc<dyn WgDevice>, Arc<dyn Netlink>, Arc<dyn Firewall>);
 
+/// [`crate::dataplane::linux::LinuxWg::port_in_use`].
+type PortInUse = tokio::sync::watch::Receiver<Option<KernelError>>;
+
 /// The Linux adapters for the configured interface and backend, all in the
 /// daemon's network namespace (nftables events are per namespace too).
-fn linux_dataplane(config: &Config) -> Result<Adapters, GatewayError> {
+fn linux_dataplane(config: &Config) -> Result<(Adapters, PortInUse), GatewayError> {
     let wg = crate::dataplane::linux::LinuxWg::new(
         config.gateway.interface.clone(),
         config.gateway.backend,
     )?;
+    let port_in_use = wg.port_in_use();
     let nl = crate::dataplane::linux::LinuxNetlink::new()?;
     let fw = crate::dataplane::linux::LinuxFirewall::new()?;
-    Ok((Arc::new(wg), Arc::new(nl), Arc::new(fw)))
+    Ok(((Arc::new(wg), Arc::new(nl), Arc::new(fw)), port_in_use))
 }
 
 #[cfg(test)]

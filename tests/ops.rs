@@ -421,3 +421,69 @@ fn backend_kernel_without_the_module_fails_start_in_one_line() {
         assert_eq!(stdout_of(&out).trim(), "", "registered");
     }
 }
+
+/// A child process killed (and reaped) however the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_listen_port_in_use_fails_start_in_one_line() {
+    require_root!();
+    require_tools!("ip", "wireguard-go", "python3");
+    let port = 51_830;
+    let ns = Netns::new();
+    // Another program holds the UDP port (v6 and, dual-stack, v4) there.
+    let holder = format!(
+        "import socket, time\n\
+         s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         s.bind(('::', {port}))\n\
+         print('bound', flush=True)\n\
+         time.sleep(60)\n"
+    );
+    let mut holder = KillOnDrop(
+        ns.cmd("python3")
+            .args(["-c", &holder])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    let out = holder.0.stdout.take().unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).unwrap();
+    assert_eq!(line.trim(), "bound");
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nname = \"pt-1\"\nregion = \"lhr\"\nhost_id = \"a7b:43\"\n\
+             interface = \"{}\"\nendpoint = \"127.0.0.1:{port}\"\nlisten_port = {port}\n\
+             private_key_file = \"{d}/gw.key\"\nbackend = \"userspace\"\n\
+             [store]\npath = \"{d}/state.db\"\n[api]\nsocket = \"{d}/api.sock\"\n",
+            common::unique_ifname()
+        ),
+    )
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let err = refused_start(&ns, &config);
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("Error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(errors[0].contains(&format!("UDP port {port}")), "{err}");
+    assert!(errors[0].contains("in use"), "{err}");
+    assert!(errors[0].contains("listen_port"), "{err}");
+    // Never registered: no new peer is ever placed on it.
+    let out = run(Command::new("sqlite3")
+        .arg(dir.path().join("state.db"))
+        .arg("SELECT name FROM gateways"));
+    assert_eq!(stdout_of(&out).trim(), "", "registered");
+    drop(holder);
+}

@@ -195,29 +195,119 @@ pub(super) fn forward_udp(
     true
 }
 
+/// How long a full listener waits for an evicted connection's slot
+/// before it gives up and rejects the new one. The evicted task is parked
+/// on its read and lets go within microseconds; this only bounds how long
+/// an overloaded runtime can stall the accept loop.
+const EVICT_WAIT: Duration = Duration::from_millis(200);
+
+/// [`Conn::idle_since`] while a query is being read, answered, forwarded
+/// or written.
+const BUSY: u64 = 0;
+/// [`Conn::idle_since`] once the accept loop has claimed the connection.
+const EVICTED: u64 = u64::MAX;
+
+/// One connection as its listener's accept loop sees it. The connection
+/// writes `idle_since` once per query (idle when it waits for the next
+/// one, [`BUSY`] when the first byte arrives); the accept loop reads it
+/// only when the listener is full.
+pub(super) struct Conn {
+    /// When the connection began waiting for its next query (nanoseconds
+    /// since the listener started, from 1), or [`BUSY`], or [`EVICTED`].
+    /// Eviction and the start of a query race on this one word: whichever
+    /// swaps it first wins, so a connection that has begun a query is never
+    /// closed for a newcomer.
+    idle_since: AtomicU64,
+    /// Wakes the connection's idle read once it has been evicted.
+    evict: tokio::sync::Notify,
+}
+
+impl Conn {
+    fn new(now: u64) -> Self {
+        Self {
+            idle_since: AtomicU64::new(now),
+            evict: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+/// The listener's clock for [`Conn::idle_since`]: never [`BUSY`] or
+/// [`EVICTED`].
+fn stamp(epoch: tokio::time::Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_nanos())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
+        .min(EVICTED - 1)
+}
+
+/// Claims the connection idle longest, if any is idle, and wakes it so it
+/// closes. A connection that starts a query while we look is passed over.
+fn evict_idlest(conns: &HashMap<tokio::task::Id, (IpAddr, Arc<Conn>)>) -> bool {
+    // Each lost race means that connection just went busy; a few tries
+    // are plenty, and the loop can't spin on a client flipping fast.
+    for _ in 0..4 {
+        let idlest = conns
+            .values()
+            .map(|(_, c)| (c.idle_since.load(Ordering::Relaxed), c))
+            .filter(|(t, _)| *t != BUSY && *t != EVICTED)
+            .min_by_key(|(t, _)| *t);
+        let Some((t, c)) = idlest else {
+            return false;
+        };
+        if c.idle_since
+            .compare_exchange(t, EVICTED, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            c.evict.notify_one();
+            return true;
+        }
+    }
+    false
+}
+
+/// Accepts connections up to [`Limits::tcp_connections`] (and
+/// [`Limits::tcp_connections_per_source`] for one source). When the
+/// listener is full, the connection idle longest is closed to make room;
+/// only when none is idle is the newcomer reset.
 pub(super) async fn serve_tcp(listener: TcpListener, prefix: OrgPrefix, ctx: Arc<Ctx>) {
     let slots = Arc::new(Semaphore::new(ctx.limits.tcp_connections));
     // One source (a peer) may hold only its share of the listener, so it
     // can't lock the rest of its org out of TCP DNS.
     let per_source = ctx.limits.tcp_connections_per_source.max(1);
     let mut by_source: HashMap<IpAddr, usize> = HashMap::new();
-    let mut conns = JoinSet::new();
+    let epoch = tokio::time::Instant::now();
+    // Keyed by task, so that one which panicked is forgotten too.
+    let mut live: HashMap<tokio::task::Id, (IpAddr, Arc<Conn>)> = HashMap::new();
+    let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, from)) => {
                     let held = by_source.get(&from.ip()).copied().unwrap_or(0);
-                    let slot = (held < per_source)
-                        .then(|| slots.clone().try_acquire_owned().ok())
-                        .flatten();
+                    let slot = if held >= per_source {
+                        None
+                    } else if let Ok(slot) = slots.clone().try_acquire_owned() {
+                        Some(slot)
+                    } else if evict_idlest(&live) {
+                        inc(&ctx.metrics.tcp_evicted);
+                        // Only this loop acquires, so the slot the evicted
+                        // task lets go of is ours.
+                        tokio::time::timeout(EVICT_WAIT, slots.clone().acquire_owned())
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                    } else {
+                        None
+                    };
                     match slot {
                         Some(slot) => {
                             *by_source.entry(from.ip()).or_insert(0) += 1;
-                            let ctx = ctx.clone();
-                            conns.spawn(async move {
-                                serve_conn(stream, from, prefix, ctx, slot).await;
-                                from.ip()
+                            let (ctx, conn) = (ctx.clone(), Arc::new(Conn::new(stamp(epoch))));
+                            let ours = conn.clone();
+                            let task = tasks.spawn(async move {
+                                serve_conn(stream, from, prefix, ctx, slot, &ours, epoch).await;
                             });
+                            live.insert(task.id(), (from.ip(), conn));
                         }
                         None => {
                             inc(&ctx.metrics.tcp_rejected);
@@ -233,8 +323,9 @@ pub(super) async fn serve_tcp(listener: TcpListener, prefix: OrgPrefix, ctx: Arc
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             },
-            Some(done) = conns.join_next(), if !conns.is_empty() => {
-                if let Ok(ip) = done {
+            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                let id = done.map_or_else(|e| e.id(), |(id, ())| id);
+                if let Some((ip, _)) = live.remove(&id) {
                     if let std::collections::hash_map::Entry::Occupied(mut e) = by_source.entry(ip) {
                         *e.get_mut() -= 1;
                         if *e.get() == 0 {
@@ -254,6 +345,8 @@ pub(super) async fn serve_conn(
     prefix: OrgPrefix,
     ctx: Arc<Ctx>,
     _slot: OwnedSemaphorePermit,
+    conn: &Conn,
+    epoch: tokio::time::Instant,
 ) {
     let _ = stream.set_nodelay(true);
     let idle = ctx.limits.tcp_idle;
@@ -263,14 +356,30 @@ pub(super) async fn serve_conn(
     let mut out = Vec::with_capacity(512);
     let mut frame = Vec::with_capacity(514);
     let src = ctx.source(from);
-    for _ in 0..ctx.limits.tcp_queries {
-        let mut len = [0u8; 2];
-        match tokio::time::timeout(idle, rd.read_exact(&mut len)).await {
-            Ok(Ok(_)) => {}
-            _ => return,
+    for i in 0..ctx.limits.tcp_queries {
+        // Idle until the first byte of the next message is here (pipelined
+        // ones already are); the accept loop may close us meanwhile.
+        if i > 0 {
+            conn.idle_since.store(stamp(epoch), Ordering::Relaxed);
         }
-        query.resize(usize::from(u16::from_be_bytes(len)), 0);
-        match tokio::time::timeout(idle, rd.read_exact(&mut query)).await {
+        tokio::select! {
+            biased;
+            () = conn.evict.notified() => return,
+            r = tokio::time::timeout(idle, rd.fill_buf()) => match r {
+                Ok(Ok(b)) if !b.is_empty() => {}
+                _ => return,
+            },
+        }
+        if conn.idle_since.swap(BUSY, Ordering::Relaxed) == EVICTED {
+            return;
+        }
+        let read = async {
+            let mut len = [0u8; 2];
+            rd.read_exact(&mut len).await?;
+            query.resize(usize::from(u16::from_be_bytes(len)), 0);
+            rd.read_exact(&mut query).await
+        };
+        match tokio::time::timeout(idle, read).await {
             Ok(Ok(_)) => {}
             _ => return,
         }

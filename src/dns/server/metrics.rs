@@ -19,6 +19,7 @@ pub struct DnsMetrics {
     pub(super) forward_failed: AtomicU64,
     pub(super) forward_rejected: AtomicU64,
     pub(super) tcp_rejected: AtomicU64,
+    pub(super) tcp_evicted: AtomicU64,
     pub(super) zone_swaps: AtomicU64,
 }
 
@@ -39,8 +40,12 @@ pub struct MetricsSnapshot {
     pub forward_failed: u64,
     /// Forwards refused because [`Limits::max_forwards`] were in flight.
     pub forward_rejected: u64,
-    /// TCP connections closed at accept: the listener was full.
+    /// TCP connections closed at accept: the listener was full and none
+    /// was idle, or the source held its share.
     pub tcp_rejected: u64,
+    /// Idle TCP connections closed to make room for a new one: the
+    /// listener was full.
+    pub tcp_evicted: u64,
     /// Zone indexes swapped in.
     pub zone_swaps: u64,
 }
@@ -73,6 +78,7 @@ impl DnsMetrics {
             forward_failed: get(&self.forward_failed),
             forward_rejected: get(&self.forward_rejected),
             tcp_rejected: get(&self.tcp_rejected),
+            tcp_evicted: get(&self.tcp_evicted),
             zone_swaps: get(&self.zone_swaps),
         }
     }
@@ -150,8 +156,15 @@ impl MetricsSource for DnsMetrics {
             out,
             "sixpn_dns_tcp_rejected_total",
             "counter",
-            "TCP connections refused because the listener was full.",
+            "TCP connections refused because the listener was full and none was idle.",
             m.tcp_rejected,
+        );
+        crate::metrics::family(
+            out,
+            "sixpn_dns_tcp_evicted_total",
+            "counter",
+            "Idle TCP connections closed to make room for a new one.",
+            m.tcp_evicted,
         );
         crate::metrics::family(
             out,

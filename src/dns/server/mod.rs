@@ -39,7 +39,9 @@
 //! order it sent them (the socket buffer is the queue; at most one query per
 //! connection is in flight). Bounds: [`Limits::tcp_connections`] per
 //! listener and [`Limits::tcp_connections_per_source`] for one source
-//! address in it (more are closed at accept), [`Limits::tcp_idle`] for every read
+//! address in it (more are closed at accept; a full listener first closes
+//! the connection idle longest, one waiting for its next query, never one
+//! mid-query), [`Limits::tcp_idle`] for every read
 //! and write (a silent or slow client is dropped), and
 //! [`Limits::tcp_queries`] per connection, after which it is closed.
 //!
@@ -73,7 +75,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, Interest};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};

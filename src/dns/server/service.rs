@@ -368,6 +368,7 @@ impl DnsService {
             forward_failed = m.forward_failed,
             forward_rejected = m.forward_rejected,
             tcp_rejected = m.tcp_rejected,
+            tcp_evicted = m.tcp_evicted,
             "DNS stopping"
         );
         for (_, l) in std::mem::take(&mut self.listeners) {

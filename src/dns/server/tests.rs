@@ -254,7 +254,12 @@ async fn tcp_connections_are_bounded_idle_ones_closed_and_queries_capped() {
             .unwrap();
         read_frame(s).await.unwrap();
     }
-    // A third is closed at once.
+    // Both begin another query, so neither is idle: a third is closed at
+    // once.
+    for s in [&mut a, &mut b] {
+        s.write_all(&[0]).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
     let mut c = TcpStream::connect(l.local).await.unwrap();
     let mut byte = [0u8; 1];
     let r = tokio::time::timeout(Duration::from_secs(1), c.read(&mut byte))
@@ -262,13 +267,25 @@ async fn tcp_connections_are_bounded_idle_ones_closed_and_queries_capped() {
         .expect("the third connection was not closed");
     assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
     assert_eq!(ctx.metrics.snapshot().tcp_rejected, 1);
-    // Idle connections are closed after the idle timeout…
+    // Silent or slow connections are closed after the idle timeout…
     let t0 = Instant::now();
     let r = a.read(&mut byte).await;
     assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
     let idle = t0.elapsed();
     assert!(idle < Duration::from_secs(2), "closed after {idle:?}");
     drop((a, b));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // …as are silent ones…
+    let mut e = TcpStream::connect(l.local).await.unwrap();
+    let t0 = Instant::now();
+    let r = e.read(&mut byte).await;
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    let idle = t0.elapsed();
+    assert!(
+        (Duration::from_millis(250)..Duration::from_secs(2)).contains(&idle),
+        "closed after {idle:?}"
+    );
+    drop(e);
     tokio::time::sleep(Duration::from_millis(50)).await;
     // …which frees their slots; a connection gets `tcp_queries` answers.
     let mut d = TcpStream::connect(l.local).await.unwrap();
@@ -634,4 +651,92 @@ async fn one_source_holds_only_its_share_of_a_tcp_listener() {
         .await
         .unwrap();
     assert!(read_frame(&mut again).await.is_ok());
+}
+
+/// Asks `web.internal` on `s` and waits for the answer.
+async fn ask_tcp(s: &mut TcpStream, id: u16) -> io::Result<Vec<u8>> {
+    s.write_all(&frame(&query(id, "web.internal", RecordType::AAAA)))
+        .await?;
+    tokio::time::timeout(Duration::from_secs(2), read_frame(s))
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}
+
+/// True when the server closed `s` (EOF or reset) within a second.
+async fn closed(s: &mut TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(Duration::from_secs(1), s.read(&mut byte)).await {
+        Ok(r) => matches!(r, Ok(0) | Err(_)),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn a_full_tcp_listener_closes_the_connection_idle_longest_for_a_new_one() {
+    let l = Limits {
+        tcp_connections: 3,
+        ..limits()
+    };
+    let (l, ctx) = serve(l, vec![]);
+    let mut conns = Vec::new();
+    for i in 0..3 {
+        let mut s = TcpStream::connect(l.local).await.unwrap();
+        ask_tcp(&mut s, i).await.unwrap();
+        conns.push(s);
+    }
+    // The first asks again: now the second has been idle longest.
+    ask_tcp(&mut conns[0], 10).await.unwrap();
+    let mut new = TcpStream::connect(l.local).await.unwrap();
+    let m = Message::from_vec(
+        &ask_tcp(&mut new, 20)
+            .await
+            .expect("the newcomer was refused"),
+    );
+    assert_eq!(m.unwrap().metadata.id, 20);
+    assert!(closed(&mut conns[1]).await, "the idlest was not closed");
+    for i in [0, 2] {
+        ask_tcp(&mut conns[i], 30)
+            .await
+            .unwrap_or_else(|e| panic!("connection {i} closed too: {e}"));
+    }
+    let m = ctx.metrics.snapshot();
+    assert_eq!((m.tcp_evicted, m.tcp_rejected), (1, 0));
+    let mut text = String::new();
+    crate::metrics::MetricsSource::render(&*ctx.metrics, &mut text).await;
+    assert!(text.contains("\nsixpn_dns_tcp_evicted_total 1\n"), "{text}");
+}
+
+#[tokio::test]
+async fn a_full_tcp_listener_passes_over_connections_mid_query_and_rejects_when_none_is_idle() {
+    let l = Limits {
+        tcp_connections: 2,
+        ..limits()
+    };
+    let (l, ctx) = serve(l, vec![]);
+    // `a` connected first and is idle longest, but has begun a query: its
+    // length and half the message.
+    let q = frame(&query(1, "web.internal", RecordType::AAAA));
+    let mut a = TcpStream::connect(l.local).await.unwrap();
+    a.write_all(&q[..q.len() / 2]).await.unwrap();
+    let mut b = TcpStream::connect(l.local).await.unwrap();
+    ask_tcp(&mut b, 2).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The newcomer takes the idle one's place, not the busy one's.
+    let mut c = TcpStream::connect(l.local).await.unwrap();
+    ask_tcp(&mut c, 3).await.expect("the newcomer was refused");
+    assert!(closed(&mut b).await, "the idle one was not closed");
+    // Now `c` starts a query too: nothing is idle, so the next is reset.
+    c.write_all(&q[..1]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut d = TcpStream::connect(l.local).await.unwrap();
+    assert!(closed(&mut d).await, "a fourth was let in");
+    // Both busy ones finish their queries.
+    a.write_all(&q[q.len() / 2..]).await.unwrap();
+    c.write_all(&q[1..]).await.unwrap();
+    for s in [&mut a, &mut c] {
+        let m = Message::from_vec(&read_frame(s).await.unwrap()).unwrap();
+        assert_eq!(m.metadata.id, 1);
+    }
+    let m = ctx.metrics.snapshot();
+    assert_eq!((m.tcp_evicted, m.tcp_rejected), (1, 1));
 }

@@ -30,7 +30,12 @@
 //!
 //! wireguard-control is blocking: every call runs on `spawn_blocking`. Its
 //! userspace backend `println!`s `ERROR n` on stdout when wireguard-go
-//! rejects a `set` (and `got unsupported info` for unknown `get` keys).
+//! rejects a `set` and returns a bare `InvalidInput` (and prints `got
+//! unsupported info` for unknown `get` keys). Because that loses the errno,
+//! [`WgDevice::configure`] on wireguard-go speaks UAPI itself
+//! ([`userspace::uapi_set`]): a listen port someone else holds comes back
+//! as EADDRINUSE from either backend (netlink's errno, wireguard-go's
+//! `errno=-98`) and is reported as that ([`LinuxWg::port_in_use`]).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -62,6 +67,7 @@ pub struct LinuxWg {
     name: wgc::InterfaceName,
     backend: Resolved,
     restarts: Arc<watch::Sender<u64>>,
+    port_in_use: watch::Sender<Option<KernelError>>,
 }
 
 enum Resolved {
@@ -133,7 +139,15 @@ impl LinuxWg {
             name,
             backend,
             restarts,
+            port_in_use: watch::channel(None).0,
         })
+    }
+
+    /// The last [`WgDevice::configure`]'s error while its listen port is
+    /// held by someone else (`None` once a configure succeeds): the daemon
+    /// fails its start on it, since retrying can't help.
+    pub fn port_in_use(&self) -> watch::Receiver<Option<KernelError>> {
+        self.port_in_use.subscribe()
     }
 
     /// The pid of the wireguard-go we run or adopted (None: kernel backend,
@@ -230,11 +244,34 @@ impl WgDevice for LinuxWg {
     }
 
     async fn configure(&self, key: &PrivateKey, listen_port: u16) -> Result<(), KernelError> {
-        let update = wgc::DeviceUpdate::new()
-            .set_private_key(wgc::Key(*key.as_bytes()))
-            .set_listen_port(listen_port);
-        self.apply(format!("set private key and port {listen_port}"), update)
-            .await
+        let (name, backend) = (self.name, self.wg_backend());
+        let op = format!("configure {}", name.as_str_lossy());
+        let key = *key.as_bytes();
+        let result = blocking(&op.clone(), move || {
+            let sent = match backend {
+                // Not wireguard-control's apply: it drops wireguard-go's errno.
+                wgc::Backend::Userspace => {
+                    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+                    let sock = userspace::socket_path(&name.as_str_lossy());
+                    userspace::uapi_set(
+                        &sock,
+                        &format!("private_key={hex}\nlisten_port={listen_port}\n"),
+                    )
+                }
+                _ => wgc::DeviceUpdate::new()
+                    .set_private_key(wgc::Key(key))
+                    .set_listen_port(listen_port)
+                    .apply(&name, backend),
+            };
+            sent.map_err(|e| configure_error(op, &name, backend, listen_port, &e))
+        })
+        .await;
+        let taken = match &result {
+            Err(e) if e.errno == Some(libc::EADDRINUSE) => Some(e.clone()),
+            _ => None,
+        };
+        self.port_in_use.send_replace(taken);
+        result
     }
 
     async fn update_peers(
@@ -320,6 +357,38 @@ fn apply_error(
         return KernelError::new(op, message);
     }
     KernelError::io(op, e)
+}
+
+/// A failed [`WgDevice::configure`] as the operator needs to hear it: a
+/// listen port held by someone else (EADDRINUSE from netlink, or
+/// wireguard-go's `errno=-98`) says which port and what to do; a
+/// wireguard-go that isn't there is one the supervisor restarts.
+pub(super) fn configure_error(
+    op: String,
+    name: &wgc::InterfaceName,
+    backend: wgc::Backend,
+    listen_port: u16,
+    e: &io::Error,
+) -> KernelError {
+    let iface = name.as_str_lossy();
+    let message = match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => format!(
+            "UDP port {listen_port} is already in use on this host (another WireGuard \
+             interface or program holds it); choose another [gateway] listen_port"
+        ),
+        _ if matches!(backend, wgc::Backend::Userspace) && is_absent(backend, e) => {
+            format!("wireguard-go is not serving {iface} (the supervisor restarts it)")
+        }
+        _ if matches!(backend, wgc::Backend::Userspace) => {
+            format!("wireguard-go on {iface}: {e}")
+        }
+        _ => e.to_string(),
+    };
+    KernelError {
+        op,
+        message,
+        errno: e.raw_os_error(),
+    }
 }
 
 /// Converts wireguard-control's device into ours.

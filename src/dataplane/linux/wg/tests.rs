@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::userspace::{serving_pid, signal, socket_path};
+use super::userspace::{serving_pid, signal, socket_path, uapi_reply};
 use super::*;
 use crate::dataplane::linux::testns::{alive, iface, in_netns, need_root};
 use crate::dataplane::linux::LinuxNetlink;
@@ -126,6 +126,75 @@ fn absent_means_no_socket_or_no_link() {
     assert!(!is_absent(us, &os(libc::EACCES)));
     assert!(is_absent(k, &os(libc::ENODEV)));
     assert!(!is_absent(k, &os(libc::EPERM)));
+}
+
+#[test]
+fn uapi_replies_carry_wireguard_go_errno() {
+    assert!(uapi_reply("errno=0\n").is_ok());
+    let e = uapi_reply("errno=-98\n").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE));
+    let e = uapi_reply("").unwrap_err();
+    assert_eq!(
+        (e.raw_os_error(), e.kind()),
+        (None, io::ErrorKind::InvalidData)
+    );
+}
+
+#[test]
+fn a_taken_listen_port_is_named_on_both_backends() {
+    let name: wgc::InterfaceName = "wg0".parse().unwrap();
+    let os = io::Error::from_raw_os_error;
+    for backend in [wgc::Backend::Kernel, wgc::Backend::Userspace] {
+        let e = configure_error("configure wg0".into(), &name, backend, 51820, &os(98));
+        assert_eq!(e.errno, Some(libc::EADDRINUSE));
+        assert!(
+            e.message.contains("UDP port 51820 is already in use"),
+            "{e}"
+        );
+        assert!(e.message.contains("[gateway] listen_port"), "{e}");
+    }
+    let e = configure_error(
+        "configure wg0".into(),
+        &name,
+        wgc::Backend::Userspace,
+        51820,
+        &os(libc::ECONNREFUSED),
+    );
+    assert!(e.message.contains("not serving wg0"), "{e}");
+}
+
+#[test]
+fn a_listen_port_held_by_another_program_is_eaddrinuse_on_wireguard_go() {
+    if !need_root("a_listen_port_held_by_another_program_is_eaddrinuse_on_wireguard_go") {
+        return;
+    }
+    in_netns(|| async {
+        let name = iface("p");
+        let _t = Teardown(name.clone(), Backend::Userspace);
+        let wg = LinuxWg::new(name.clone(), Backend::Userspace).unwrap();
+        let taken = wg.port_in_use();
+        wg.ensure().await.unwrap();
+        // Dual-stack: v4 is held too.
+        let holder = std::net::UdpSocket::bind("[::]:51823").unwrap();
+        let sk = PrivateKey::generate();
+        let e = wg.configure(&sk, 51823).await.unwrap_err();
+        assert_eq!(e.errno, Some(libc::EADDRINUSE), "{e}");
+        assert!(
+            e.message.contains("UDP port 51823 is already in use"),
+            "{e}"
+        );
+        assert_eq!(taken.borrow().as_ref().map(|e| e.errno), Some(e.errno));
+        // Freed, it configures, and the conflict is cleared.
+        drop(holder);
+        wg.configure(&sk, 51823).await.unwrap();
+        assert!(taken.borrow().is_none());
+        let d = wg.get().await.unwrap().unwrap();
+        assert_eq!(
+            (d.listen_port, d.public_key),
+            (51823, Some(sk.public_key()))
+        );
+        wg.shutdown_interface().unwrap();
+    });
 }
 
 #[test]

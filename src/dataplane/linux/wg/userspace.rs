@@ -3,7 +3,7 @@
 //! module's doc for why it runs in its own session and logs to a file).
 
 use std::fs;
-use std::io;
+use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
@@ -35,8 +35,45 @@ pub(super) const STABLE_UPTIME: Duration = Duration::from_secs(10);
 /// How long a SIGTERMed wireguard-go gets before SIGKILL.
 pub(super) const STOP_GRACE: Duration = Duration::from_secs(2);
 
+/// How long one UAPI exchange may take (wireguard-go answers in
+/// microseconds; this only keeps a wedged one from holding a thread).
+pub(super) const UAPI_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub(super) fn socket_path(iface: &str) -> PathBuf {
     Path::new(SOCKET_DIR).join(format!("{iface}.sock"))
+}
+
+/// Sends one UAPI `set` with `lines` (`key=value`, each ending in a
+/// newline) to the wireguard-go on `sock`; its refusal comes back as the
+/// OS error it names (see [`uapi_reply`]). Connecting never starts a
+/// wireguard-go: a missing one is ENOENT or ECONNREFUSED.
+/// <https://www.wireguard.com/xplatform/#configuration-protocol>
+pub(super) fn uapi_set(sock: &Path, lines: &str) -> io::Result<()> {
+    let mut s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(UAPI_TIMEOUT))?;
+    s.set_write_timeout(Some(UAPI_TIMEOUT))?;
+    s.write_all(format!("set=1\n{lines}\n").as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply)?;
+    uapi_reply(&reply)
+}
+
+/// wireguard-go's answer to a `set`: `errno=0`, or `errno=-N` for OS error
+/// N — `-98` (EADDRINUSE) when it can't bind the listen port
+/// (`IpcErrorPortInUse` in wireguard-go's `ipc/uapi_unix.go`).
+pub(super) fn uapi_reply(line: &str) -> io::Result<()> {
+    let errno = line
+        .trim_end()
+        .strip_prefix("errno=")
+        .and_then(|n| n.parse::<i32>().ok());
+    match errno {
+        Some(0) => Ok(()),
+        Some(n) => Err(io::Error::from_raw_os_error(n.saturating_abs())),
+        None => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected UAPI reply {line:?}"),
+        )),
+    }
 }
 
 /// The pid of the process serving the UAPI socket, if one accepts.
