@@ -661,3 +661,95 @@ fn org_tokens_are_minted_listed_without_secrets_and_revoked() {
     assert_one_error_line(&stderr_of(&out), &["invalid duration"]);
     assert_eq!(gw.cli_json(&["orgs", "token", "personal", "--list"]), left);
 }
+
+/// A stand-in API on a unix socket that takes one `POST …/peers` and
+/// closes the connection without an answer (a daemon dying mid-request),
+/// then answers `GET …/peers` with the peer it was sent (`registered`) or
+/// with none. Returns the socket path.
+fn dying_api(dir: &Path, registered: bool) -> PathBuf {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::UnixListener;
+    let path = dir.join("api.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let record = dir.join("sent.key");
+    std::thread::spawn(move || {
+        let mut sent_key: Option<String> = None;
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let mut rd = BufReader::new(stream.try_clone().unwrap());
+            let mut head = String::new();
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if rd.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            let mut body = vec![0; len];
+            let _ = rd.read_exact(&mut body);
+            if head.starts_with("POST /v1/orgs/personal/peers") {
+                let v: Value = serde_json::from_slice(&body).unwrap();
+                sent_key = v["public_key"].as_str().map(str::to_owned);
+                std::fs::write(&record, sent_key.as_deref().unwrap_or("")).unwrap();
+                continue; // dropped unanswered
+            }
+            let peers = match (&sent_key, registered) {
+                (Some(k), true) => serde_json::json!([{
+                    "org": "personal", "name": "basic", "region": "lhr", "gateway": "lhr-1",
+                    "address": "fdaa:0:1:a7b:d6b:0:a:2", "network": "fdaa:0:1:a7b:d6b:0:a:0/120",
+                    "org_prefix": "fdaa:0:1::/48", "dns": "fdaa:0:1::3", "public_key": k,
+                    "gateway_public_key": "CVYS9pwG7RqUYJIuDskQQj+lYEIU2nwAqeE5IJbYLDE=",
+                    "endpoint": "127.0.0.1:51820", "state": "installed"
+                }]),
+                _ => serde_json::json!([]),
+            };
+            let body = peers.to_string();
+            let mut w = stream;
+            let _ = write!(
+                w,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    path
+}
+
+#[test]
+fn a_create_whose_answer_is_lost_ends_with_both_peer_and_file_or_neither() {
+    for registered in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let api = dying_api(dir.path(), registered);
+        let file = dir.path().join("basic.conf");
+        let out = Command::new(common::SIXPN)
+            .arg("--api")
+            .arg(&api)
+            .args(["wireguard", "create", "personal", "lhr", "basic"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let err = stderr_of(&out);
+        if registered {
+            assert!(out.status.success(), "{err}");
+            let conf = std::fs::read_to_string(&file).unwrap();
+            assert!(conf.contains("fdaa:0:1:a7b:d6b:0:a:2"), "{conf}");
+            // The file's key is the one the registered peer has.
+            let private = field(&conf, "PrivateKey").unwrap();
+            let sent = std::fs::read_to_string(dir.path().join("sent.key")).unwrap();
+            assert_eq!(common::wg_pubkey(private), sent);
+            assert!(err.contains("was registered"), "{err}");
+        } else {
+            assert!(!out.status.success(), "{err}");
+            assert!(!file.exists(), "a file without a peer");
+            assert_one_error_line(&err, &["answer was lost", "not registered"]);
+        }
+    }
+}

@@ -484,18 +484,30 @@ async fn wireguard_create(
     } else {
         Some(create_exclusive(&file)?)
     };
-    let peer = match client
+    let created = client
         .create_peer(
             &org,
             &CreatePeer {
                 region,
-                name,
+                name: name.clone(),
                 public_key: public,
             },
         )
-        .await
-    {
+        .await;
+    let peer = match created {
         Ok(peer) => peer,
+        // The exchange broke after the request went out (the daemon died
+        // mid-request?): it may or may not have registered the peer. Ask,
+        // once it answers again, and go on with the file if it did.
+        Err(ClientError::Protocol(why)) => match settle(client, &org, &name, &public).await {
+            Settled::Registered(peer) => *peer,
+            outcome => {
+                if out.take().is_some() {
+                    let _ = std::fs::remove_file(&file);
+                }
+                return Err(CliError::Other(outcome.message(&why, &org, &name)));
+            }
+        },
         Err(e) => {
             if out.take().is_some() {
                 let _ = std::fs::remove_file(&file);
@@ -553,6 +565,60 @@ async fn wireguard_create(
         );
     }
     Ok(())
+}
+
+/// How long `wireguard create` waits for a daemon that went away
+/// mid-request to answer again (systemd restarts it within seconds).
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// What became of a create whose answer was lost.
+enum Settled {
+    /// The peer is registered with our key: write its file.
+    Registered(Box<crate::api::PeerInfo>),
+    /// It is not (or the name is someone else's): nothing was registered.
+    Absent,
+    /// The API didn't answer in time, or refused to say.
+    Unknown(String),
+}
+
+impl Settled {
+    fn message(&self, why: &str, org: &OrgName, name: &PeerName) -> String {
+        match self {
+            Settled::Registered(_) => String::new(),
+            Settled::Absent => format!(
+                "the API's answer was lost ({why}) and peer {name} was not registered; \
+                 nothing was written: run the command again"
+            ),
+            Settled::Unknown(e) => format!(
+                "the API's answer was lost ({why}) and it can't say whether peer {name} was \
+                 registered ({e}); no file was written: once `sixpn wireguard list {org}` \
+                 answers, remove it with `sixpn wireguard remove {org} {name}` if it is there"
+            ),
+        }
+    }
+}
+
+/// Finds out whether a create whose answer was lost registered the peer:
+/// asks the API until it answers (at most [`SETTLE_WAIT`]).
+async fn settle(client: &Client, org: &OrgName, name: &PeerName, key: &PublicKey) -> Settled {
+    let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
+    eprintln!("The API's answer was lost; asking whether peer \"{name}\" was registered…");
+    loop {
+        match client.peers(org).await {
+            Ok(peers) => {
+                return match peers.into_iter().find(|p| &p.name == name) {
+                    Some(p) if &p.public_key == key => Settled::Registered(Box::new(p)),
+                    _ => Settled::Absent,
+                }
+            }
+            Err(ClientError::Connect { .. } | ClientError::Protocol(_))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            Err(e) => return Settled::Unknown(e.to_string()),
+        }
+    }
 }
 
 /// A line to stdout that may be lost (closed or full stdout) without a panic.
