@@ -7,7 +7,7 @@
 mod common;
 
 use std::os::unix::net::UnixDatagram;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -291,6 +291,25 @@ fn refused_start(ns: &Netns, config: &Path) -> String {
     err
 }
 
+/// A config in `dir` for a gateway of its own (own store, socket and a
+/// fresh interface name); returns its path.
+fn lone_config(dir: &Path, name: &str, host_id: &str, port: u16, backend: &str) -> PathBuf {
+    let d = dir.to_str().unwrap();
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nname = \"{name}\"\nregion = \"lhr\"\nhost_id = \"{host_id}\"\n\
+             interface = \"{}\"\nendpoint = \"127.0.0.1:{port}\"\nlisten_port = {port}\n\
+             private_key_file = \"{d}/gw.key\"\nbackend = \"{backend}\"\n\
+             [store]\npath = \"{d}/state.db\"\n[api]\nsocket = \"{d}/api.sock\"\n",
+            common::unique_ifname()
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// Runs `sixpn gateway --config CONFIG ARGS…` in `ns` for at most 20 s,
 /// with the usual soft open-files limit of 1024 below a higher hard one (as
 /// on a stock host), so the daemon has a limit to raise.
@@ -391,19 +410,7 @@ fn backend_kernel_without_the_module_fails_start_in_one_line() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_str().unwrap();
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[gateway]\nname = \"kt-1\"\nregion = \"lhr\"\nhost_id = \"a7b:42\"\n\
-             interface = \"{}\"\nendpoint = \"127.0.0.1:51821\"\nlisten_port = 51821\n\
-             private_key_file = \"{d}/gw.key\"\nbackend = \"kernel\"\n\
-             [store]\npath = \"{d}/state.db\"\n[api]\nsocket = \"{d}/api.sock\"\n",
-            common::unique_ifname()
-        ),
-    )
-    .unwrap();
+    let config = lone_config(dir.path(), "kt-1", "a7b:42", 51821, "kernel");
     let ns = Netns::new();
     let t0 = std::time::Instant::now();
     let err = refused_start(&ns, &config);
@@ -459,19 +466,7 @@ fn a_listen_port_in_use_fails_start_in_one_line() {
     assert_eq!(line.trim(), "bound");
 
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_str().unwrap();
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[gateway]\nname = \"pt-1\"\nregion = \"lhr\"\nhost_id = \"a7b:43\"\n\
-             interface = \"{}\"\nendpoint = \"127.0.0.1:{port}\"\nlisten_port = {port}\n\
-             private_key_file = \"{d}/gw.key\"\nbackend = \"userspace\"\n\
-             [store]\npath = \"{d}/state.db\"\n[api]\nsocket = \"{d}/api.sock\"\n",
-            common::unique_ifname()
-        ),
-    )
-    .unwrap();
+    let config = lone_config(dir.path(), "pt-1", "a7b:43", port, "userspace");
     let t0 = std::time::Instant::now();
     let err = refused_start(&ns, &config);
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());

@@ -179,6 +179,22 @@ fn token_columns(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRow> {
     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
 }
 
+/// Every token row of one org.
+fn token_rows(conn: &Connection, org_id: i64) -> Result<Vec<TokenRow>, StoreError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT t.sha256, o.name, t.created_at, t.expires_at
+             FROM org_tokens t JOIN orgs o ON o.id = t.org_id WHERE t.org_id = ?1",
+        )
+        .map_err(internal)?;
+    let rows = stmt
+        .query_map([org_id], token_columns)
+        .map_err(internal)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(internal)?;
+    Ok(rows)
+}
+
 fn sha_of(b: &[u8]) -> Option<[u8; 32]> {
     b.try_into().ok()
 }
@@ -687,18 +703,7 @@ impl Store for SqliteStore {
         let org = org.clone();
         self.with_conn(move |conn| {
             let (org_id, _) = org_row(conn, &org)?;
-            let mut stmt = conn
-                .prepare(
-                    "SELECT t.sha256, o.name, t.created_at, t.expires_at
-                     FROM org_tokens t JOIN orgs o ON o.id = t.org_id WHERE t.org_id = ?1",
-                )
-                .map_err(internal)?;
-            let rows = stmt
-                .query_map([org_id], token_columns)
-                .map_err(internal)?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(internal)?;
-            let mut out = rows
+            let mut out = token_rows(conn, org_id)?
                 .into_iter()
                 .map(token_record)
                 .collect::<Result<Vec<_>, _>>()?;
@@ -717,19 +722,7 @@ impl Store for SqliteStore {
         self.write(
             move |tx| {
                 let (org_id, _) = org_row(tx, &org)?;
-                let mut stmt = tx
-                    .prepare(
-                        "SELECT t.sha256, o.name, t.created_at, t.expires_at
-                         FROM org_tokens t JOIN orgs o ON o.id = t.org_id WHERE t.org_id = ?1",
-                    )
-                    .map_err(internal)?;
-                let rows = stmt
-                    .query_map([org_id], token_columns)
-                    .map_err(internal)?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(internal)?;
-                drop(stmt);
-                let Some(row) = rows
+                let Some(row) = token_rows(tx, org_id)?
                     .into_iter()
                     .find(|r| sha_of(&r.0).is_some_and(|s| id.names(&s)))
                 else {
