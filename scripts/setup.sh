@@ -12,6 +12,7 @@ pkgs=(
   sqlite3 jq                                        # inspecting state in tests and the demo
   systemd ruby                                      # systemd-analyze verify; ruby -c on the Vagrantfile
   etcd-server protobuf-compiler                     # the fleet store: etcd for tests, protoc for etcd-client
+  openssl util-linux                                # test certificates for the HTTPS API; prlimit
 )
 
 missing=()

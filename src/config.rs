@@ -146,6 +146,27 @@ pub struct ApiConfig {
     /// The most TCP connections served at once; more are closed at accept.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// HTTPS on `listen`: the certificate chain (PEM), re-read on SIGHUP.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// HTTPS on `listen`: the private key (PEM, mode 0600, owned by the
+    /// daemon's user), re-read on SIGHUP.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// Allow plain HTTP on a `listen` address that is not loopback (bearer
+    /// tokens in the clear: only inside a network you trust).
+    #[serde(default)]
+    pub insecure_http: bool,
+}
+
+impl ApiConfig {
+    /// The certificate and key files, when `listen` is HTTPS.
+    pub fn tls(&self) -> Option<(&Path, &Path)> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        }
+    }
 }
 
 /// The default TCP connection cap of the control API.
@@ -162,6 +183,9 @@ impl Default for ApiConfig {
             listen: None,
             admin_token_file: default_admin_token_file(),
             max_connections: default_max_connections(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            insecure_http: false,
         }
     }
 }
@@ -220,6 +244,21 @@ impl Config {
             return Err(invalid(
                 "store.endpoints: an etcd store needs at least one endpoint".into(),
             ));
+        }
+        let api = &config.api;
+        if api.tls_cert_file.is_some() != api.tls_key_file.is_some() {
+            return Err(invalid(
+                "api.tls_cert_file and api.tls_key_file: set both (HTTPS) or neither".into(),
+            ));
+        }
+        if let Some(addr) = api.listen {
+            if api.tls().is_none() && !addr.ip().is_loopback() && !api.insecure_http {
+                return Err(invalid(format!(
+                    "api.listen = \"{addr}\" would send bearer tokens in the clear: set \
+                     api.tls_cert_file and api.tls_key_file for HTTPS, or api.insecure_http = true \
+                     if this network is trusted"
+                )));
+            }
         }
         Ok(config)
     }
@@ -289,6 +328,26 @@ upstream = ["127.0.0.1:53", "[2001:db8::53]:53"]
         assert_eq!(c.gateway.name.as_str(), "lhr-1");
         assert_eq!(c.gateway.backend, Backend::Userspace);
         assert_eq!(c.dns.upstream.len(), 2);
+    }
+
+    #[test]
+    fn plain_http_off_loopback_needs_saying_so() {
+        let with = |api: &str| parse(&format!("{MINIMAL}[api]\n{api}"));
+        assert!(with("listen = \"[::1]:4280\"\n").is_ok());
+        assert!(with("listen = \"127.0.0.1:4280\"\n").is_ok());
+        let e = with("listen = \"[::]:4280\"\n").unwrap_err().to_string();
+        assert!(
+            e.contains("api.listen") && e.contains("insecure_http"),
+            "{e}"
+        );
+        assert!(with("listen = \"[::]:4280\"\ninsecure_http = true\n").is_ok());
+        let tls = "tls_cert_file = \"/c.pem\"\ntls_key_file = \"/k.pem\"\n";
+        let c = with(&format!("listen = \"[::]:4280\"\n{tls}")).unwrap();
+        assert!(c.api.tls().is_some());
+        let e = with("listen = \"[::]:4280\"\ntls_cert_file = \"/c.pem\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("set both"), "{e}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::api::server::{self, ApiState};
+use crate::api::tls::ServerTls;
 use crate::config::{Config, StoreKind};
 use crate::dataplane::{Firewall, KernelError, Netlink, WgDevice};
 use crate::dns::server::{upstreams_or_resolv_conf, DnsService, DnsSettings};
@@ -54,6 +55,47 @@ fn file_err(path: &Path, message: impl std::fmt::Display) -> GatewayError {
     }
 }
 
+/// A secret file must be the daemon user's and readable by no one else:
+/// otherwise someone else may have read or replaced it.
+fn check_secret_file(path: &Path) -> Result<(), GatewayError> {
+    let meta = std::fs::metadata(path).map_err(|e| file_err(path, e))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(file_err(
+            path,
+            format!(
+                "owned by uid {}, not by the daemon's user (uid {me}): someone else \
+                 can replace this secret; chown it",
+                meta.uid()
+            ),
+        ));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(file_err(
+            path,
+            format!(
+                "mode {:o} lets others read a secret; chmod 600 it",
+                mode & 0o777
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The API's TLS certificate, if `[api]` asks for HTTPS; the key file is
+/// a secret like the others.
+fn load_api_tls(api: &crate::config::ApiConfig) -> Result<Option<Arc<ServerTls>>, GatewayError> {
+    let Some((cert, key)) = api.tls() else {
+        return Ok(None);
+    };
+    check_secret_file(key)?;
+    ServerTls::load(cert, key)
+        .map(Some)
+        .map_err(|e| GatewayError::Other(e.to_string()))
+}
+
 /// Reads a secret file, creating it with `make()` (mode 0600) if missing.
 /// A file readable by others is refused for private keys: it may have leaked.
 fn load_or_create_secret(
@@ -62,29 +104,7 @@ fn load_or_create_secret(
 ) -> Result<(String, bool), GatewayError> {
     match std::fs::read_to_string(path) {
         Ok(s) => {
-            let meta = std::fs::metadata(path).map_err(|e| file_err(path, e))?;
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            let me = unsafe { libc::geteuid() };
-            if meta.uid() != me {
-                return Err(file_err(
-                    path,
-                    format!(
-                        "owned by uid {}, not by the daemon's user (uid {me}): someone else \
-                         can replace this secret; chown it",
-                        meta.uid()
-                    ),
-                ));
-            }
-            let mode = meta.permissions().mode();
-            if mode & 0o077 != 0 {
-                return Err(file_err(
-                    path,
-                    format!(
-                        "mode {:o} lets others read a secret; chmod 600 it",
-                        mode & 0o777
-                    ),
-                ));
-            }
+            check_secret_file(path)?;
             Ok((s.trim().to_owned(), false))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -269,6 +289,8 @@ pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<
     let unix = server::bind_unix(&config.api.socket)?;
     tracing::info!(socket = %config.api.socket.display(), "API listening on unix socket");
     check_identity(&*store.snapshot().await?, &me, take_over)?;
+    // A bad certificate or key stops the start here, before we register.
+    let api_tls = load_api_tls(&config.api)?;
 
     let admin_token_sha256 = match config.api.listen {
         Some(_) => {
@@ -401,12 +423,23 @@ pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<
                 what: addr.to_string(),
                 source,
             })?;
-        tracing::info!(%addr, "API listening on TCP (bearer tokens)");
+        if api_tls.is_some() {
+            tracing::info!(%addr, "API listening on HTTPS (bearer tokens)");
+        } else {
+            tracing::warn!(%addr, "API listening on plain HTTP: bearer tokens cross the network \
+                in the clear; set [api] tls_cert_file and tls_key_file for HTTPS");
+        }
         let limits = server::TcpLimits {
             max_connections: config.api.max_connections,
             ..server::TcpLimits::default()
         };
-        tasks.spawn(server::serve_tcp(tcp, router, limits, stopped()));
+        tasks.spawn(server::serve_tcp(
+            tcp,
+            router,
+            limits,
+            api_tls.clone(),
+            stopped(),
+        ));
     }
 
     tracing::info!("gateway serving");
@@ -414,7 +447,7 @@ pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break Ok(()) }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break Ok(()) }
-            _ = hup.recv() => reload(config_path, &config),
+            _ = hup.recv() => reload(config_path, &config, api_tls.as_deref()),
             Some(done) = tasks.join_next() => break match done {
                 Ok(Ok(())) => Err(GatewayError::Other("an API listener stopped unexpectedly".into())),
                 Ok(Err(e)) => Err(GatewayError::Other(format!("API listener failed: {e}"))),
@@ -446,8 +479,22 @@ pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<
 /// A bad file is reported and the running configuration stays; every key
 /// sixpn has today shapes the interface, store or sockets it already holds,
 /// so a changed key is named as needing a restart rather than half-applied.
-fn reload(path: &Path, running: &Config) {
+fn reload(path: &Path, running: &Config, tls: Option<&ServerTls>) {
     crate::notify::notify("RELOADING=1");
+    // Renewed certificates: new connections get them, open ones go on.
+    if let Some(tls) = tls {
+        let checked = running
+            .api
+            .tls()
+            .map_or(Ok(()), |(_, key)| check_secret_file(key));
+        match checked
+            .map_err(|e| e.to_string())
+            .and_then(|()| tls.reload().map_err(|e| e.to_string()))
+        {
+            Ok(()) => tracing::info!("reload: API TLS certificate re-read"),
+            Err(e) => tracing::error!(error = %e, "reload: keeping the API's TLS certificate"),
+        }
+    }
     match Config::load(path) {
         Err(e) => tracing::error!(error = %e, "reload: keeping the running configuration"),
         Ok(new) => {

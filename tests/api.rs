@@ -68,7 +68,7 @@ impl Api {
             connection_timeout: std::time::Duration::from_secs(5),
         };
         let tcp_addr = format!("http://{}", tcp.local_addr().unwrap());
-        tokio::spawn(server::serve_tcp(tcp, router, limits, stopped()));
+        tokio::spawn(server::serve_tcp(tcp, router, limits, None, stopped()));
         Self {
             unix: Client::new(sock.to_str().unwrap(), None).unwrap(),
             tcp_addr,

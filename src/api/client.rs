@@ -60,12 +60,63 @@ pub enum ClientError {
     /// The exchange itself failed.
     #[error("API protocol error: {0}")]
     Protocol(String),
+    /// TLS could not be set up, or the server's certificate is not trusted
+    /// (nothing was sent).
+    #[error("TLS to {target}: {reason}")]
+    Tls {
+        /// Where we tried.
+        target: String,
+        /// Why (e.g. an unknown issuer: set SIXPN_CA).
+        reason: String,
+    },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum Target {
     Unix(PathBuf),
-    Tcp { authority: String },
+    Tcp {
+        authority: String,
+    },
+    Https {
+        authority: String,
+        host: rustls_pki_types::ServerName<'static>,
+        tls: tokio_rustls::TlsConnector,
+    },
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Unix(p) => write!(f, "Unix({})", p.display()),
+            Target::Tcp { authority } => write!(f, "Tcp({authority})"),
+            Target::Https { authority, .. } => write!(f, "Https({authority})"),
+        }
+    }
+}
+
+/// `host:port` of an `http(s)://host:port` address, and the host alone.
+fn authority<'a>(
+    api: &str,
+    rest: &'a str,
+    scheme: &'static str,
+) -> Result<(&'a str, &'a str), ClientError> {
+    let authority = rest.trim_end_matches('/');
+    let expected = if scheme == "https" {
+        "expected https://host:port"
+    } else {
+        "expected http://host:port"
+    };
+    if authority.is_empty() || authority.contains('/') {
+        return Err(ClientError::Address(api.into(), expected));
+    }
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if port.parse::<u16>().is_ok() => h,
+        _ => return Err(ClientError::Address(api.into(), expected)),
+    };
+    Ok((
+        authority,
+        host.trim_start_matches('[').trim_end_matches(']'),
+    ))
 }
 
 /// A client for one API endpoint.
@@ -76,25 +127,38 @@ pub struct Client {
 }
 
 impl Client {
-    /// `api` is a unix socket path or `http://host:port`; `token` is sent as
-    /// a bearer token (needed for TCP).
+    /// `api` is a unix socket path, `http://host:port` or
+    /// `https://host:port`; `token` is sent as a bearer token (needed for
+    /// TCP). HTTPS trusts the system's roots.
     pub fn new(api: &str, token: Option<String>) -> Result<Self, ClientError> {
+        Self::with_ca(api, token, None)
+    }
+
+    /// As [`Client::new`]; HTTPS trusts only the CA certificates in `ca`
+    /// (PEM) when given.
+    pub fn with_ca(
+        api: &str,
+        token: Option<String>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Self, ClientError> {
         let target = if let Some(rest) = api.strip_prefix("http://") {
-            let authority = rest.trim_end_matches('/');
-            if authority.is_empty() || authority.contains('/') {
-                return Err(ClientError::Address(
-                    api.into(),
-                    "expected http://host:port",
-                ));
-            }
+            let (authority, _) = authority(api, rest, "http")?;
             Target::Tcp {
                 authority: authority.into(),
             }
-        } else if api.starts_with("https://") {
-            return Err(ClientError::Address(
-                api.into(),
-                "https is not built in; reach the API over an SSH or WireGuard tunnel with http://",
-            ));
+        } else if let Some(rest) = api.strip_prefix("https://") {
+            let (authority, host) = authority(api, rest, "https")?;
+            let host = rustls_pki_types::ServerName::try_from(host.to_owned())
+                .map_err(|_| ClientError::Address(api.into(), "not a host name or address"))?;
+            let tls = super::tls::connector(ca).map_err(|e| ClientError::Tls {
+                target: api.trim_end_matches('/').into(),
+                reason: e.to_string(),
+            })?;
+            Target::Https {
+                authority: authority.into(),
+                host,
+                tls,
+            }
         } else if api.is_empty() {
             return Err(ClientError::Address(api.into(), "empty"));
         } else {
@@ -110,6 +174,7 @@ impl Client {
         match &self.target {
             Target::Unix(p) => p.display().to_string(),
             Target::Tcp { authority } => format!("http://{authority}"),
+            Target::Https { authority, .. } => format!("https://{authority}"),
         }
     }
 
@@ -131,6 +196,27 @@ impl Client {
                     .map_err(connect)?;
                 exchange(stream, req).await?
             }
+            Target::Https {
+                authority,
+                host,
+                tls,
+            } => {
+                let stream = tokio::net::TcpStream::connect(authority.as_str())
+                    .await
+                    .map_err(connect)?;
+                let stream = tls.connect(host.clone(), stream).await.map_err(|e| {
+                    let hint = if e.to_string().contains("UnknownIssuer") {
+                        " (set SIXPN_CA to the CA certificate that signed the API's)"
+                    } else {
+                        ""
+                    };
+                    ClientError::Tls {
+                        target: self.describe(),
+                        reason: format!("{e}{hint}"),
+                    }
+                })?;
+                exchange(stream, req).await?
+            }
         };
         let status = resp.status();
         let body = Limited::new(resp.into_body(), MAX_RESPONSE)
@@ -150,7 +236,7 @@ impl Client {
     ) -> Result<Request<Full<Bytes>>, ClientError> {
         let host = match &self.target {
             Target::Unix(_) => "localhost".to_owned(),
-            Target::Tcp { authority } => authority.clone(),
+            Target::Tcp { authority } | Target::Https { authority, .. } => authority.clone(),
         };
         let mut builder = Request::builder()
             .method(method)

@@ -21,6 +21,7 @@
 pub mod client;
 pub mod metrics;
 pub mod server;
+pub mod tls;
 
 use std::net::Ipv6Addr;
 

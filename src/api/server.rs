@@ -741,19 +741,42 @@ impl Default for TcpLimits {
     }
 }
 
+/// One request on one (plain or TLS) connection, within `limits`.
+async fn serve_conn<S>(stream: S, router: Router, limits: TcpLimits, peer: std::net::SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(limits.connection_timeout, conn).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "API connection ended"),
+        Err(_) => tracing::debug!(%peer, "API connection took too long; closed"),
+    }
+}
+
 /// Serves `router` on TCP (bearer tokens required) until `shutdown`
 /// resolves, within `limits`: a connection that sends no complete request
 /// in time is closed, each serves one request, and past the cap new ones
 /// are closed at once. The unix socket and the reconciler share nothing
 /// with this listener but the process's descriptor limit, which the cap
 /// keeps it far from.
+///
+/// With `tls`, each connection is a TLS one: its handshake must complete
+/// within the header timeout, and the certificate is the one `tls` holds
+/// when the connection is accepted (so a reload changes only new ones).
 pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     router: Router,
     limits: TcpLimits,
+    tls: Option<Arc<super::tls::ServerTls>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
     let router = router.layer(Extension(Transport::Tcp));
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut shutdown = std::pin::pin!(shutdown);
@@ -777,18 +800,22 @@ pub async fn serve_tcp(
             drop(stream);
             continue;
         };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let router = router.clone();
+        let acceptor = tls.as_ref().and_then(|t| t.acceptor());
         conns.spawn(async move {
             let _permit = permit;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(limits.connection_timeout, conn).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "API connection ended"),
-                Err(_) => tracing::debug!(%peer, "API connection took too long; closed"),
+            match acceptor {
+                None => serve_conn(stream, router, limits, peer).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(tls)) => serve_conn(tls, router, limits, peer).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "API TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "API TLS handshake took too long; closed"),
+                    }
+                }
             }
         });
     }

@@ -47,7 +47,8 @@ pub enum CliError {
 #[derive(Debug, Parser)]
 #[command(name = "sixpn", version, about)]
 pub struct Cli {
-    /// The control API: a unix socket path or http://host:port.
+    /// The control API: a unix socket path, http://host:port, or
+    /// https://host:port (trusting $SIXPN_CA, else the system CAs).
     #[arg(
         long,
         global = true,
@@ -298,7 +299,9 @@ impl Prompter {
 /// Runs one non-daemon command against the API.
 pub async fn run(api: &str, command: Command) -> Result<(), CliError> {
     let token = std::env::var("SIXPN_TOKEN").ok();
-    let client = Client::new(api, token)?;
+    // HTTPS: the CA that signed the API's certificate, else the system's.
+    let ca = std::env::var_os("SIXPN_CA").filter(|c| !c.is_empty());
+    let client = Client::with_ca(api, token, ca.as_deref().map(std::path::Path::new))?;
     let p = Prompter::new();
     let rt = tokio::runtime::Handle::current();
     // Choice lists are fetched lazily, only when a prompt needs them.
