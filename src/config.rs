@@ -117,6 +117,22 @@ pub struct StoreConfig {
     /// etcd key prefix.
     #[serde(default = "default_etcd_prefix")]
     pub prefix: String,
+    /// etcd over TLS (`https://` endpoints): the CA that signed the
+    /// members' certificates (PEM).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for clusters with `--client-cert-auth`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM, mode 0600, owned by the daemon's user).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// An etcd user (RBAC), with `password_file`.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The etcd user's password (mode 0600, owned by the daemon's user).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -126,6 +142,11 @@ impl Default for StoreConfig {
             path: default_db_path(),
             endpoints: Vec::new(),
             prefix: default_etcd_prefix(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            user: None,
+            password_file: None,
         }
     }
 }
@@ -245,6 +266,33 @@ impl Config {
                 "store.endpoints: an etcd store needs at least one endpoint".into(),
             ));
         }
+        let s = &config.store;
+        if s.cert_file.is_some() != s.key_file.is_some() {
+            return Err(invalid(
+                "store.cert_file and store.key_file: set both (a client certificate) or neither"
+                    .into(),
+            ));
+        }
+        if s.user.is_some() != s.password_file.is_some() {
+            return Err(invalid(
+                "store.user and store.password_file: set both (etcd auth) or neither".into(),
+            ));
+        }
+        let tls = s.ca_file.is_some() || s.cert_file.is_some();
+        for e in &s.endpoints {
+            let https = e.starts_with("https://");
+            if https && s.ca_file.is_none() {
+                return Err(invalid(format!(
+                    "store.endpoints: {e} is https but store.ca_file (the cluster's CA) is not set"
+                )));
+            }
+            if !https && tls {
+                return Err(invalid(format!(
+                    "store.endpoints: {e} is not https:// but TLS files are set; use https:// \
+                     for every endpoint"
+                )));
+            }
+        }
         let api = &config.api;
         if api.tls_cert_file.is_some() != api.tls_key_file.is_some() {
             return Err(invalid(
@@ -328,6 +376,34 @@ upstream = ["127.0.0.1:53", "[2001:db8::53]:53"]
         assert_eq!(c.gateway.name.as_str(), "lhr-1");
         assert_eq!(c.gateway.backend, Backend::Userspace);
         assert_eq!(c.dns.upstream.len(), 2);
+    }
+
+    #[test]
+    fn etcd_tls_settings_go_together() {
+        let with = |store: &str| parse(&format!("{MINIMAL}[store]\nkind = \"etcd\"\n{store}"));
+        let tls = "ca_file = \"/ca.pem\"\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\n";
+        assert!(with(&format!("endpoints = [\"https://10.0.0.1:2379\"]\n{tls}")).is_ok());
+        for (bad, says) in [
+            (
+                "endpoints = [\"https://10.0.0.1:2379\"]\n".to_owned(),
+                "ca_file",
+            ),
+            (
+                format!("endpoints = [\"http://10.0.0.1:2379\"]\n{tls}"),
+                "https://",
+            ),
+            (
+                "endpoints = [\"https://a:1\"]\nca_file = \"/ca\"\ncert_file = \"/c\"\n".to_owned(),
+                "set both",
+            ),
+            (
+                "endpoints = [\"http://a:1\"]\nuser = \"sixpn\"\n".to_owned(),
+                "password_file",
+            ),
+        ] {
+            let e = with(&bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

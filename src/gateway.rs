@@ -19,7 +19,7 @@ use crate::dns::server::{upstreams_or_resolv_conf, DnsService, DnsSettings};
 use crate::model::PrivateKey;
 use crate::plan::Identity;
 use crate::reconcile::{Reconciler, Settings};
-use crate::store::etcd::EtcdStore;
+use crate::store::etcd::{EtcdAccess, EtcdStore};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Gateway, Snapshot, Store, StoreError};
 
@@ -170,9 +170,29 @@ pub fn load_or_create_key(path: &Path) -> Result<PrivateKey, GatewayError> {
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, GatewayError> {
     match config.store.kind {
         StoreKind::Sqlite => Ok(Arc::new(SqliteStore::open(&config.store.path)?)),
-        StoreKind::Etcd => Ok(Arc::new(
-            EtcdStore::connect(&config.store.endpoints, &config.store.prefix).await?,
-        )),
+        StoreKind::Etcd => {
+            let s = &config.store;
+            let read = |p: &Path| std::fs::read(p).map_err(|e| file_err(p, e));
+            let mut access = EtcdAccess::default();
+            if let Some(ca) = &s.ca_file {
+                access.ca_pem = Some(read(ca)?);
+            }
+            if let (Some(cert), Some(key)) = (&s.cert_file, &s.key_file) {
+                check_secret_file(key)?;
+                access.identity = Some((read(cert)?, read(key)?));
+            }
+            if let (Some(user), Some(pw)) = (&s.user, &s.password_file) {
+                check_secret_file(pw)?;
+                let password = String::from_utf8(read(pw)?)
+                    .map_err(|_| file_err(pw, "not UTF-8"))?
+                    .trim()
+                    .to_owned();
+                access.user = Some((user.clone(), password));
+            }
+            Ok(Arc::new(
+                EtcdStore::connect_with(&s.endpoints, &s.prefix, &access).await?,
+            ))
+        }
     }
 }
 

@@ -48,8 +48,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, Event, EventType, GetOptions, KeyValue, Txn, TxnOp,
-    WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, Event, EventType, GetOptions,
+    Identity, KeyValue, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -125,10 +125,14 @@ fn now_secs() -> u64 {
 /// Maps a client error: the network and the cluster's health are
 /// `Unavailable` (retry later, HTTP 503); anything else is a bug or bad data.
 fn etcd_err(e: etcd_client::Error) -> StoreError {
+    etcd_err_ref(&e)
+}
+
+fn etcd_err_ref(e: &etcd_client::Error) -> StoreError {
     use etcd_client::Error as E;
-    match &e {
+    match e {
         E::TransportError(_) | E::IoError(_) | E::WatchError(_) | E::EndpointError(_) => {
-            StoreError::Unavailable(format!("etcd: {e}"))
+            StoreError::Unavailable(format!("etcd: {}", chain(e)))
         }
         E::GRpcStatus(s) => match s.code() {
             tonic::Code::Unavailable
@@ -136,7 +140,12 @@ fn etcd_err(e: etcd_client::Error) -> StoreError {
             | tonic::Code::Cancelled
             | tonic::Code::Unknown
             | tonic::Code::ResourceExhausted
-            | tonic::Code::Aborted => StoreError::Unavailable(format!("etcd: {}", s.message())),
+            // The status's sources say why (a TLS alert, a refused
+            // connection); its message alone often doesn't.
+            | tonic::Code::Aborted => StoreError::Unavailable(format!(
+                "etcd: {}",
+                chain_from(s.message().to_owned(), std::error::Error::source(s))
+            )),
             _ => StoreError::Internal(format!("etcd: {e}")),
         },
         _ => StoreError::Internal(format!("etcd: {e}")),
@@ -211,32 +220,141 @@ fn publish(feed: &watch::Sender<Revision>, revision: i64) {
     });
 }
 
+/// How to reach a cluster beyond its endpoints: TLS and etcd's own auth.
+/// The secrets are the files' contents; `Debug` never shows them.
+#[derive(Clone, Default)]
+pub struct EtcdAccess {
+    /// PEM of the CA that signed the members' certificates (`https://`).
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate and key, for `--client-cert-auth` clusters.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// etcd user name and password (RBAC).
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdAccess")
+            .field("tls", &self.ca_pem.is_some())
+            .field("client_cert", &self.identity.is_some())
+            .field("user", &self.user.as_ref().map(|u| &u.0))
+            .finish()
+    }
+}
+
+impl EtcdAccess {
+    fn secured(&self) -> bool {
+        self.ca_pem.is_some() || self.identity.is_some() || self.user.is_some()
+    }
+}
+
+/// An error and its sources in one line: TLS failures say why only in
+/// the innermost source ("invalid peer certificate: UnknownIssuer").
+fn chain(e: &dyn std::error::Error) -> String {
+    chain_from(e.to_string(), e.source())
+}
+
+/// `first`, then each source's text that doesn't repeat what is there.
+fn chain_from(first: String, mut cur: Option<&dyn std::error::Error>) -> String {
+    let mut out = first;
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
 impl EtcdStore {
     /// Connects to the cluster at `endpoints` and starts following changes
-    /// under `prefix`. The connection is lazy: an unreachable cluster doesn't
-    /// fail here but in the first request, as `Unavailable`.
+    /// under `prefix`. One read is made here: a cluster that can't be
+    /// reached or used fails now, as `Unavailable` naming the endpoints.
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, StoreError> {
+        Self::connect_with(endpoints, prefix, &EtcdAccess::default()).await
+    }
+
+    /// As [`EtcdStore::connect`], with TLS and/or etcd auth: a certificate
+    /// the cluster refuses, or one of the cluster's that isn't trusted,
+    /// fails here in one error naming the endpoints and the reason.
+    pub async fn connect_with(
+        endpoints: &[String],
+        prefix: &str,
+        access: &EtcdAccess,
+    ) -> Result<Self, StoreError> {
         if endpoints.is_empty() {
             return Err(StoreError::Invalid(
                 "an etcd store needs at least one endpoint".into(),
             ));
         }
         let opts = || {
-            ConnectOptions::new()
+            let mut o = ConnectOptions::new()
                 .with_connect_timeout(REQUEST_TIMEOUT)
                 // etcd answers pings more often than every 5 s
                 // (--grpc-keepalive-min-time) with GOAWAY too_many_pings,
                 // which kills the watch stream: stay above it.
-                .with_keep_alive(KEEPALIVE, REQUEST_TIMEOUT)
+                .with_keep_alive(KEEPALIVE, REQUEST_TIMEOUT);
+            if access.ca_pem.is_some() || access.identity.is_some() {
+                let mut tls = TlsOptions::new();
+                if let Some(ca) = &access.ca_pem {
+                    tls = tls.ca_certificate(Certificate::from_pem(ca));
+                }
+                if let Some((cert, key)) = &access.identity {
+                    tls = tls.identity(Identity::from_pem(cert, key));
+                }
+                o = o.with_tls(tls);
+            }
+            if let Some((name, password)) = &access.user {
+                o = o.with_user(name.clone(), password.clone());
+            }
+            o
+        };
+        let at = endpoints.join(", ");
+        let failed = |e: etcd_client::Error| match etcd_err_ref(&e) {
+            StoreError::Unavailable(_) => {
+                StoreError::Unavailable(format!("etcd at {at}: {}", chain(&e)))
+            }
+            other => other,
         };
         let kv = Client::connect(endpoints, Some(opts().with_timeout(REQUEST_TIMEOUT)))
             .await
-            .map_err(etcd_err)?;
+            .map_err(failed)?;
+        // One read now, so a cluster that can't be used (a certificate
+        // refused either way, plaintext to a TLS port, a wrong password)
+        // fails here in one error that names where and why.
+        let probe = read_retrying(|| {
+            let mut c = kv.kv_client();
+            let key = format!("{prefix}written");
+            async move { c.get(key, None).await }
+        })
+        .await;
+        match probe {
+            Ok(_) => {}
+            Err(StoreError::Unavailable(m)) => {
+                let hint = if m.contains("UnknownIssuer") {
+                    " (store.ca_file is not the CA that signed the cluster's certificates)"
+                } else if access.identity.is_some() {
+                    " (if the cluster checks client certificates: is store.cert_file signed by \
+                     its --trusted-ca-file?)"
+                } else if !access.secured()
+                    && m.contains("closed")
+                    && endpoints.iter().any(|e| e.starts_with("http://"))
+                {
+                    " (a cluster that serves TLS needs https:// endpoints and store.ca_file)"
+                } else {
+                    ""
+                };
+                return Err(StoreError::Unavailable(format!("etcd at {at}: {m}{hint}")));
+            }
+            Err(e) => return Err(e),
+        }
         // The watch is a long-lived stream: its client has no request timeout;
         // keep-alive pings detect a dead connection instead.
         let watch_client = Client::connect(endpoints, Some(opts()))
             .await
-            .map_err(etcd_err)?;
+            .map_err(failed)?;
         let keys = Keys::new(prefix);
         let feeds = Feeds::new();
         let watcher = tokio::spawn(watch_loop(watch_client, keys.clone(), feeds.clone(), 0));

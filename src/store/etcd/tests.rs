@@ -606,3 +606,189 @@ async fn outage_is_unavailable_fast_and_the_feed_reconnects() {
         .expect("the feed follows again after the outage")
         .unwrap();
 }
+
+/// Runs `openssl ARGS…` in `dir`; panics with its stderr on failure.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const EC: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
+/// A CA `NAME.pem`/`NAME.key` in `dir`.
+fn make_ca(dir: &std::path::Path, name: &str) {
+    let (subj, key, pem) = (
+        format!("/CN={name}"),
+        format!("{name}.key"),
+        format!("{name}.pem"),
+    );
+    let mut args = vec![
+        "req", "-x509", "-days", "2", "-subj", &subj, "-keyout", &key, "-out", &pem,
+    ];
+    args.extend(EC);
+    openssl(dir, &args);
+}
+
+/// `LEAF.pem`/`LEAF.key` for 127.0.0.1 (server and client use), signed by
+/// the CA `CA`.
+fn make_leaf(dir: &std::path::Path, ca: &str, leaf: &str) {
+    let (key, csr, pem) = (
+        format!("{leaf}.key"),
+        format!("{leaf}.csr"),
+        format!("{leaf}.pem"),
+    );
+    let mut req = vec![
+        "req",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+    ];
+    req.extend(EC);
+    openssl(dir, &req);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-days",
+            "2",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            &pem,
+        ],
+    );
+}
+
+#[tokio::test]
+async fn tls_with_client_certificates_works_and_a_wrong_certificate_fails_in_one_line() {
+    let has_openssl = Command::new("openssl").arg("version").output().is_ok();
+    if etcd_binary().is_none() || !has_openssl {
+        assert!(!in_ci(), "etcd and openssl are needed under CI");
+        eprintln!("SKIPPED tls_with_client_certificates…: no etcd or openssl");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_ca(d, "ca");
+    make_leaf(d, "ca", "member");
+    make_leaf(d, "ca", "client");
+    make_ca(d, "other-ca");
+    make_leaf(d, "other-ca", "stranger");
+    let (c, p) = (free_port(), free_port());
+    let log = std::fs::File::create(d.join("etcd.log")).unwrap();
+    let path = |f: &str| d.join(f).to_string_lossy().into_owned();
+    let mut child = Command::new("etcd")
+        .args(["--name", "t", "--data-dir", &path("data")])
+        .args([
+            &format!("--listen-client-urls=https://127.0.0.1:{c}"),
+            &format!("--advertise-client-urls=https://127.0.0.1:{c}"),
+            &format!("--listen-peer-urls=http://127.0.0.1:{p}"),
+            &format!("--initial-advertise-peer-urls=http://127.0.0.1:{p}"),
+            &format!("--initial-cluster=t=http://127.0.0.1:{p}"),
+            &format!("--cert-file={}", path("member.pem")),
+            &format!("--key-file={}", path("member.key")),
+            &format!("--trusted-ca-file={}", path("ca.pem")),
+            "--client-cert-auth",
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start etcd");
+    let read = |f: &str| std::fs::read(d.join(f)).unwrap();
+    let good = EtcdAccess {
+        ca_pem: Some(read("ca.pem")),
+        identity: Some((read("client.pem"), read("client.key"))),
+        user: None,
+    };
+    let url = format!("https://127.0.0.1:{c}");
+    let t0 = Instant::now();
+    let store = loop {
+        match EtcdStore::connect_with(std::slice::from_ref(&url), "/sixpn/", &good).await {
+            Ok(s) => break s,
+            Err(e) if t0.elapsed() < Duration::from_secs(20) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!(
+                "{e}\n{}",
+                std::fs::read_to_string(d.join("etcd.log")).unwrap_or_default()
+            ),
+        }
+    };
+    store.create_org(&"acme".parse().unwrap()).await.unwrap();
+    assert_eq!(store.snapshot().await.unwrap().orgs.len(), 1);
+
+    // A client certificate the cluster doesn't trust; a cluster
+    // certificate we don't trust; plaintext to a TLS-only port: each one
+    // error, naming the endpoint.
+    let stranger = EtcdAccess {
+        identity: Some((read("stranger.pem"), read("stranger.key"))),
+        ..good.clone()
+    };
+    let distrust = EtcdAccess {
+        ca_pem: Some(read("other-ca.pem")),
+        ..good.clone()
+    };
+    for (what, access, endpoint) in [
+        ("a stranger's client certificate", stranger, url.clone()),
+        ("a CA that didn't sign the cluster", distrust, url.clone()),
+        (
+            "plaintext",
+            EtcdAccess::default(),
+            format!("http://127.0.0.1:{c}"),
+        ),
+    ] {
+        let t0 = Instant::now();
+        let r = match EtcdStore::connect_with(std::slice::from_ref(&endpoint), "/sixpn/", &access)
+            .await
+        {
+            Ok(s) => s.snapshot().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        let e = r.expect_err(what).to_string();
+        assert!(!e.contains('\n'), "{what}: one line: {e}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{what}: {:?}",
+            t0.elapsed()
+        );
+        if what != "plaintext" {
+            assert!(e.contains(&format!("127.0.0.1:{c}")), "{what}: {e}");
+        }
+        eprintln!("{what}: {e}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
