@@ -127,6 +127,10 @@ pub struct StoreConfig {
     /// Its private key (PEM, mode 0600, owned by the daemon's user).
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// The name the members' TLS certificates are checked against, when it
+    /// isn't the endpoints' host (needed for IPv6 endpoints that differ).
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
     /// An etcd user (RBAC), with `password_file`.
     #[serde(default)]
     pub user: Option<String>,
@@ -145,6 +149,7 @@ impl Default for StoreConfig {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            tls_server_name: None,
             user: None,
             password_file: None,
         }

@@ -173,7 +173,10 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, GatewayError>
         StoreKind::Etcd => {
             let s = &config.store;
             let read = |p: &Path| std::fs::read(p).map_err(|e| file_err(p, e));
-            let mut access = EtcdAccess::default();
+            let mut access = EtcdAccess {
+                server_name: s.tls_server_name.clone(),
+                ..EtcdAccess::default()
+            };
             if let Some(ca) = &s.ca_file {
                 access.ca_pem = Some(read(ca)?);
             }

@@ -51,6 +51,77 @@ struct Cluster {
     members: Vec<Member>,
     dir: tempfile::TempDir,
     ns: Netns,
+    /// Clients over TLS with client certificates (`Cluster::start_tls`).
+    tls: bool,
+}
+
+/// Runs `openssl ARGS…` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let mut c = std::process::Command::new("openssl");
+    c.current_dir(dir).args(args);
+    common::run_ok(&mut c);
+}
+
+const EC: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
+/// A CA `NAME.pem`/`NAME.key` in `dir`.
+fn make_ca(dir: &std::path::Path, name: &str) {
+    let (subj, key, pem) = (
+        format!("/CN={name}"),
+        format!("{name}.key"),
+        format!("{name}.pem"),
+    );
+    let mut args = vec![
+        "req", "-x509", "-days", "2", "-subj", &subj, "-keyout", &key, "-out", &pem,
+    ];
+    args.extend(EC);
+    openssl(dir, &args);
+}
+
+/// `LEAF.pem`/`LEAF.key` (0600) for the store's address, signed by `ca`.
+fn make_leaf(dir: &std::path::Path, ca: &str, leaf: &str) {
+    let (key, csr, pem) = (
+        format!("{leaf}.key"),
+        format!("{leaf}.csr"),
+        format!("{leaf}.pem"),
+    );
+    let mut req = vec!["req", "-subj", "/CN=sixpn", "-keyout", &key, "-out", &csr];
+    req.extend(EC);
+    openssl(dir, &req);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        format!("subjectAltName=IP:{STORE_ADDR}\nextendedKeyUsage=serverAuth,clientAuth\n"),
+    )
+    .unwrap();
+    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-days",
+            "2",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            &pem,
+        ],
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join(&key), std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 const STORE_ADDR: &str = "fd53:e::1";
@@ -62,6 +133,32 @@ const PROBE_ADDR: &str = "fdaa:0:1::99";
 
 impl Cluster {
     fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// Members that serve clients only over TLS and require a client
+    /// certificate signed by the cluster's CA (`--client-cert-auth`).
+    fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    /// The TLS files in the cluster's directory: `ca.pem`, `member.*`,
+    /// `client.*` (from the cluster's CA) and `stranger.*` (another CA's).
+    fn tls_file(&self, name: &str) -> String {
+        self.dir.path().join(name).to_string_lossy().into_owned()
+    }
+
+    /// `[store]` lines for a client with `cert` (`client` or `stranger`).
+    fn tls_toml(&self, cert: &str) -> String {
+        format!(
+            "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+            self.tls_file("ca.pem"),
+            self.tls_file(&format!("{cert}.pem")),
+            self.tls_file(&format!("{cert}.key"))
+        )
+    }
+
+    fn start_with(tls: bool) -> Self {
         let ns = Netns::new();
         ns.ip(&["link", "add", "br0", "type", "bridge"]);
         ns.add_addr("br0", &format!("{STORE_ADDR}/64"));
@@ -79,7 +176,16 @@ impl Cluster {
             members,
             dir: tempfile::tempdir().unwrap(),
             ns,
+            tls,
         };
+        if tls {
+            let d = c.dir.path().to_owned();
+            make_ca(&d, "ca");
+            make_leaf(&d, "ca", "member");
+            make_leaf(&d, "ca", "client");
+            make_ca(&d, "other-ca");
+            make_leaf(&d, "other-ca", "stranger");
+        }
         for i in 0..3 {
             c.start_member(i);
         }
@@ -89,10 +195,18 @@ impl Cluster {
         c
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://[{STORE_ADDR}]:{}", m.client_port))
+            .map(|m| format!("{}://[{STORE_ADDR}]:{}", self.scheme(), m.client_port))
             .collect()
     }
 
@@ -122,14 +236,15 @@ impl Cluster {
             .open(self.log_path(i))
             .unwrap();
         let mut cmd = self.ns.cmd("etcd");
+        let scheme = self.scheme();
         cmd.args(["--name", &m.name, "--data-dir"])
             .arg(self.dir.path().join(&m.name))
             .arg(format!(
-                "--listen-client-urls=http://[{STORE_ADDR}]:{}",
+                "--listen-client-urls={scheme}://[{STORE_ADDR}]:{}",
                 m.client_port
             ))
             .arg(format!(
-                "--advertise-client-urls=http://[{STORE_ADDR}]:{}",
+                "--advertise-client-urls={scheme}://[{STORE_ADDR}]:{}",
                 m.client_port
             ))
             .arg(format!("--listen-peer-urls=http://[::1]:{}", m.peer_port))
@@ -138,21 +253,36 @@ impl Cluster {
                 m.peer_port
             ))
             .arg(format!("--initial-cluster={}", initial.join(",")))
-            .args(["--initial-cluster-token", "sixpn-fleet-test"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
+            .args(["--initial-cluster-token", "sixpn-fleet-test"]);
+        if self.tls {
+            cmd.arg(format!("--cert-file={}", self.tls_file("member.pem")))
+                .arg(format!("--key-file={}", self.tls_file("member.key")))
+                .arg(format!("--trusted-ca-file={}", self.tls_file("ca.pem")))
+                .arg("--client-cert-auth");
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         let child = cmd.spawn().expect("start etcd");
         self.members[i].child = Some(child);
     }
 
     fn wait_healthy(&self, i: usize) {
         let url = format!(
-            "http://[{STORE_ADDR}]:{}/health",
+            "{}://[{STORE_ADDR}]:{}/health",
+            self.scheme(),
             self.members[i].client_port
         );
+        let (ca, cert, key) = (
+            self.tls_file("ca.pem"),
+            self.tls_file("client.pem"),
+            self.tls_file("client.key"),
+        );
+        let mut curl = vec!["curl", "-fsS", "-m", "1"];
+        if self.tls {
+            curl.extend(["--cacert", &ca, "--cert", &cert, "--key", &key]);
+        }
+        curl.push(&url);
         let ok = wait_for(Duration::from_secs(30), || {
-            let out = self.ns.run(&["curl", "-fsS", "-m", "1", &url]);
+            let out = self.ns.run(&curl);
             common::stdout_of(&out)
                 .contains("\"health\":\"true\"")
                 .then_some(())
@@ -205,6 +335,11 @@ struct Fleet {
 const LHR_ENDPOINT: &str = "fd53:c1::1";
 
 fn gateway(ns: &Netns, cluster: &Cluster, name: &str, region: &str, host: &str) -> Gateway {
+    let tls = if cluster.tls {
+        cluster.tls_toml("client")
+    } else {
+        String::new()
+    };
     Gateway::builder()
         .netns(ns)
         .name(name)
@@ -216,11 +351,25 @@ fn gateway(ns: &Netns, cluster: &Cluster, name: &str, region: &str, host: &str) 
         .store_toml("kind = \"etcd\"")
         .store_toml(&cluster.endpoints_toml())
         .store_toml("prefix = \"/sixpn-fleet/\"")
+        .store_toml(&tls)
         .start()
 }
 
 fn fleet() -> Fleet {
-    let cluster = Cluster::start();
+    fleet_on(Cluster::start())
+}
+
+/// The benches' fleet: over TLS with client certificates when
+/// `SIXPN_BENCH_TLS` is set (`scripts/bench-fleet.sh tls`).
+fn bench_fleet() -> Fleet {
+    if std::env::var_os("SIXPN_BENCH_TLS").is_some() {
+        fleet_on(Cluster::start_tls())
+    } else {
+        fleet()
+    }
+}
+
+fn fleet_on(cluster: Cluster) -> Fleet {
     let iad_ns = Netns::new();
     let lhr_ns = Netns::new();
     cluster.join(&iad_ns, "v-iad", "fd53:e::2");
@@ -317,6 +466,88 @@ impl Fleet {
             .ip(&["-6", "route", "add", &host, "via", "fd53:77::2"]);
         probe
     }
+}
+
+#[test]
+fn a_fleet_over_tls_with_client_certificates() {
+    require_root!();
+    require_tools!("ip", "wg", "wireguard-go", "etcd", "curl", "openssl");
+    let f = fleet_on(Cluster::start_tls());
+
+    // As over plaintext: created through iad for lhr, live on lhr when the
+    // create returns.
+    let out = f.create(&f.iad, "lhr", "laptop");
+    assert!(out.status.success(), "{}", common::stderr_of(&out));
+    assert!(
+        !common::stderr_of(&out).contains("not installed"),
+        "create returned pending: {}",
+        common::stderr_of(&out)
+    );
+    let key = f.key_of(&f.iad, "laptop");
+    assert!(f.wg_peers(&f.lhr).contains(&key), "{}", f.lhr.log());
+
+    // The cluster refuses plaintext, and TLS without a client certificate.
+    let health = format!(
+        "https://[{STORE_ADDR}]:{}/health",
+        f.cluster.members[0].client_port
+    );
+    let plain = health.replacen("https", "http", 1);
+    let ca = f.cluster.tls_file("ca.pem");
+    for argv in [
+        vec!["curl", "-fsS", "-m", "2", plain.as_str()],
+        vec!["curl", "-fsS", "-m", "2", "--cacert", &ca, &health],
+    ] {
+        let out = f.cluster.ns.run(&argv);
+        assert!(
+            !out.status.success(),
+            "{argv:?}: {}",
+            common::stdout_of(&out)
+        );
+    }
+
+    // A gateway whose client certificate another CA signed fails start in
+    // one line naming the endpoints; it never registers.
+    let ns = Netns::new();
+    f.cluster.join(&ns, "v-bad", "fd53:e::4");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_string_lossy();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nname = \"lhr-9\"\nregion = \"lhr\"\nhost_id = \"a7b:9\"\n\
+             interface = \"{}\"\nendpoint = \"127.0.0.1:51820\"\n\
+             private_key_file = \"{d}/gw.key\"\nbackend = \"userspace\"\n\
+             [store]\nkind = \"etcd\"\n{}\nprefix = \"/sixpn-fleet/\"\n{}\n\
+             [api]\nsocket = \"{d}/api.sock\"\n",
+            common::unique_ifname(),
+            f.cluster.endpoints_toml(),
+            f.cluster.tls_toml("stranger")
+        ),
+    )
+    .unwrap();
+    let mut cmd = ns.cmd("timeout");
+    cmd.args(["20", common::SIXPN, "gateway", "--config"])
+        .arg(&config);
+    let out = cmd.output().unwrap();
+    let err = common::stderr_of(&out);
+    assert!(
+        !out.status.success() && out.status.code() != Some(124),
+        "{err}"
+    );
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("Error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(errors[0].contains(&format!("[{STORE_ADDR}]:")), "{err}");
+    assert!(errors[0].contains("cert_file"), "{err}");
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-fsS", "--unix-socket"])
+        .arg(f.iad.api())
+        .arg("http://localhost/v1/regions");
+    let regions = common::run_ok(&mut curl);
+    assert!(
+        regions.contains("lhr-1") && !regions.contains("lhr-9"),
+        "{regions}"
+    );
 }
 
 #[test]
@@ -648,7 +879,7 @@ fn bench_write_to_wg_show_on_the_other_gateway() {
     require_root!();
     require_tools!("ip", "wg", "wireguard-go", "etcd", "curl");
     let n = bench_n();
-    let f = fleet();
+    let f = bench_fleet();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = Client::new(f.iad.api(), None).unwrap();
     let mut samples = Vec::with_capacity(n);
@@ -785,7 +1016,7 @@ fn bench_write_to_dns_answer_on_the_other_gateway() {
     require_root!();
     require_tools!("ip", "wg", "wireguard-go", "etcd", "curl");
     let n = bench_n();
-    let f = fleet();
+    let f = bench_fleet();
     let probe = f.probe();
     let poller = DnsPoller::start(&probe);
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -230,6 +230,44 @@ pub struct EtcdAccess {
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
     /// etcd user name and password (RBAC).
     pub user: Option<(String, String)>,
+    /// The name the members' certificates are checked against, when it
+    /// isn't the endpoints' host (see [`tls_domain`]).
+    pub server_name: Option<String>,
+}
+
+/// The name to verify the members' certificates against. The gRPC stack
+/// takes one name for all endpoints and can't use a bracketed IPv6 literal
+/// (`[fd53::1]`) as one: so the configured name, else the endpoints' one
+/// shared host (brackets off), else none when every host is a DNS name
+/// (each is checked against its own); IPv6 literals that differ need the
+/// name configured.
+pub fn tls_domain(
+    endpoints: &[String],
+    configured: Option<&str>,
+) -> Result<Option<String>, StoreError> {
+    if let Some(name) = configured {
+        return Ok(Some(name.to_owned()));
+    }
+    let hosts: Vec<&str> = endpoints
+        .iter()
+        .map(|e| {
+            let rest = e.split_once("://").map_or(e.as_str(), |(_, r)| r);
+            let authority = rest.split('/').next().unwrap_or(rest);
+            match authority.strip_prefix('[') {
+                Some(v6) => v6.split(']').next().unwrap_or(v6),
+                None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+            }
+        })
+        .collect();
+    match hosts.as_slice() {
+        [first, rest @ ..] if rest.iter().all(|h| h == first) => Ok(Some((*first).to_owned())),
+        _ if hosts.iter().any(|h| h.contains(':')) => Err(StoreError::Invalid(
+            "etcd over TLS at IPv6 addresses that differ: set store.tls_server_name to a name \
+             every member's certificate carries"
+                .into(),
+        )),
+        _ => Ok(None),
+    }
 }
 
 impl std::fmt::Debug for EtcdAccess {
@@ -238,6 +276,7 @@ impl std::fmt::Debug for EtcdAccess {
             .field("tls", &self.ca_pem.is_some())
             .field("client_cert", &self.identity.is_some())
             .field("user", &self.user.as_ref().map(|u| &u.0))
+            .field("server_name", &self.server_name)
             .finish()
     }
 }
@@ -289,6 +328,11 @@ impl EtcdStore {
                 "an etcd store needs at least one endpoint".into(),
             ));
         }
+        let domain = if access.ca_pem.is_some() || access.identity.is_some() {
+            tls_domain(endpoints, access.server_name.as_deref())?
+        } else {
+            None
+        };
         let opts = || {
             let mut o = ConnectOptions::new()
                 .with_connect_timeout(REQUEST_TIMEOUT)
@@ -303,6 +347,9 @@ impl EtcdStore {
                 }
                 if let Some((cert, key)) = &access.identity {
                     tls = tls.identity(Identity::from_pem(cert, key));
+                }
+                if let Some(d) = &domain {
+                    tls = tls.domain_name(d.clone());
                 }
                 o = o.with_tls(tls);
             }

@@ -731,6 +731,7 @@ async fn tls_with_client_certificates_works_and_a_wrong_certificate_fails_in_one
         ca_pem: Some(read("ca.pem")),
         identity: Some((read("client.pem"), read("client.key"))),
         user: None,
+        server_name: None,
     };
     let url = format!("https://127.0.0.1:{c}");
     let t0 = Instant::now();
@@ -791,4 +792,34 @@ async fn tls_with_client_certificates_works_and_a_wrong_certificate_fails_in_one
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[test]
+fn the_tls_name_is_the_shared_host_or_configured() {
+    let eps = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let d = |v: &[&str], c: Option<&str>| tls_domain(&eps(v), c);
+    assert_eq!(
+        d(&["https://[fd53:e::1]:1", "https://[fd53:e::1]:2"], None)
+            .unwrap()
+            .as_deref(),
+        Some("fd53:e::1")
+    );
+    assert_eq!(
+        d(&["https://10.0.0.1:2379"], None).unwrap().as_deref(),
+        Some("10.0.0.1")
+    );
+    assert_eq!(
+        d(&["https://a.example:1", "https://b.example:1"], None).unwrap(),
+        None
+    );
+    assert!(d(&["https://[fd53::1]:1", "https://[fd53::2]:1"], None).is_err());
+    assert_eq!(
+        d(
+            &["https://[fd53::1]:1", "https://[fd53::2]:1"],
+            Some("etcd.internal")
+        )
+        .unwrap()
+        .as_deref(),
+        Some("etcd.internal")
+    );
 }
