@@ -55,75 +55,6 @@ struct Cluster {
     tls: bool,
 }
 
-/// Runs `openssl ARGS…` in `dir`.
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let mut c = std::process::Command::new("openssl");
-    c.current_dir(dir).args(args);
-    common::run_ok(&mut c);
-}
-
-const EC: [&str; 5] = [
-    "-newkey",
-    "ec",
-    "-pkeyopt",
-    "ec_paramgen_curve:prime256v1",
-    "-nodes",
-];
-
-/// A CA `NAME.pem`/`NAME.key` in `dir`.
-fn make_ca(dir: &std::path::Path, name: &str) {
-    let (subj, key, pem) = (
-        format!("/CN={name}"),
-        format!("{name}.key"),
-        format!("{name}.pem"),
-    );
-    let mut args = vec![
-        "req", "-x509", "-days", "2", "-subj", &subj, "-keyout", &key, "-out", &pem,
-    ];
-    args.extend(EC);
-    openssl(dir, &args);
-}
-
-/// `LEAF.pem`/`LEAF.key` (0600) for the store's address, signed by `ca`.
-fn make_leaf(dir: &std::path::Path, ca: &str, leaf: &str) {
-    let (key, csr, pem) = (
-        format!("{leaf}.key"),
-        format!("{leaf}.csr"),
-        format!("{leaf}.pem"),
-    );
-    let mut req = vec!["req", "-subj", "/CN=sixpn", "-keyout", &key, "-out", &csr];
-    req.extend(EC);
-    openssl(dir, &req);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        format!("subjectAltName=IP:{STORE_ADDR}\nextendedKeyUsage=serverAuth,clientAuth\n"),
-    )
-    .unwrap();
-    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-days",
-            "2",
-            "-in",
-            &csr,
-            "-CA",
-            &ca_pem,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            &pem,
-        ],
-    );
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.join(&key), std::fs::Permissions::from_mode(0o600)).unwrap();
-}
-
 const STORE_ADDR: &str = "fd53:e::1";
 
 /// Org `acme` is network 1, `fdaa:0:1::/48`: its DNS server, and the probe
@@ -180,11 +111,12 @@ impl Cluster {
         };
         if tls {
             let d = c.dir.path().to_owned();
+            use sixpn::testkit::certs::{make_ca, make_leaf};
             make_ca(&d, "ca");
-            make_leaf(&d, "ca", "member");
-            make_leaf(&d, "ca", "client");
+            make_leaf(&d, "ca", "member", STORE_ADDR);
+            make_leaf(&d, "ca", "client", STORE_ADDR);
             make_ca(&d, "other-ca");
-            make_leaf(&d, "other-ca", "stranger");
+            make_leaf(&d, "other-ca", "stranger", STORE_ADDR);
         }
         for i in 0..3 {
             c.start_member(i);

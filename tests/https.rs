@@ -9,82 +9,19 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{run_ok, stderr_of, stdout_of, Gateway, Netns};
+use common::{stderr_of, stdout_of, Gateway, Netns};
 
-/// A CA (`NAME.pem`, `NAME.key`) in `dir`.
+/// A CA (`NAME.pem`, `NAME.key`) in `dir`; its certificate's path.
 fn ca(dir: &Path, name: &str) -> PathBuf {
-    let pem = dir.join(format!("{name}.pem"));
-    run_ok(
-        Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-            .args([
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                &format!("/CN={name}"),
-                "-keyout",
-                &dir.join(format!("{name}.key")).to_string_lossy(),
-                "-out",
-                &pem.to_string_lossy(),
-            ]),
-    );
-    pem
+    sixpn::testkit::certs::make_ca(dir, name);
+    dir.join(format!("{name}.pem"))
 }
 
 /// A server certificate for 127.0.0.1 signed by `ca`, written to
 /// `server.pem` / `server.key` (0600); returns its serial as openssl prints it.
 fn server_cert(dir: &Path, ca_name: &str) -> String {
-    let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    run_ok(Command::new("openssl").args([
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        &p("server.key.new"),
-        "-out",
-        &p("server.csr"),
-    ]));
-    run_ok(Command::new("openssl").args([
-        "x509",
-        "-req",
-        "-days",
-        "2",
-        "-in",
-        &p("server.csr"),
-        "-CA",
-        &p(&format!("{ca_name}.pem")),
-        "-CAkey",
-        &p(&format!("{ca_name}.key")),
-        "-set_serial",
-        &format!("{}", rand_serial()),
-        "-extfile",
-        &p("ext.cnf"),
-        "-out",
-        &p("server.pem.new"),
-    ]));
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(p("server.key.new"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    std::fs::rename(p("server.key.new"), p("server.key")).unwrap();
-    std::fs::rename(p("server.pem.new"), p("server.pem")).unwrap();
-    serial_of(&std::fs::read(p("server.pem")).unwrap())
-}
-
-fn rand_serial() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    t.as_nanos() as u64 % 1_000_000_000_000 + 1
+    sixpn::testkit::certs::make_leaf(dir, ca_name, "server", "127.0.0.1");
+    serial_of(&std::fs::read(dir.join("server.pem")).unwrap())
 }
 
 /// `serial=…` of a PEM certificate.

@@ -8,6 +8,8 @@
 //! libtest doesn't capture) when run by hand without it, and fails when `CI`
 //! is set to anything but an empty string, `0`, `false` or `no`.
 
+pub mod certs;
+
 use std::fmt::Display;
 use std::io::Write;
 

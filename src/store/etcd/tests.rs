@@ -607,94 +607,10 @@ async fn outage_is_unavailable_fast_and_the_feed_reconnects() {
         .unwrap();
 }
 
-/// Runs `openssl ARGS…` in `dir`; panics with its stderr on failure.
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-const EC: [&str; 5] = [
-    "-newkey",
-    "ec",
-    "-pkeyopt",
-    "ec_paramgen_curve:prime256v1",
-    "-nodes",
-];
-
-/// A CA `NAME.pem`/`NAME.key` in `dir`.
-fn make_ca(dir: &std::path::Path, name: &str) {
-    let (subj, key, pem) = (
-        format!("/CN={name}"),
-        format!("{name}.key"),
-        format!("{name}.pem"),
-    );
-    let mut args = vec![
-        "req", "-x509", "-days", "2", "-subj", &subj, "-keyout", &key, "-out", &pem,
-    ];
-    args.extend(EC);
-    openssl(dir, &args);
-}
-
-/// `LEAF.pem`/`LEAF.key` for 127.0.0.1 (server and client use), signed by
-/// the CA `CA`.
-fn make_leaf(dir: &std::path::Path, ca: &str, leaf: &str) {
-    let (key, csr, pem) = (
-        format!("{leaf}.key"),
-        format!("{leaf}.csr"),
-        format!("{leaf}.pem"),
-    );
-    let mut req = vec![
-        "req",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        &key,
-        "-out",
-        &csr,
-    ];
-    req.extend(EC);
-    openssl(dir, &req);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
-    )
-    .unwrap();
-    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-days",
-            "2",
-            "-in",
-            &csr,
-            "-CA",
-            &ca_pem,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            &pem,
-        ],
-    );
-}
-
 #[tokio::test]
 async fn tls_with_client_certificates_works_and_a_wrong_certificate_fails_in_one_line() {
-    let has_openssl = Command::new("openssl").arg("version").output().is_ok();
-    if etcd_binary().is_none() || !has_openssl {
+    use crate::testkit::certs::{have_openssl, make_ca, make_leaf};
+    if etcd_binary().is_none() || !have_openssl() {
         assert!(!in_ci(), "etcd and openssl are needed under CI");
         eprintln!("SKIPPED tls_with_client_certificates…: no etcd or openssl");
         return;
@@ -702,10 +618,10 @@ async fn tls_with_client_certificates_works_and_a_wrong_certificate_fails_in_one
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     make_ca(d, "ca");
-    make_leaf(d, "ca", "member");
-    make_leaf(d, "ca", "client");
+    make_leaf(d, "ca", "member", "127.0.0.1");
+    make_leaf(d, "ca", "client", "127.0.0.1");
     make_ca(d, "other-ca");
-    make_leaf(d, "other-ca", "stranger");
+    make_leaf(d, "other-ca", "stranger", "127.0.0.1");
     let (c, p) = (free_port(), free_port());
     let log = std::fs::File::create(d.join("etcd.log")).unwrap();
     let path = |f: &str| d.join(f).to_string_lossy().into_owned();
