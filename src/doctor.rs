@@ -258,8 +258,44 @@ pub async fn run(config_path: &Path, api: &str) -> Vec<Check> {
     if let (Some(c), true) = (&config, daemon_up) {
         out.push(dns_addresses(c, &socket).await);
         out.push(isolation(c));
+        out.push(guard(c));
     }
     out
+}
+
+/// The isolation guard (tc, under the table) is attached at both hooks of
+/// the interface, exactly as this sixpn renders it.
+fn guard(config: &Config) -> Check {
+    let name = "isolation guard";
+    let iface = config.gateway.interface.as_str();
+    let want = crate::plan::guard::tc_bytecode();
+    let mut missing = Vec::new();
+    for hook in ["ingress", "egress"] {
+        let out = std::process::Command::new("tc")
+            .args(["filter", "show", "dev", iface, hook])
+            .output();
+        match out {
+            Ok(o) if String::from_utf8_lossy(&o.stdout).contains(&want) => {}
+            Ok(_) => missing.push(hook),
+            Err(e) => return check(name, Status::Fail, format!("cannot run tc: {e}")),
+        }
+    }
+    if missing.is_empty() {
+        check(
+            name,
+            Status::Ok,
+            format!(
+                "tc filter on {iface} ingress and egress (drops: tc -s qdisc show dev {iface})"
+            ),
+        )
+    } else {
+        check(
+            name,
+            Status::Fail,
+            format!("not attached at {} of {iface}", missing.join(" and ")),
+        )
+        .fix("the daemon attaches it within a second: check its log (the kernel needs cls_bpf and sch_ingress)")
+    }
 }
 
 /// The daemon's `table inet sixpn` is in place and built for this

@@ -212,6 +212,7 @@ fn peer_is_live_through_a_real_tunnel_and_removal_takes_it_down() {
         "[ok  ] DNS addresses",
         "[ok  ] IPv6 forwarding",
         "[ok  ] isolation",
+        "[ok  ] isolation guard",
     ] {
         assert!(text.contains(want), "doctor lacks {want:?}:\n{text}");
     }

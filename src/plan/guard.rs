@@ -88,6 +88,16 @@ pub fn encode(program: &[SockFilter]) -> Vec<u8> {
     out
 }
 
+/// The program as `tc filter show` prints it (`bytecode 'N,op jt jf k,…'`),
+/// for checks with the stock tool.
+pub fn tc_bytecode() -> String {
+    let ops: Vec<String> = PROGRAM
+        .iter()
+        .map(|i| format!("{} {} {} {}", i.code, i.jt, i.jf, i.k))
+        .collect();
+    format!("bytecode '{},{}'", PROGRAM.len(), ops.join(","))
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv6Addr;
