@@ -627,6 +627,32 @@ fn every_name_over_udp_and_tcp_through_the_tunnel_org_scoped_and_fresh_within_10
     let d = dig(&t.a.ns, &t.a.dns, "lhr.web.internal", "AAAA", false, 3);
     assert_eq!(d.answers.len(), 3, "{}", d.raw);
 
+    // A 3,000-byte query (EDNS padding) leaves the laptop in IPv6
+    // fragments through the 1420-byte tunnel: the fragments after the
+    // first reach ::3 too, and it is answered.
+    let script = format!(
+        "import socket, struct\n\
+         pad = 2900\n\
+         q = struct.pack('>HHHHHH', 0x5a5a, 0x0100, 1, 0, 0, 1)\n\
+         q += bytes([3]) + b'web' + bytes([8]) + b'internal' + bytes([0]) + struct.pack('>HH', 28, 1)\n\
+         q += bytes([0]) + struct.pack('>HHIH', 41, 1232, 0, 4 + pad) + struct.pack('>HH', 12, pad) + bytes(pad)\n\
+         s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         s.settimeout(3)\n\
+         s.sendto(q, ('{}', 53))\n\
+         r = s.recv(4096)\n\
+         print(len(q), r[:2].hex(), r[3] & 15, struct.unpack('>H', r[6:8])[0])\n",
+        t.a.dns
+    );
+    let out = t.a.ns.run(&["python3", "-c", &script]);
+    let said = common::stdout_of(&out);
+    let f: Vec<&str> = said.split_whitespace().collect();
+    assert!(
+        f.get(1..3) == Some(&["5a5a", "0"][..]) && f.get(3).is_some_and(|n| *n != "0"),
+        "fragmented query ({} bytes) not answered: {said}{}",
+        f.first().unwrap_or(&"?"),
+        common::stderr_of(&out)
+    );
+
     common::wg_quick(
         &t.a.ns,
         &t.script,

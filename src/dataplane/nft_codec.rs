@@ -7,7 +7,7 @@
 
 use std::net::Ipv6Addr;
 
-use nftables::expr::{BinaryOperation, Elem, Expression, Meta, MetaKey, NamedExpression};
+use nftables::expr::{BinaryOperation, Elem, Expression, Exthdr, Meta, MetaKey, NamedExpression};
 use nftables::expr::{Payload, PayloadField, Prefix, SetItem};
 use nftables::schema::{self, NfListObject, Nftables};
 use nftables::stmt::{self, JumpTarget, Match, Operator, Statement};
@@ -124,6 +124,15 @@ impl Cond {
                 Expression::Number(u32::from(*p)),
             ),
             Cond::Icmpv6 => m(meta(MetaKey::L4proto), Operator::EQ, s("ipv6-icmp".into())),
+            Cond::LaterFragment => m(
+                Expression::Named(NamedExpression::Exthdr(Exthdr {
+                    name: "frag".into(),
+                    field: Some("frag-off".into()),
+                    offset: None,
+                })),
+                Operator::NEQ,
+                Expression::Number(0),
+            ),
             Cond::NeighborDiscovery => m(
                 payload("icmpv6", "type"),
                 Operator::EQ,
@@ -346,7 +355,7 @@ mod tests {
             .iter()
             .filter(|c| c["add"].get("rule").is_some())
             .count();
-        assert_eq!(rules, 17);
+        assert_eq!(rules, 18);
         assert!(
             json.contains(r#"{"accept":null}"#),
             "verdicts keep their null"

@@ -110,6 +110,9 @@ pub enum Cond {
     TcpDport(u16),
     /// `meta l4proto ipv6-icmp`.
     Icmpv6,
+    /// `frag frag-off != 0`: a fragment after the first, which
+    /// carries no transport header to match ports on.
+    LaterFragment,
     /// `icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert }`: address
     /// resolution, which a link neighbour may send from its 6PN address.
     NeighborDiscovery,
@@ -267,6 +270,13 @@ impl Ruleset {
                 accept(vec![Cond::UdpDport(DNS_PORT)], "DNS"),
                 accept(vec![Cond::TcpDport(DNS_PORT)], "DNS over TCP"),
                 accept(vec![Cond::Icmpv6], "ICMPv6: ping and errors"),
+                // Reassembly needs the first fragment, which carries the
+                // transport header and met the port rules above (Linux
+                // drops a first fragment without it, RFC 7112).
+                accept(
+                    vec![Cond::LaterFragment],
+                    "later fragments to ::3: their first fragment met the port rules",
+                ),
                 drop_in(vec![], "any other port on the gateway"),
             ],
         };

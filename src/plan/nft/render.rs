@@ -77,6 +77,7 @@ impl Cond {
             Cond::UdpDport(p) => format!("udp dport {p}"),
             Cond::TcpDport(p) => format!("tcp dport {p}"),
             Cond::Icmpv6 => "meta l4proto ipv6-icmp".into(),
+            Cond::LaterFragment => "frag frag-off != 0".into(),
             Cond::NeighborDiscovery => {
                 "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert }".into()
             }

@@ -108,10 +108,15 @@ fn packets(src: Src, from: u32, dst: Dst, to: u32) -> Vec<(Hook, Packet)> {
         l4,
     };
     let fwd = |oif, d| {
-        [L4::Icmpv6(ICMPV6_ECHO_REQUEST), L4::Tcp(80), L4::Udp(53)]
-            .into_iter()
-            .map(|l4| (Hook::Forward, pkt(Some(oif), d, l4)))
-            .collect::<Vec<_>>()
+        [
+            L4::Icmpv6(ICMPV6_ECHO_REQUEST),
+            L4::Tcp(80),
+            L4::Udp(53),
+            L4::LaterFragment,
+        ]
+        .into_iter()
+        .map(|l4| (Hook::Forward, pkt(Some(oif), d, l4)))
+        .collect::<Vec<_>>()
     };
     match dst {
         Dst::Instance => fwd(LAN, instance_addr(to)),
@@ -125,10 +130,17 @@ fn packets(src: Src, from: u32, dst: Dst, to: u32) -> Vec<(Hook, Packet)> {
             ));
             v
         }
-        Dst::Dns => [L4::Udp(53), L4::Tcp(53), L4::Icmpv6(ICMPV6_ECHO_REQUEST)]
-            .into_iter()
-            .map(|l4| (Hook::Input, pkt(None, org(to).dns_addr(), l4)))
-            .collect(),
+        // A later fragment to ::3 passes: its datagram is delivered only
+        // with its first fragment, which is one of the others here.
+        Dst::Dns => [
+            L4::Udp(53),
+            L4::Tcp(53),
+            L4::Icmpv6(ICMPV6_ECHO_REQUEST),
+            L4::LaterFragment,
+        ]
+        .into_iter()
+        .map(|l4| (Hook::Input, pkt(None, org(to).dns_addr(), l4)))
+        .collect(),
         Dst::OtherPort => [L4::Tcp(22), L4::Udp(123), L4::Tcp(80)]
             .into_iter()
             .map(|l4| (Hook::Input, pkt(None, org(to).dns_addr(), l4)))

@@ -32,6 +32,8 @@ pub enum L4 {
     Tcp(u16),
     /// ICMPv6 of this type.
     Icmpv6(u8),
+    /// A fragment after the first (no transport header in it).
+    LaterFragment,
 }
 
 /// A packet's fate.
@@ -118,6 +120,7 @@ impl Ruleset {
             Cond::UdpDport(p) => pkt.l4 == L4::Udp(*p),
             Cond::TcpDport(p) => pkt.l4 == L4::Tcp(*p),
             Cond::Icmpv6 => v6.is_some() && matches!(pkt.l4, L4::Icmpv6(_)),
+            Cond::LaterFragment => v6.is_some() && pkt.l4 == L4::LaterFragment,
             Cond::NeighborDiscovery => {
                 v6.is_some()
                     && matches!(
