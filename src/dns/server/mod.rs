@@ -51,11 +51,13 @@
 //! resolvers (`[dns] upstream`, or the `nameserver`s of `/etc/resolv.conf`
 //! when that list is empty), tried in order, each for
 //! [`Limits::forward_timeout`]; when all fail the client gets SERVFAIL.
-//! Over UDP the query leaves from one shared socket per address family with
-//! a fresh random ID; a reply is accepted only from the upstream it was sent
-//! to, with that ID and the same question (case-insensitively), and is
-//! relayed with the client's ID. Anything else arriving there — malformed,
-//! late, spoofed — is dropped. A query that came over TCP is forwarded over
+//! Over UDP each query leaves from a socket of its own — a random ephemeral
+//! port, connected to the upstream — with a fresh random ID (RFC 5452 §9.2:
+//! a spoofer must guess both); a reply is accepted only from the upstream
+//! and port it was sent to, with that ID and the same question
+//! (case-insensitively), and is relayed with the client's ID. Anything else
+//! arriving there — malformed, late, spoofed — is dropped. An upstream's
+//! SERVFAIL or REFUSED, or its silence, moves on to the next upstream. A query that came over TCP is forwarded over
 //! TCP (a fresh connection per query), so large answers arrive whole. At
 //! most [`Limits::max_forwards`] forwards are in flight across all
 //! listeners, and [`Limits::max_forwards_per_org`] for any one org (so an
@@ -77,7 +79,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 

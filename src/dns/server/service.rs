@@ -159,7 +159,6 @@ pub struct DnsService {
     pub(super) listeners: BTreeMap<OrgPrefix, Listener>,
     /// Desired listeners that could not be bound; retried.
     pub(super) failed: BTreeSet<OrgPrefix>,
-    pub(super) forwarder_tasks: Vec<JoinHandle<()>>,
     /// The snapshot the zone index in force was built from.
     pub(super) built_from: Option<Arc<Snapshot>>,
 }
@@ -176,7 +175,7 @@ impl DnsService {
     /// snapshot. Must run inside a tokio runtime.
     pub fn start(settings: DnsSettings) -> Self {
         let metrics = Arc::new(DnsMetrics::default());
-        let (forwarder, forwarder_tasks) = Forwarder::start(
+        let forwarder = Forwarder::start(
             settings.upstreams.clone(),
             &settings.limits,
             metrics.clone(),
@@ -195,7 +194,6 @@ impl DnsService {
             desired: BTreeSet::new(),
             listeners: BTreeMap::new(),
             failed: BTreeSet::new(),
-            forwarder_tasks,
             built_from: None,
         }
     }
@@ -373,17 +371,6 @@ impl DnsService {
         );
         for (_, l) in std::mem::take(&mut self.listeners) {
             l.stop().await;
-        }
-        for t in self.forwarder_tasks.drain(..) {
-            t.abort();
-        }
-    }
-}
-
-impl Drop for DnsService {
-    fn drop(&mut self) {
-        for t in &self.forwarder_tasks {
-            t.abort();
         }
     }
 }
