@@ -4,6 +4,8 @@
 //! upstream after a SERVFAIL or REFUSED, TCP for TCP queries.
 
 use super::*;
+use crate::dns::MAX_UDP_PAYLOAD;
+use hickory_proto::op::{Edns, Message};
 
 /// Sends non-`.internal` queries upstream; see the module docs.
 pub(super) struct Forwarder {
@@ -62,26 +64,54 @@ impl Forwarder {
         })
     }
 
-    /// Forwards `query` over UDP; the reply carries the query's ID. Each
-    /// upstream is asked in turn until one answers with something other
-    /// than SERVFAIL or REFUSED; `None` when none does.
+    /// Forwards a query that came over UDP: the reply carries the query's
+    /// ID and fits what the client can take (else it is truncated, TC set,
+    /// so the client asks again over TCP).
     pub(super) async fn udp(&self, query: &[u8]) -> Option<Vec<u8>> {
+        self.forward(query, Over::Udp).await
+    }
+
+    /// Forwards a query that came over TCP, over TCP (a connection per
+    /// query): the reply is relayed whole.
+    pub(super) async fn tcp(&self, query: &[u8]) -> Option<Vec<u8>> {
+        self.forward(query, Over::Tcp).await
+    }
+
+    /// Asks each upstream in turn until one answers with something other
+    /// than SERVFAIL or REFUSED; `None` when none does. EDNS is per hop
+    /// (RFC 6891 §6.1.1): the upstream gets sixpn's OPT, not the client's,
+    /// and the client gets sixpn's OPT (if it sent one), not the upstream's.
+    async fn forward(&self, query: &[u8], over: Over) -> Option<Vec<u8>> {
         inc(&self.metrics.forwarded);
-        let q = question(query)?;
-        let client_id = query.get(..2)?;
-        let mut msg = query.to_vec();
+        // The handler forwards only queries it could read; hickory-proto
+        // reads them again to rebuild the OPT.
+        let client = Message::from_vec(query).ok()?;
+        let client_edns = client.edns.clone();
+        let dnssec_ok = client_edns.as_ref().is_some_and(|e| e.flags().dnssec_ok);
+        let mut ask = client.clone();
+        ask.edns = Some(own_edns(dnssec_ok));
         for &up in &self.upstreams {
             let id: u16 = rand::random();
-            msg[..2].copy_from_slice(&id.to_be_bytes());
-            match tokio::time::timeout(self.timeout, exchange_udp(up, &msg, id, q)).await {
-                Ok(Ok(mut reply)) => {
+            ask.metadata.id = id;
+            let bytes = ask.to_vec().ok()?;
+            let q = question(&bytes)?;
+            let exchange = async {
+                match over {
+                    Over::Udp => exchange_udp(up, &bytes, id, q).await,
+                    Over::Tcp => exchange_tcp(up, &bytes, id, q).await,
+                }
+            };
+            match tokio::time::timeout(self.timeout, exchange).await {
+                Ok(Ok(reply)) => {
                     let rcode = reply[3] & 0x0F;
                     if matches!(rcode, RCODE_SERVFAIL | RCODE_REFUSED) {
                         debug!(upstream = %up, rcode, "forward: upstream can't answer; next");
                         continue;
                     }
-                    reply[..2].copy_from_slice(client_id);
-                    return Some(reply);
+                    match relay(&reply, client.metadata.id, client_edns.as_ref(), over) {
+                        Some(r) => return Some(r),
+                        None => debug!(upstream = %up, "forward: unreadable reply"),
+                    }
                 }
                 Ok(Err(e)) => debug!(upstream = %up, error = %e, "forward failed"),
                 Err(_) => debug!(upstream = %up, "forward: no reply in time"),
@@ -90,40 +120,63 @@ impl Forwarder {
         inc(&self.metrics.forward_failed);
         None
     }
+}
 
-    /// Forwards `query` over TCP (a connection per query).
-    pub(super) async fn tcp(&self, query: &[u8]) -> Option<Vec<u8>> {
-        inc(&self.metrics.forwarded);
-        let q = question(query)?;
-        let len = u16::try_from(query.len()).ok()?;
-        let mut framed = Vec::with_capacity(query.len() + 2);
-        framed.extend_from_slice(&len.to_be_bytes());
-        framed.extend_from_slice(query);
-        for &up in &self.upstreams {
-            let id: u16 = rand::random();
-            framed[2..4].copy_from_slice(&id.to_be_bytes());
-            let exchange = async {
-                let mut s = TcpStream::connect(up).await?;
-                s.write_all(&framed).await?;
-                let mut len = [0u8; 2];
-                s.read_exact(&mut len).await?;
-                let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
-                s.read_exact(&mut reply).await?;
-                io::Result::Ok(reply)
-            };
-            match tokio::time::timeout(self.timeout, exchange).await {
-                Ok(Ok(mut reply)) if is_reply_to(&reply, id, q) => {
-                    reply[..2].copy_from_slice(&query[..2]);
-                    return Some(reply);
-                }
-                Ok(Ok(_)) => debug!(upstream = %up, "forward over TCP: reply does not match"),
-                Ok(Err(e)) => debug!(upstream = %up, error = %e, "forward over TCP failed"),
-                Err(_) => debug!(upstream = %up, "forward over TCP: no reply in time"),
-            }
-        }
-        inc(&self.metrics.forward_failed);
-        None
+/// How the client asked, and so how its answer travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Over {
+    Udp,
+    Tcp,
+}
+
+/// sixpn's OPT: its own UDP payload size, the client's DO bit, no options.
+fn own_edns(dnssec_ok: bool) -> Edns {
+    let mut e = Edns::new();
+    e.set_max_payload(MAX_UDP_PAYLOAD);
+    e.set_dnssec_ok(dnssec_ok);
+    e
+}
+
+/// The upstream's `reply` as the client gets it: the client's ID, sixpn's
+/// OPT if the client sent one (the upstream's never), and over UDP no
+/// bigger than the client takes (512 bytes without EDNS, its advertised
+/// size up to sixpn's with) — else truncated to the question with TC set.
+fn relay(reply: &[u8], id: u16, client_edns: Option<&Edns>, over: Over) -> Option<Vec<u8>> {
+    let mut m = Message::from_vec(reply).ok()?;
+    m.metadata.id = id;
+    m.edns = client_edns.map(|c| own_edns(c.flags().dnssec_ok));
+    let out = m.to_vec().ok()?;
+    let limit = match (over, client_edns) {
+        (Over::Tcp, _) => usize::from(u16::MAX),
+        (Over::Udp, None) => 512,
+        (Over::Udp, Some(e)) => usize::from(e.max_payload().clamp(512, MAX_UDP_PAYLOAD)),
+    };
+    if out.len() <= limit {
+        return Some(out);
     }
+    m.truncate().to_vec().ok()
+}
+
+/// One TCP exchange with `up` on a connection of its own.
+async fn exchange_tcp(up: SocketAddr, msg: &[u8], id: u16, q: &[u8]) -> io::Result<Vec<u8>> {
+    let len = u16::try_from(msg.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "query too long for TCP"))?;
+    let mut framed = Vec::with_capacity(msg.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(msg);
+    let mut s = TcpStream::connect(up).await?;
+    s.write_all(&framed).await?;
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).await?;
+    let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut reply).await?;
+    if !is_reply_to(&reply, id, q) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the reply does not match the query",
+        ));
+    }
+    Ok(reply)
 }
 
 /// Whether `reply` is a response with `id` to the question `q`.

@@ -57,7 +57,13 @@
 //! and port it was sent to, with that ID and the same question
 //! (case-insensitively), and is relayed with the client's ID. Anything else
 //! arriving there — malformed, late, spoofed — is dropped. An upstream's
-//! SERVFAIL or REFUSED, or its silence, moves on to the next upstream. A query that came over TCP is forwarded over
+//! SERVFAIL or REFUSED, or its silence, moves on to the next upstream.
+//! EDNS is per hop (RFC 6891 §6.1.1), through hickory-proto: the upstream
+//! gets sixpn's OPT (payload [`crate::dns::MAX_UDP_PAYLOAD`], the client's
+//! DO bit, no options), the client gets sixpn's OPT back if it sent one and
+//! never the upstream's; over UDP an answer bigger than the client takes
+//! (512 bytes without EDNS) is sent truncated to its question with TC set,
+//! so the client asks again over TCP, where it arrives whole. A query that came over TCP is forwarded over
 //! TCP (a fresh connection per query), so large answers arrive whole. At
 //! most [`Limits::max_forwards`] forwards are in flight across all
 //! listeners, and [`Limits::max_forwards_per_org`] for any one org (so an

@@ -5,7 +5,8 @@
 use std::net::SocketAddrV6;
 use std::time::Instant;
 
-use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::op::{Edns, Message, Query, ResponseCode};
+use hickory_proto::rr::rdata::opt::EdnsOption;
 use hickory_proto::rr::{Name, RData, RecordType};
 
 use super::*;
@@ -819,4 +820,128 @@ async fn servfail_or_refused_from_one_upstream_is_answered_by_the_next() {
         assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
         assert_eq!(ctx.metrics.snapshot().forward_failed, 0);
     }
+}
+
+/// `q`'s answer with `n` AAAA records (~28 bytes each), no OPT.
+fn big_reply(q: &[u8], n: u16) -> Vec<u8> {
+    let end = question_end(q).unwrap();
+    let mut r = q[..end].to_vec();
+    r[2] |= 0x80;
+    r[3] = 0x80;
+    r[6..8].copy_from_slice(&n.to_be_bytes());
+    r[10..12].copy_from_slice(&0u16.to_be_bytes());
+    for i in 0..n {
+        r.extend_from_slice(&[0xC0, 0x0C, 0, 28, 0, 1, 0, 0, 0, 60, 0, 16]);
+        let a = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i);
+        r.extend_from_slice(&a.octets());
+    }
+    r
+}
+
+/// An upstream on `[::1]` serving UDP and TCP on one port: every query
+/// gets `n` AAAA records (over UDP too, whatever its size). Keeps the
+/// queries it was sent.
+async fn big_upstream(n: u16) -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let udp = UdpSocket::bind("[::1]:0").await.unwrap();
+    let addr = udp.local_addr().unwrap();
+    let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (s1, s2) = (seen.clone(), seen.clone());
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65535];
+        loop {
+            let (len, from) = udp.recv_from(&mut buf).await.unwrap();
+            s1.lock().unwrap().push(buf[..len].to_vec());
+            udp.send_to(&big_reply(&buf[..len], n), from).await.unwrap();
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            let (mut c, _) = tcp.accept().await.unwrap();
+            let q = read_frame(&mut c).await.unwrap();
+            s2.lock().unwrap().push(q.clone());
+            c.write_all(&frame(&big_reply(&q, n))).await.unwrap();
+        }
+    });
+    (addr, seen)
+}
+
+/// `query` with an OPT: payload `size`, DO set, and a cookie option.
+fn edns_query(id: u16, name: &str, size: u16) -> Vec<u8> {
+    let mut m = Message::from_vec(&query(id, name, RecordType::AAAA)).unwrap();
+    let mut e = Edns::new();
+    e.set_max_payload(size);
+    e.set_dnssec_ok(true);
+    e.options_mut()
+        .insert(EdnsOption::Unknown(10, vec![1, 2, 3, 4, 5, 6, 7, 8]));
+    m.edns = Some(e);
+    m.to_vec().unwrap()
+}
+
+#[tokio::test]
+async fn edns_is_per_hop_and_an_answer_too_big_for_udp_is_truncated() {
+    let (up, seen) = big_upstream(150).await;
+    let (l, _) = serve(limits(), vec![up]);
+    let wait = Duration::from_secs(2);
+
+    // No EDNS: at most 512 bytes, TC, the question kept, no OPT added.
+    let s = UdpSocket::bind("[::1]:0").await.unwrap();
+    s.send_to(&query(1, "big.example.com", RecordType::AAAA), l.local)
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 65535];
+    let n = tokio::time::timeout(wait, s.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(n <= 512, "{n} bytes to a client without EDNS");
+    let m = Message::from_vec(&buf[..n]).unwrap();
+    assert!(
+        m.metadata.truncation && m.answers.is_empty() && m.edns.is_none(),
+        "{m:?}"
+    );
+    assert_eq!((m.metadata.id, m.queries.len()), (1, 1));
+
+    // EDNS 4096 with a cookie: at most sixpn's 1232, TC, sixpn's OPT back
+    // (its payload, the client's DO, no options), never the upstream's.
+    s.send_to(&edns_query(2, "big.example.com", 4096), l.local)
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(wait, s.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(n <= 1232, "{n} bytes");
+    let m = Message::from_vec(&buf[..n]).unwrap();
+    assert!(m.metadata.truncation, "{m:?}");
+    let e = m.edns.expect("sixpn's OPT");
+    assert_eq!(e.max_payload(), 1232);
+    assert!(
+        e.flags().dnssec_ok && e.options().as_ref().is_empty(),
+        "{e:?}"
+    );
+
+    // What the upstream saw: sixpn's OPT, not the client's.
+    for q in seen.lock().unwrap().iter() {
+        let m = Message::from_vec(q).unwrap();
+        let e = m.edns.expect("an OPT upstream");
+        assert_eq!(e.max_payload(), 1232);
+        assert!(
+            e.options().as_ref().is_empty(),
+            "the client's cookie went upstream"
+        );
+    }
+
+    // Over TCP the whole answer arrives.
+    let mut c = TcpStream::connect(l.local).await.unwrap();
+    c.write_all(&frame(&query(3, "big.example.com", RecordType::AAAA)))
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(wait, read_frame(&mut c))
+        .await
+        .unwrap()
+        .unwrap();
+    let m = Message::from_vec(&r).unwrap();
+    assert_eq!(m.answers.len(), 150);
+    assert!(!m.metadata.truncation && m.edns.is_none());
 }
