@@ -69,7 +69,6 @@ const TYPE_OPT: u16 = 41;
 const TYPE_IXFR: u16 = 251;
 const TYPE_AXFR: u16 = 252;
 const CLASS_IN: u16 = 1;
-const CLASS_ANY: u16 = 255;
 
 /// The transport a query came on; it sets the response size limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,21 +157,32 @@ pub fn answer(
         let r = Response::error(Rcode::Refused).ra(false);
         return r.write(query, parsed.as_ref(), out);
     }
+    // NOTIMP and REFUSED claim no recursion: none was done.
     if !is_query {
-        return Response::error(Rcode::NotImp).write(query, None, out);
+        return Response::error(Rcode::NotImp).ra(false).write(query, None, out);
     }
     let Ok(p) = parse(query) else {
         return Response::error(Rcode::FormErr).write(query, None, out);
     };
+    // Only class IN is ever forwarded: CHAOS names (`version.bind`,
+    // `hostname.bind`, `id.server`) would otherwise tell a peer what the
+    // upstream runs, and a QCLASS of ANY is nothing an upstream should be
+    // asked on a peer's behalf. Neither is done, so RA is not claimed.
+    if !p.internal && p.qclass != CLASS_IN {
+        return Response::error(Rcode::Refused)
+            .ra(false)
+            .write(query, Some(&p), out);
+    }
     if !p.internal {
         return Outcome::Forward;
     }
     if p.edns.is_some_and(|e| e.version != 0) {
         return Response::error(Rcode::BadVers).write(query, Some(&p), out);
     }
-    let class_ok = p.qclass == CLASS_IN || p.qclass == CLASS_ANY;
-    if !class_ok || p.qtype == TYPE_AXFR || p.qtype == TYPE_IXFR {
-        return Response::error(Rcode::Refused).write(query, Some(&p), out);
+    // QCLASS ANY can't be answered authoritatively (RFC 6895 §3.2): it is
+    // refused like any class but IN.
+    if p.qclass != CLASS_IN || p.qtype == TYPE_AXFR || p.qtype == TYPE_IXFR {
+        return Response::error(Rcode::Refused).ra(false).write(query, Some(&p), out);
     }
 
     let zone = index.org(listener);

@@ -849,8 +849,8 @@ fn other_opcodes_classes_and_transfers() {
     let class_at = q.len() - 1;
     q[class_at] = 3; // CHAOS
     assert_eq!(rcode_of(&q), Outcome::Answered(Rcode::Refused));
-    q[class_at] = 255; // ANY class is IN here
-    assert_eq!(rcode_of(&q), Outcome::Answered(Rcode::NoError));
+    q[class_at] = 255; // ANY class: nothing is authoritative for it (RFC 6895)
+    assert_eq!(rcode_of(&q), Outcome::Answered(Rcode::Refused));
     let z = build(&fixture());
     for t in [RecordType::AXFR, RecordType::IXFR] {
         let (o, _) = raw(&z, member(), &query("internal", t, None), Transport::Tcp);
@@ -1045,5 +1045,32 @@ fn bench_answer() {
         }
         let ns = t0.elapsed().as_nanos() as f64 / f64::from(iters);
         println!("{label:<40} {ns:>7.1} ns/query  ({} bytes)", out.len());
+    }
+}
+
+#[test]
+fn chaos_and_any_class_queries_are_refused_never_forwarded() {
+    let z = build(&fixture());
+    for (name, class) in [
+        ("version.bind", DNSClass::CH),
+        ("hostname.bind", DNSClass::CH),
+        ("id.server", DNSClass::CH),
+        ("example.com", DNSClass::ANY),
+        ("web.internal", DNSClass::ANY),
+        ("web.internal", DNSClass::CH),
+    ] {
+        let mut m = Message::query();
+        m.metadata.recursion_desired = true;
+        let mut q = Query::query(Name::from_ascii(name).unwrap(), RecordType::TXT);
+        q.set_query_class(class);
+        m.add_query(q);
+        let (o, out) = raw(&z, member(), &m.to_vec().unwrap(), Transport::Udp);
+        assert_eq!(o, Outcome::Answered(Rcode::Refused), "{name} {class:?}");
+        let r = Message::from_vec(&out).unwrap();
+        assert!(
+            r.answers.is_empty() && !r.metadata.authoritative,
+            "{name}: {r:?}"
+        );
+        assert!(!r.metadata.recursion_available, "{name}: RA claimed");
     }
 }
