@@ -159,7 +159,11 @@ pub fn answer(
     }
     // NOTIMP and REFUSED claim no recursion: none was done.
     if !is_query {
-        return Response::error(Rcode::NotImp).ra(false).write(query, None, out);
+        // The question and OPT are echoed when they read (RFC 6891 §7).
+        let parsed = parse(query).ok();
+        return Response::error(Rcode::NotImp)
+            .ra(false)
+            .write(query, parsed.as_ref(), out);
     }
     let Ok(p) = parse(query) else {
         return Response::error(Rcode::FormErr).write(query, None, out);
@@ -182,7 +186,9 @@ pub fn answer(
     // QCLASS ANY can't be answered authoritatively (RFC 6895 §3.2): it is
     // refused like any class but IN.
     if p.qclass != CLASS_IN || p.qtype == TYPE_AXFR || p.qtype == TYPE_IXFR {
-        return Response::error(Rcode::Refused).ra(false).write(query, Some(&p), out);
+        return Response::error(Rcode::Refused)
+            .ra(false)
+            .write(query, Some(&p), out);
     }
 
     let zone = index.org(listener);

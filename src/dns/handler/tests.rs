@@ -1074,3 +1074,28 @@ fn chaos_and_any_class_queries_are_refused_never_forwarded() {
         assert!(!r.metadata.recursion_available, "{name}: RA claimed");
     }
 }
+
+#[test]
+fn error_answers_to_edns_queries_carry_an_opt() {
+    let z = build(&fixture());
+    let with_opt = |m: &Message| m.edns.as_ref().map(|e| e.max_payload());
+    // REFUSED (a CHAOS name), NOTIMP (opcode STATUS): both with an OPT.
+    let mut m = Message::query();
+    let mut q = Query::query(Name::from_ascii("version.bind").unwrap(), RecordType::TXT);
+    q.set_query_class(DNSClass::CH);
+    m.add_query(q);
+    let mut e = Edns::new();
+    e.set_max_payload(4096);
+    m.set_edns(e);
+    let chaos = m.to_vec().unwrap();
+    let (o, out) = raw(&z, member(), &chaos, Transport::Udp);
+    assert_eq!(o, Outcome::Answered(Rcode::Refused));
+    assert_eq!(with_opt(&Message::from_vec(&out).unwrap()), Some(1232));
+    let mut status = query("web.internal", RecordType::AAAA, Some(1232));
+    status[2] = 2 << 3; // STATUS
+    let (o, out) = raw(&z, member(), &status, Transport::Udp);
+    assert_eq!(o, Outcome::Answered(Rcode::NotImp));
+    let r = Message::from_vec(&out).unwrap();
+    assert_eq!(with_opt(&r), Some(1232), "{r:?}");
+    assert!(!r.metadata.recursion_available);
+}

@@ -130,7 +130,7 @@ enum Over {
 }
 
 /// sixpn's OPT: its own UDP payload size, the client's DO bit, no options.
-fn own_edns(dnssec_ok: bool) -> Edns {
+pub(super) fn own_edns(dnssec_ok: bool) -> Edns {
     let mut e = Edns::new();
     e.set_max_payload(MAX_UDP_PAYLOAD);
     e.set_dnssec_ok(dnssec_ok);

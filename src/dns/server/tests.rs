@@ -945,3 +945,30 @@ async fn edns_is_per_hop_and_an_answer_too_big_for_udp_is_truncated() {
     assert_eq!(m.answers.len(), 150);
     assert!(!m.metadata.truncation && m.edns.is_none());
 }
+
+#[tokio::test]
+async fn a_servfail_to_an_edns_query_carries_sixpns_opt() {
+    // No upstream answers: SERVFAIL, with an OPT because the query had one.
+    let silent = UdpSocket::bind("[::1]:0").await.unwrap();
+    let (l, _) = serve(limits(), vec![silent.local_addr().unwrap()]);
+    let m = udp_ask(
+        l.local,
+        &edns_query(9, "example.com", 4096),
+        Duration::from_secs(3),
+    )
+    .await
+    .expect("no answer");
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    let e = m.edns.expect("an OPT in the SERVFAIL");
+    assert_eq!(e.max_payload(), 1232);
+    assert!(e.flags().dnssec_ok && e.options().as_ref().is_empty());
+    // Without EDNS, none.
+    let m = udp_ask(
+        l.local,
+        &query(10, "example.com", RecordType::AAAA),
+        Duration::from_secs(3),
+    )
+    .await
+    .expect("no answer");
+    assert!(m.edns.is_none());
+}

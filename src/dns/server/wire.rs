@@ -39,9 +39,28 @@ pub(super) fn question(msg: &[u8]) -> Option<&[u8]> {
 }
 
 /// Writes a SERVFAIL response to `query` into `out` (header and, if it
-/// parses, the question). False if `query` has no header.
+/// parses, the question, and sixpn's OPT when the query had one: RFC 6891
+/// §7). False if `query` has no header.
 pub(super) fn servfail(query: &[u8], out: &mut Vec<u8>) -> bool {
     out.clear();
+    if let Ok(m) = hickory_proto::op::Message::from_vec(query) {
+        let mut r = hickory_proto::op::Message::error_msg(
+            m.metadata.id,
+            m.metadata.op_code,
+            hickory_proto::op::ResponseCode::ServFail,
+        );
+        r.metadata.recursion_desired = m.metadata.recursion_desired;
+        r.metadata.recursion_available = true;
+        r.metadata.checking_disabled = m.metadata.checking_disabled;
+        r.add_queries(m.queries);
+        r.edns = m
+            .edns
+            .map(|e| super::forward::own_edns(e.flags().dnssec_ok));
+        if let Ok(bytes) = r.to_vec() {
+            *out = bytes;
+            return true;
+        }
+    }
     let Some(h) = query.get(..HEADER_LEN) else {
         return false;
     };
