@@ -455,6 +455,12 @@ fn names_table(t: &Topo) -> Vec<(String, &'static str, Expect)> {
             "AAAA",
             Expect::Aaaa(vec![t.ci_addr]),
         ),
+        // What flyctl probes: the org's API address, here its ::3.
+        (
+            s("_api.internal"),
+            "AAAA",
+            Expect::Aaaa(vec![t.a.dns.parse().unwrap()]),
+        ),
         // Case-insensitive, the question echoed as asked.
         (s("WEB.Internal"), "AAAA", Expect::Aaaa(started.clone())),
         // No-data vs NXDOMAIN.

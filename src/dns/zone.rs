@@ -28,6 +28,7 @@
 //! | `_instances` / `all._instances` | TXT: `instance=<id>,app=<app>,ip=<addr>,region=<r>;…` started / all |
 //! | `_peer` | TXT: every WireGuard peer of the org, on any gateway |
 //! | `<peer>._peer` | AAAA: the peer's address |
+//! | `_api` | AAAA: the org's `::3` (what flyctl probes) |
 //!
 //! (all under `.internal`). Decisions the table leaves open:
 //!
@@ -543,6 +544,9 @@ fn build_org(
     for (name, addr) in &peers {
         b.aaaa(&[name, "_peer", I], [*addr]);
     }
+    // flyctl probes `_api.internal` for the org's API address: here, the
+    // org's DNS server `::3` on the gateway.
+    b.aaaa(&["_api", I], [prefix.dns_addr()]);
     b.finish(prefix)
 }
 

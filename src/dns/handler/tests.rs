@@ -475,6 +475,14 @@ fn org_wide_txt_names() {
     assert_eq!(ok_aaaa(&z, "laptop._peer.internal"), [laptop]);
     assert_eq!(ok_aaaa(&z, "ci._peer.internal"), [ci]);
     nxdomain(&z, "spy._peer.internal", RecordType::AAAA);
+    // `_api.internal`: the org's ::3; other types there are no-data.
+    assert_eq!(
+        ok_aaaa(&z, "_api.internal"),
+        ["fdaa:0:18::3".parse::<Ipv6Addr>().unwrap()]
+    );
+    let m = ask(&z, "_api.internal", RecordType::TXT);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.answers.is_empty());
     nxdomain(&z, "secret.internal", RecordType::AAAA);
     nxdomain(&z, "s1.vm.secret.internal", RecordType::AAAA);
 }
