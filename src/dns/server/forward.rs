@@ -16,7 +16,14 @@ pub(super) struct Forwarder {
     pub(super) by_org: Arc<Mutex<HashMap<OrgPrefix, usize>>>,
     pub(super) per_org: usize,
     pub(super) metrics: Arc<DnsMetrics>,
+    /// Upstreams that last failed to answer in time, until when they are
+    /// tried only after the others.
+    down: Mutex<HashMap<SocketAddr, std::time::Instant>>,
 }
+
+/// How long an upstream that didn't answer in time is asked only after
+/// the others; the first query after that tries it first again.
+const DOWN_FOR: Duration = Duration::from_secs(30);
 
 /// SERVFAIL and REFUSED: this upstream can't or won't answer; another may.
 const RCODE_SERVFAIL: u8 = 2;
@@ -36,6 +43,7 @@ impl Forwarder {
             by_org: Arc::default(),
             per_org: limits.max_forwards_per_org.max(1),
             metrics,
+            down: Mutex::default(),
         })
     }
 
@@ -90,7 +98,7 @@ impl Forwarder {
         let dnssec_ok = client_edns.as_ref().is_some_and(|e| e.flags().dnssec_ok);
         let mut ask = client.clone();
         ask.edns = Some(own_edns(dnssec_ok));
-        for &up in &self.upstreams {
+        for up in self.in_order() {
             let id: u16 = rand::random();
             ask.metadata.id = id;
             let bytes = ask.to_vec().ok()?;
@@ -103,6 +111,9 @@ impl Forwarder {
             };
             match tokio::time::timeout(self.timeout, exchange).await {
                 Ok(Ok(reply)) => {
+                    if let Ok(mut d) = self.down.lock() {
+                        d.remove(&up);
+                    }
                     let rcode = reply[3] & 0x0F;
                     if matches!(rcode, RCODE_SERVFAIL | RCODE_REFUSED) {
                         debug!(upstream = %up, rcode, "forward: upstream can't answer; next");
@@ -114,11 +125,32 @@ impl Forwarder {
                     }
                 }
                 Ok(Err(e)) => debug!(upstream = %up, error = %e, "forward failed"),
-                Err(_) => debug!(upstream = %up, "forward: no reply in time"),
+                Err(_) => {
+                    debug!(upstream = %up, "forward: no reply in time; asked last for a while");
+                    if let Ok(mut d) = self.down.lock() {
+                        d.insert(up, std::time::Instant::now() + DOWN_FOR);
+                    }
+                    continue;
+                }
             }
         }
         inc(&self.metrics.forward_failed);
         None
+    }
+
+    /// The upstreams in the order to ask them: in configured order, those
+    /// that recently didn't answer in time last (they still answer when
+    /// all others fail). An upstream whose time is up is first again, and
+    /// one query decides whether it is back.
+    fn in_order(&self) -> Vec<SocketAddr> {
+        let now = std::time::Instant::now();
+        let Ok(mut down) = self.down.lock() else {
+            return self.upstreams.clone();
+        };
+        down.retain(|_, until| *until > now);
+        let (up, late): (Vec<SocketAddr>, Vec<SocketAddr>) =
+            self.upstreams.iter().partition(|u| !down.contains_key(*u));
+        up.into_iter().chain(late).collect()
     }
 }
 

@@ -972,3 +972,36 @@ async fn a_servfail_to_an_edns_query_carries_sixpns_opt() {
     .expect("no answer");
     assert!(m.edns.is_none());
 }
+
+#[tokio::test]
+async fn an_upstream_that_timed_out_is_asked_last_for_a_while() {
+    let silent = UdpSocket::bind("[::1]:0").await.unwrap();
+    let (good, _) = recording_upstream(0).await;
+    let (l, _) = serve(limits(), vec![silent.local_addr().unwrap(), good]);
+    let timeout = limits().forward_timeout;
+    let ask = |id| {
+        let to = l.local;
+        async move {
+            let t0 = Instant::now();
+            let m = udp_ask(
+                to,
+                &query(id, "example.com", RecordType::AAAA),
+                Duration::from_secs(3),
+            )
+            .await
+            .expect("no answer");
+            assert_eq!(aaaa(&m).len(), 1);
+            t0.elapsed()
+        }
+    };
+    let first = ask(1).await;
+    assert!(
+        first >= timeout,
+        "the first query waits out the silent one: {first:?}"
+    );
+    for id in 2..5 {
+        let later = ask(id).await;
+        assert!(later < timeout / 2, "query {id} waited {later:?} again");
+    }
+    drop(silent);
+}
