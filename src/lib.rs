@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod dns;
 pub mod doctor;
 pub mod gateway;
+pub mod jit;
 pub mod liveness;
 pub mod lock;
 pub mod metrics;

@@ -11,7 +11,7 @@ const LAYERS: &[&[&str]] = &[
     &["plan"],
     &["dataplane"],
     &["reconcile", "liveness", "report", "notify"],
-    &["api", "dns"],
+    &["api", "dns", "jit"],
     &["gateway", "cli", "doctor", "lock"],
 ];
 

@@ -17,6 +17,7 @@
 //! the root tests give each test thread its own (see `testns`).
 
 mod netlink;
+mod nfq;
 mod nft;
 mod tc;
 mod wg;

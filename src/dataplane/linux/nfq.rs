@@ -1,0 +1,1 @@
+//! nfnetlink_queue and nfnetlink_log consumers (placeholder).

@@ -1,0 +1,1 @@
+//! The first leg of Noise IK as WireGuard runs it (placeholder).
