@@ -10,14 +10,16 @@
 //!   `kill -9` of sixpn must not drop sessions; see [`LinuxWg`]);
 //! - routes carrying [`super::ROUTE_PROTOCOL`] on that interface in the main
 //!   table; nothing else is ever listed as ours;
-//! - the nftables table `inet sixpn`; no other table is listed or changed.
+//! - the nftables table `inet sixpn`; no other table is listed or changed;
+//! - the nfnetlink_queue instance and nfnetlink_log group that [`nfq`] binds
+//!   for just-in-time peers (one number each, released when dropped).
 //!
 //! Both are per network namespace: sockets, links and `/proc/sys/net` follow
 //! the netns of the thread that opens them. The daemon lives in one netns;
 //! the root tests give each test thread its own (see `testns`).
 
 mod netlink;
-mod nfq;
+pub mod nfq;
 mod nft;
 mod tc;
 mod wg;
