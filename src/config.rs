@@ -88,6 +88,107 @@ pub struct GatewayConfig {
     /// kernel | userspace | auto.
     #[serde(default)]
     pub backend: Backend,
+    /// all | jit: which registered peers the kernel holds. A file without
+    /// the key keeps "all" (an upgrade doesn't change what the kernel
+    /// holds); the configs sixpn writes say "jit".
+    #[serde(default)]
+    pub peers: PeerMode,
+    /// In jit mode: a peer with no handshake for this long is removed from
+    /// the kernel (not the store); its next initiation installs it again.
+    /// `15m`, `90s`, `1h` or seconds.
+    #[serde(default = "default_idle_evict")]
+    pub idle_evict: Seconds,
+    /// In jit mode: how initiations of peers not installed reach the daemon:
+    /// "queue" holds them (nft `queue`, the first handshake completes),
+    /// "log" copies them (nft `log`, the client's retry completes it),
+    /// "auto" holds them where the kernel has nft's queue expression.
+    #[serde(default)]
+    pub capture: CaptureKind,
+    /// The NFQUEUE number (queue) or nfnetlink_log group (log) sixpn uses.
+    #[serde(default = "default_capture_queue")]
+    pub capture_queue: u16,
+}
+
+/// Which registered peers the kernel holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerMode {
+    /// Every registered peer (wireguard-go holds at most 65,536).
+    #[default]
+    All,
+    /// Only peers that handshook recently; others on their first
+    /// initiation.
+    Jit,
+}
+
+/// How handshake initiations are captured in jit mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureKind {
+    /// Queue where the kernel can, else log.
+    #[default]
+    Auto,
+    /// Held in an NFQUEUE until the peer is installed.
+    Queue,
+    /// Copied over nfnetlink_log; the client's retry completes.
+    Log,
+}
+
+/// A duration in whole seconds, written `15m`, `90s`, `2h`, `1d` or as a
+/// number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seconds(pub u64);
+
+impl Seconds {
+    /// As a [`std::time::Duration`].
+    pub fn duration(self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.0)
+    }
+
+    /// Parses `15m`, `90s`, `2h`, `1d` or plain seconds; zero is refused.
+    pub fn parse(s: &str) -> Option<Self> {
+        let t = s.trim();
+        let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+            Some(i) => t.split_at(i),
+            None => (t, "s"),
+        };
+        let scale = match unit {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return None,
+        };
+        let n: u64 = num.parse().ok()?;
+        n.checked_mul(scale).filter(|&v| v > 0).map(Seconds)
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Number(n) => n.to_string(),
+            Raw::Text(t) => t,
+        };
+        Seconds::parse(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?}: use e.g. 15m, 90s, 2h or a number of seconds"
+            ))
+        })
+    }
+}
+
+fn default_idle_evict() -> Seconds {
+    Seconds(15 * 60)
+}
+fn default_capture_queue() -> u16 {
+    6161
 }
 
 /// Which store backend.
@@ -347,11 +448,38 @@ endpoint = "gw-lhr.example.net:51820"
         assert_eq!(c.gateway.interface.as_str(), "sixpn0");
         assert_eq!(c.gateway.listen_port, 51820);
         assert_eq!(c.gateway.backend, Backend::Auto);
+        assert_eq!(c.gateway.peers, PeerMode::All);
+        assert_eq!(c.gateway.idle_evict, Seconds(900));
+        assert_eq!(c.gateway.capture, CaptureKind::Auto);
         assert_eq!(c.store.kind, StoreKind::Sqlite);
         assert_eq!(c.store.path, Path::new("/var/lib/sixpn/state.db"));
         assert_eq!(c.api.socket, Path::new("/run/sixpn/api.sock"));
         assert!(c.api.listen.is_none());
         assert!(c.dns.upstream.is_empty());
+    }
+
+    #[test]
+    fn jit_settings_parse_and_bad_durations_are_refused() {
+        let c = parse(&format!(
+            "{MINIMAL}peers = \"jit\"\nidle_evict = \"2m\"\ncapture = \"log\"\ncapture_queue = 7\n"
+        ))
+        .unwrap();
+        assert_eq!(c.gateway.peers, PeerMode::Jit);
+        assert_eq!(c.gateway.idle_evict.duration().as_secs(), 120);
+        assert_eq!(c.gateway.capture, CaptureKind::Log);
+        assert_eq!(c.gateway.capture_queue, 7);
+        assert_eq!(
+            parse(&format!("{MINIMAL}idle_evict = 30\n"))
+                .unwrap()
+                .gateway
+                .idle_evict,
+            Seconds(30)
+        );
+        for bad in ["\"0m\"", "\"15 minutes\"", "\"-1\"", "0"] {
+            let e = parse(&format!("{MINIMAL}idle_evict = {bad}\n")).unwrap_err();
+            assert!(e.to_string().contains("idle_evict"), "{bad}: {e}");
+        }
+        assert!(parse(&format!("{MINIMAL}peers = \"some\"\n")).is_err());
     }
 
     #[test]

@@ -355,6 +355,11 @@ pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<
                 host_id: config.gateway.host_id,
             },
             private_key: key,
+            jit: (config.gateway.peers == crate::config::PeerMode::Jit).then(|| {
+                crate::reconcile::JitSettings {
+                    idle_evict: config.gateway.idle_evict.duration(),
+                }
+            }),
         },
     );
     // DNS follows the snapshots the reconciler works from: the zone and the

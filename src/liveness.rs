@@ -38,7 +38,9 @@ pub enum PeerState {
     Installed,
     /// Registered; the gateway hasn't installed it yet.
     Pending,
-    /// Registered; this daemon has no dataplane to tell.
+    /// Registered, not in the kernel: this daemon has no dataplane to
+    /// tell, or its gateway installs peers just in time (on their first
+    /// handshake initiation) and this one hasn't sent one lately.
     Registered,
 }
 
@@ -53,6 +55,9 @@ pub enum Local {
     Here {
         /// Live on the interface now.
         installed: bool,
+        /// This gateway installs peers just in time: one not live is
+        /// waiting for its handshake, not for the reconciler.
+        on_demand: bool,
     },
 }
 
@@ -61,8 +66,19 @@ pub enum Local {
 /// someone could tell but hasn't, and merely registered when nobody can.
 pub fn decide(local: Local, report: Option<&SyncReport>, peer: &Peer) -> PeerState {
     match (local, report) {
-        (Local::Here { installed: true }, _) => PeerState::Installed,
-        (Local::Here { installed: false }, _) => PeerState::Pending,
+        (
+            Local::Here {
+                installed: true, ..
+            },
+            _,
+        ) => PeerState::Installed,
+        (
+            Local::Here {
+                on_demand: true, ..
+            },
+            _,
+        ) => PeerState::Registered,
+        (Local::Here { .. }, _) => PeerState::Pending,
         (_, Some(r)) if r.covers(peer) => PeerState::Installed,
         (Local::Elsewhere, _) | (_, Some(_)) => PeerState::Pending,
         (Local::NoDataplane, None) => PeerState::Registered,
@@ -109,6 +125,7 @@ impl<'a> Liveness<'a> {
             Some(_) if peer.gateway != *self.gateway => Local::Elsewhere,
             Some(dp) => Local::Here {
                 installed: dp.is_installed(&peer.public_key),
+                on_demand: dp.on_demand(),
             },
         }
     }
@@ -136,6 +153,23 @@ impl<'a> Liveness<'a> {
     /// whose fleet reports), or that gateway has been seen reporting.
     pub async fn wait(&self, peer: &Peer, timeout: Duration) -> PeerState {
         match (self.local(peer), self.dataplane) {
+            (
+                Local::Here {
+                    on_demand: true,
+                    installed,
+                },
+                Some(dp),
+            ) => {
+                // Installed on its first initiation: ready once this
+                // gateway knows the peer, with no kernel wait.
+                if installed {
+                    PeerState::Installed
+                } else if dp.wait_revision(peer.revision, timeout).await {
+                    PeerState::Registered
+                } else {
+                    PeerState::Pending
+                }
+            }
             (Local::Here { .. }, Some(dp)) => {
                 if dp.wait_installed(&peer.public_key, timeout).await {
                     PeerState::Installed
@@ -192,6 +226,19 @@ impl<'a> Liveness<'a> {
                     stats: Some(s),
                     note: None,
                 },
+                None if dp.on_demand() => Status {
+                    state: PeerState::Registered,
+                    stats: Some(PeerStats {
+                        evicted_at: dp.evicted(&peer.public_key),
+                        ..PeerStats::default()
+                    }),
+                    note: Some(match dp.evicted(&peer.public_key) {
+                        Some(_) => "evicted from the kernel for idleness; its next handshake \
+                                    installs it again"
+                            .to_owned(),
+                        None => "not in the kernel: installed on its first handshake".to_owned(),
+                    }),
+                },
                 None => Status {
                     state: PeerState::Pending,
                     stats: None,
@@ -215,6 +262,12 @@ pub struct PeerStats {
     pub tx_bytes: u64,
     /// Unix seconds when sixpn installed it.
     pub installed_since: Option<u64>,
+    /// What installed it, on a just-in-time gateway: `start` (kept at a
+    /// daemon start) or `handshake`.
+    pub installed_by: Option<&'static str>,
+    /// Unix seconds when it was evicted for idleness, if it was and hasn't
+    /// come back.
+    pub evicted_at: Option<u64>,
 }
 
 /// The seam between the API and the daemon's dataplane: what the API may ask
@@ -234,6 +287,19 @@ pub trait DataplaneView: Send + Sync {
     async fn peer_stats(&self, key: &PublicKey) -> Option<PeerStats>;
     /// Installed and registered peer counts and the last full sync.
     fn health(&self) -> DataplaneHealth;
+    /// Whether this gateway installs peers just in time.
+    fn on_demand(&self) -> bool {
+        false
+    }
+    /// Just in time: when the peer with `key` was evicted for idleness.
+    fn evicted(&self, _key: &PublicKey) -> Option<u64> {
+        None
+    }
+    /// Waits until the dataplane has planned from store revision
+    /// `revision` or later, at most `timeout`; returns whether it has.
+    async fn wait_revision(&self, _revision: u64, timeout: Duration) -> bool {
+        self.wait_published(timeout).await
+    }
 }
 
 /// The dataplane's part of `/v1/health`.
@@ -247,6 +313,9 @@ pub struct DataplaneHealth {
     pub registered_peers: usize,
     /// Unix seconds of the last pass after which the kernel matched the store.
     pub last_sync: Option<u64>,
+    /// "all" (every registered peer installed) or "jit".
+    #[serde(default)]
+    pub peers_mode: String,
 }
 
 #[cfg(test)]
@@ -279,13 +348,41 @@ mod tests {
         let stale = report(1, vec![]);
         let covering = report(9, vec![]);
         for r in [None, Some(&stale), Some(&covering)] {
+            for on_demand in [false, true] {
+                assert_eq!(
+                    decide(
+                        Local::Here {
+                            installed: true,
+                            on_demand
+                        },
+                        r,
+                        &p
+                    ),
+                    PeerState::Installed
+                );
+            }
             assert_eq!(
-                decide(Local::Here { installed: true }, r, &p),
-                PeerState::Installed
+                decide(
+                    Local::Here {
+                        installed: false,
+                        on_demand: false
+                    },
+                    r,
+                    &p
+                ),
+                PeerState::Pending
             );
             assert_eq!(
-                decide(Local::Here { installed: false }, r, &p),
-                PeerState::Pending
+                decide(
+                    Local::Here {
+                        installed: false,
+                        on_demand: true
+                    },
+                    r,
+                    &p
+                ),
+                PeerState::Registered,
+                "just in time, a peer not installed waits for its handshake"
             );
         }
     }

@@ -241,6 +241,14 @@ pub struct PeerStatus {
     pub tx_bytes: Option<u64>,
     /// Unix seconds when this gateway installed the peer.
     pub installed_since: Option<u64>,
+    /// On a just-in-time gateway, what installed it: `start` (kept when
+    /// the daemon started) or `handshake`.
+    #[serde(default)]
+    pub installed_by: Option<String>,
+    /// On a just-in-time gateway, when it was evicted for idleness (it is
+    /// installed again on its next handshake).
+    #[serde(default)]
+    pub evicted_at: Option<u64>,
     /// Why the kernel fields are empty, if they are.
     pub note: Option<String>,
 }

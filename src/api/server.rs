@@ -573,6 +573,8 @@ async fn peer_status(
         rx_bytes: note.is_none().then_some(stats.rx_bytes),
         tx_bytes: note.is_none().then_some(stats.tx_bytes),
         installed_since: stats.installed_since,
+        installed_by: stats.installed_by.map(str::to_owned),
+        evicted_at: stats.evicted_at,
         note,
     }))
 }

@@ -838,7 +838,13 @@ fn print_status(s: &crate::api::PeerStatus) {
         println!("  transfer:         {rx} B received, {tx} B sent");
     }
     if let Some(t) = s.installed_since {
-        println!("  installed since:  {}", ago(t));
+        match &s.installed_by {
+            Some(by) => println!("  installed since:  {} (by {by})", ago(t)),
+            None => println!("  installed since:  {}", ago(t)),
+        }
+    }
+    if let Some(t) = s.evicted_at {
+        println!("  evicted:          {} (idle)", ago(t));
     }
     if let Some(n) = &s.note {
         println!("  note:             {n}");

@@ -12,11 +12,13 @@
 //!   the interface was put there by someone else and is left alone.
 //!
 //! Registered peers (the store) and installed peers (the kernel) are kept
-//! apart: [`Desired::installed`] is what should be on the interface. Today
-//! that is every peer registered on this gateway; just-in-time peers will
-//! narrow it to the active ones.
+//! apart: [`Desired::installed`] is what should be on the interface. With
+//! every peer installed ("all") that is every peer registered on this
+//! gateway; with just-in-time peers ([`jit`]) only the admitted ones, the
+//! others waiting in [`Desired::pending`] for their first initiation.
 
 pub mod guard;
+pub mod jit;
 pub mod kernel;
 pub mod nft;
 
@@ -45,13 +47,20 @@ pub struct Desired {
     pub registered: usize,
     /// Peers to install, by key.
     pub installed: BTreeMap<PublicKey, DesiredPeer>,
-    /// `<org>::3` for each org with installed peers here.
+    /// Just-in-time: peers registered here that are not admitted, by key
+    /// (always empty when every registered peer is installed).
+    pub pending: BTreeMap<PublicKey, DesiredPeer>,
+    /// Just-in-time: a new registration waits in `pending` for its first
+    /// initiation instead of being installed.
+    pub jit: bool,
+    /// `<org>::3` for each org with registered peers here (so the first
+    /// query of a peer just admitted finds its DNS server up).
     pub dns_addresses: BTreeSet<Ipv6Addr>,
     /// Every org in the store, by prefix, for the isolation set: an org
     /// with no peers here still has instances that peers of other orgs must
     /// not reach, and its own peers may arrive at any moment.
     pub orgs: BTreeMap<OrgPrefix, String>,
-    /// How many installed peers each org has here (what keeps its `::3`).
+    /// How many registered peers each org has here (what keeps its `::3`).
     pub org_peers: BTreeMap<OrgPrefix, usize>,
 }
 
@@ -77,29 +86,83 @@ impl Touched {
 }
 
 impl Desired {
-    /// The desired state of gateway `me` in `snap`.
+    /// The desired state of gateway `me` in `snap`, every registered peer
+    /// installed.
     pub fn from_snapshot(snap: &Snapshot, me: &GatewayName) -> Self {
-        let mut d = Desired::default();
+        Self::build(snap, me, None)
+    }
+
+    /// The desired state of gateway `me` in `snap` with just-in-time peers:
+    /// only the registered peers in `admitted` are installed.
+    pub fn from_snapshot_jit<V>(
+        snap: &Snapshot,
+        me: &GatewayName,
+        admitted: &std::collections::HashMap<PublicKey, V>,
+    ) -> Self {
+        Self::build(snap, me, Some(&|k: &PublicKey| admitted.contains_key(k)))
+    }
+
+    fn build(
+        snap: &Snapshot,
+        me: &GatewayName,
+        admitted: Option<&dyn Fn(&PublicKey) -> bool>,
+    ) -> Self {
+        let mut d = Desired {
+            jit: admitted.is_some(),
+            ..Desired::default()
+        };
         for o in &snap.orgs {
             d.orgs
                 .insert(o.network_id.prefix(), o.name.as_str().to_owned());
         }
         for p in snap.peers.iter().filter(|p| &p.gateway == me) {
-            d.add_peer(p);
+            let install = admitted.is_none_or(|a| a(&p.public_key));
+            d.add_peer(p, install);
         }
         d
     }
 
-    fn add_peer(&mut self, p: &Peer) -> Option<OrgPrefix> {
+    /// The peer registered here with `key`, installed or not.
+    pub fn registered_peer(&self, key: &PublicKey) -> Option<&DesiredPeer> {
+        self.installed.get(key).or_else(|| self.pending.get(key))
+    }
+
+    /// Just-in-time: installs the registered peer `key`, noting it in
+    /// `touched`. False if it isn't registered here or is installed already.
+    pub fn admit(&mut self, key: &PublicKey, touched: &mut Touched) -> bool {
+        let Some(p) = self.pending.remove(key) else {
+            return false;
+        };
+        touched.peers.insert(*key);
+        touched.routes.insert((p.net.network(), PeerNet::LEN));
+        self.installed.insert(*key, p);
+        true
+    }
+
+    /// Just-in-time: takes the installed peer `key` off the kernel (it stays
+    /// registered), noting it in `touched`. False if it isn't installed.
+    pub fn evict(&mut self, key: &PublicKey, touched: &mut Touched) -> bool {
+        let Some(p) = self.installed.remove(key) else {
+            return false;
+        };
+        touched.peers.insert(*key);
+        touched.routes.insert((p.net.network(), PeerNet::LEN));
+        self.pending.insert(*key, p);
+        true
+    }
+
+    fn add_peer(&mut self, p: &Peer, install: bool) -> Option<OrgPrefix> {
         self.registered += 1;
-        self.installed.insert(
-            p.public_key,
-            DesiredPeer {
-                org: p.org.clone(),
-                name: p.name.clone(),
-                net: p.net,
-            },
-        );
+        let want = DesiredPeer {
+            org: p.org.clone(),
+            name: p.name.clone(),
+            net: p.net,
+        };
+        if install {
+            self.installed.insert(p.public_key, want);
+        } else {
+            self.pending.insert(p.public_key, want);
+        }
         let prefix = OrgPrefix::of(p.net.network())?;
         *self.org_peers.entry(prefix).or_default() += 1;
         self.dns_addresses.insert(prefix.dns_addr());
@@ -118,14 +181,18 @@ impl Desired {
                 touched.orgs.insert(prefix);
             }
             Delta::PeerAdded(p) if &p.gateway == me => {
-                if let Some(prefix) = self.add_peer(p) {
+                if let Some(prefix) = self.add_peer(p, !self.jit) {
                     touched.dns_addresses.insert(prefix.dns_addr());
                 }
                 touched.peers.insert(p.public_key);
                 touched.routes.insert(route(p));
             }
             Delta::PeerRemoved(p) if &p.gateway == me => {
-                if self.installed.remove(&p.public_key).is_none() {
+                let gone = self.installed.remove(&p.public_key);
+                if gone
+                    .or_else(|| self.pending.remove(&p.public_key))
+                    .is_none()
+                {
                     return;
                 }
                 self.registered = self.registered.saturating_sub(1);

@@ -70,6 +70,9 @@ pub struct Settings {
     pub private_key: PrivateKey,
     /// Identity for planning.
     pub identity: Identity,
+    /// Just-in-time peers ([`jit`]); `None`: every registered peer is
+    /// installed.
+    pub jit: Option<JitSettings>,
 }
 
 /// The reconciler; [`Reconciler::run`] is the loop.
@@ -97,6 +100,8 @@ pub struct Reconciler {
     installed: watch::Sender<Arc<Installed>>,
     snapshots: watch::Sender<Option<Arc<Snapshot>>>,
     counters: Arc<Counters>,
+    /// Just-in-time peers: the admissions and the requests for more.
+    jit: Option<JitState>,
 }
 
 impl Reconciler {
@@ -108,12 +113,14 @@ impl Reconciler {
         store: Arc<dyn Store>,
         settings: Settings,
     ) -> Self {
+        let jit = settings.jit.map(JitState::new);
         Self {
             wg,
             nl,
             fw,
             store,
             settings,
+            jit,
             snapshot: None,
             desired: None,
             in_sync: false,
@@ -162,6 +169,7 @@ impl Reconciler {
         Arc::new(View {
             wg: self.wg.clone(),
             installed: self.installed.subscribe(),
+            jit: self.jit_book(),
         })
     }
 
@@ -172,6 +180,7 @@ impl Reconciler {
         async move {
             let mut feed = self.store.subscribe();
             let mut restarts = self.wg.restarts();
+            let mut admits = self.jit.as_mut().and_then(|j| j.rx.take());
             let mut events = match self.nl.subscribe() {
                 Ok(rx) => Some(rx),
                 Err(e) => {
@@ -222,6 +231,19 @@ impl Reconciler {
                         }
                         info!("nftables changed by someone else; checking our table");
                         Event::Firewall
+                    }
+                    Some(first) = next_admit(&mut admits) => {
+                        let mut batch = vec![first];
+                        if let Some(rx) = admits.as_mut() {
+                            while batch.len() < jit::ADMIT_QUEUE {
+                                match rx.try_recv() {
+                                    Ok(r) => batch.push(r),
+                                    Err(_) => break,
+                                }
+                            }
+                        }
+                        self.admit_batch(batch).await;
+                        continue;
                     }
                     _ = tokio::time::sleep_until(wake) => {
                         self.schedule.tick(std::time::Instant::now());
@@ -291,16 +313,30 @@ impl Reconciler {
                     if newer {
                         self.snapshots.send_replace(Some(s.clone()));
                     }
-                    let gw = &self.settings.gateway;
+                    let gw = self.settings.gateway.clone();
                     match (deltas, self.desired.as_mut()) {
                         (Some(deltas), Some(desired)) if from.is_some() => {
                             let mut t = Touched::default();
                             for d in &deltas {
-                                desired.follow(d, gw, &mut t);
+                                desired.follow(d, &gw, &mut t);
                             }
                             touched = Some(t);
                         }
-                        _ => self.desired = Some(Desired::from_snapshot(&s, gw)),
+                        _ if self.jit.is_some() => {
+                            // Seeded from the kernel first, or nothing is
+                            // planned: an unseeded plan would remove every
+                            // live peer.
+                            if self.seed_jit(&s).await {
+                                let admitted = self.admitted();
+                                self.desired = Some(Desired::from_snapshot_jit(&s, &gw, &admitted));
+                            } else {
+                                store_ok = false;
+                            }
+                        }
+                        _ => self.desired = Some(Desired::from_snapshot(&s, &gw)),
+                    }
+                    if let Some(t) = &touched {
+                        self.forget_unregistered(t);
                     }
                     self.snapshot = Some(s);
                 }
@@ -320,6 +356,10 @@ impl Reconciler {
         };
         self.desired = desired;
         self.in_sync = result.is_ok();
+        if result.is_ok() && need.wg {
+            // The device was just read: judge idleness on it.
+            self.sweep_idle().await;
+        }
         match result {
             Ok(()) => store_ok,
             Err(errors) => {
@@ -342,6 +382,15 @@ async fn next_fw_event(events: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> 
     }
 }
 
+async fn next_admit(
+    admits: &mut Option<tokio::sync::mpsc::Receiver<AdmitRequest>>,
+) -> Option<AdmitRequest> {
+    match admits {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn next_event(
     events: &mut Option<tokio::sync::mpsc::Receiver<NetEvent>>,
 ) -> Option<NetEvent> {
@@ -352,7 +401,11 @@ async fn next_event(
 }
 
 mod apply;
+pub mod jit;
 mod schedule;
+
+use jit::JitState;
+pub use jit::{AdmitOutcome, AdmitRequest, Admitter, JitBook, JitCounters, JitSettings};
 
 use schedule::{Event, Need, Schedule};
 mod metrics;

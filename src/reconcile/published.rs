@@ -138,6 +138,14 @@ pub(super) fn is_live(
 pub(super) struct View {
     pub(super) wg: Arc<dyn WgDevice>,
     pub(super) installed: watch::Receiver<Arc<Installed>>,
+    /// Just in time: the admissions and evictions.
+    pub(super) jit: Option<Arc<std::sync::Mutex<super::JitBook>>>,
+}
+
+fn unix(t: SystemTime) -> Option<u64> {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
 }
 
 #[async_trait]
@@ -164,12 +172,13 @@ impl DataplaneView for View {
         let since = *self.installed.borrow().peers.get(key)?;
         let device = self.wg.get().await.ok()??;
         let p = device.peers.get(key)?;
-        let unix = |t: SystemTime| {
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .ok()
-                .map(|d| d.as_secs())
-        };
+        let installed_by = self.jit.as_ref().and_then(|b| {
+            let book = b.lock().ok()?;
+            Some(book.admitted.get(key)?.cause.as_str())
+        });
         Some(PeerStats {
+            installed_by,
+            evicted_at: None,
             endpoint: p.endpoint.map(|e| e.to_string()),
             latest_handshake: p.last_handshake.and_then(unix),
             rx_bytes: p.rx_bytes,
@@ -184,11 +193,24 @@ impl DataplaneView for View {
             backend: self.wg.backend_name().to_owned(),
             installed_peers: i.peers.len(),
             registered_peers: i.registered,
-            last_sync: i.last_sync.and_then(|t| {
-                t.duration_since(SystemTime::UNIX_EPOCH)
-                    .ok()
-                    .map(|d| d.as_secs())
-            }),
+            last_sync: i.last_sync.and_then(unix),
+            peers_mode: if self.jit.is_some() { "jit" } else { "all" }.to_owned(),
         }
+    }
+
+    fn on_demand(&self) -> bool {
+        self.jit.is_some()
+    }
+
+    fn evicted(&self, key: &PublicKey) -> Option<u64> {
+        let book = self.jit.as_ref()?.lock().ok()?;
+        unix(*book.evicted.get(key)?)
+    }
+
+    async fn wait_revision(&self, revision: Revision, timeout: Duration) -> bool {
+        let mut rx = self.installed.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|i| i.revision >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }

@@ -401,3 +401,180 @@ async fn the_loop_follows_the_store_and_the_api_can_wait() {
     stop_tx.send(true).unwrap();
     task.await.unwrap();
 }
+
+/// A reconciler on `kernel` that installs peers just in time.
+fn jit_reconciler(base: &rig::Rig, kernel: &FakeKernel, idle_evict: Duration) -> Reconciler {
+    let mut settings = base.settings("sixpn0".parse().unwrap());
+    settings.jit = Some(JitSettings { idle_evict });
+    Reconciler::new(
+        Arc::new(kernel.clone()),
+        Arc::new(kernel.clone()),
+        Arc::new(kernel.clone()),
+        base.store.clone(),
+        settings,
+    )
+}
+
+async fn admit(rec: &mut Reconciler, key: PublicKey) -> AdmitOutcome {
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    rec.admit_batch(vec![AdmitRequest { key, reply }]).await;
+    rx.await.unwrap()
+}
+
+#[tokio::test]
+async fn just_in_time_a_start_installs_no_peer_and_a_handshake_installs_exactly_its_own() {
+    let base = rig::Rig::new().await;
+    let kernel = FakeKernel::new();
+    let (a, b) = (base.add_peer("a").await, base.add_peer("b").await);
+    let mut rec = jit_reconciler(&base, &kernel, Duration::from_secs(900));
+    assert!(rec.pass_all().await);
+    assert!(peer_ips(&kernel).is_empty(), "nothing installed at start");
+    assert!(
+        kernel
+            .state()
+            .addresses
+            .contains(&("fdaa:0:1::3".parse().unwrap(), 128)),
+        "the org's DNS server is up before its first peer arrives"
+    );
+    assert_eq!(rec.installed().borrow().registered, 2);
+    assert!(
+        rec.installed().borrow().last_sync.is_some(),
+        "in sync with nothing installed"
+    );
+    kernel.take_calls();
+
+    assert_eq!(admit(&mut rec, a).await, AdmitOutcome::Installed);
+    let calls = kernel.take_calls();
+    assert_eq!(
+        calls.len(),
+        2,
+        "the peer and its route, nothing else: {calls:?}"
+    );
+    assert_eq!(
+        peer_ips(&kernel).keys().copied().collect::<Vec<_>>(),
+        vec![a]
+    );
+    assert!(rec.installed().borrow().peers.contains_key(&a));
+    assert!(!rec.installed().borrow().peers.contains_key(&b));
+
+    assert_eq!(admit(&mut rec, a).await, AdmitOutcome::AlreadyInstalled);
+    let stranger = crate::model::PrivateKey::generate().public_key();
+    assert_eq!(admit(&mut rec, stranger).await, AdmitOutcome::Unknown);
+    assert_eq!(kernel.take_calls(), Vec::<String>::new());
+    let c = rec.jit_counters().unwrap();
+    assert_eq!(c.installs_handshake.load(Ordering::Relaxed), 1);
+    assert_eq!(c.unknown.load(Ordering::Relaxed), 1);
+
+    // A full pass keeps the admitted peer and adds none.
+    assert!(rec.pass_all().await);
+    assert_eq!(kernel.take_calls(), Vec::<String>::new());
+    // So does a store change, and its new peer waits for its handshake.
+    let c_key = base.add_peer("c").await;
+    assert!(rec.pass_store_change().await);
+    assert!(!peer_ips(&kernel).contains_key(&c_key));
+    assert!(peer_ips(&kernel).contains_key(&a));
+}
+
+#[tokio::test]
+async fn just_in_time_an_idle_peer_leaves_the_kernel_and_its_next_handshake_brings_it_back() {
+    let base = rig::Rig::new().await;
+    let kernel = FakeKernel::new();
+    let a = base.add_peer("a").await;
+    let mut rec = jit_reconciler(&base, &kernel, Duration::from_millis(300));
+    assert!(rec.pass_all().await);
+    assert_eq!(admit(&mut rec, a).await, AdmitOutcome::Installed);
+    assert!(rec.pass_all().await);
+    assert!(peer_ips(&kernel).contains_key(&a), "not idle yet");
+
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert!(rec.pass_all().await);
+    assert!(!peer_ips(&kernel).contains_key(&a), "evicted when idle");
+    let net = peer_ips_net(&base, "a").await;
+    assert!(
+        !kernel.state().routes.contains(&(net, 120)),
+        "its route went with it"
+    );
+    let book = rec.jit_book().unwrap();
+    assert!(book.lock().unwrap().evicted.contains_key(&a));
+    assert_eq!(
+        rec.jit_counters()
+            .unwrap()
+            .evictions
+            .load(Ordering::Relaxed),
+        1
+    );
+    assert_eq!(rec.installed().borrow().registered, 1, "still registered");
+
+    assert_eq!(admit(&mut rec, a).await, AdmitOutcome::Installed);
+    assert!(peer_ips(&kernel).contains_key(&a));
+    assert!(!book.lock().unwrap().evicted.contains_key(&a));
+
+    // A peer that handshakes stays: its handshake, not its admission, counts.
+    kernel
+        .state()
+        .device
+        .peers
+        .get_mut(&a)
+        .unwrap()
+        .last_handshake = Some(std::time::SystemTime::now() + Duration::from_secs(3600));
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert!(rec.pass_all().await);
+    assert!(peer_ips(&kernel).contains_key(&a), "active peers stay");
+}
+
+async fn peer_ips_net(base: &rig::Rig, name: &str) -> Ipv6Addr {
+    let snap = base.store.snapshot().await.unwrap();
+    snap.peers
+        .iter()
+        .find(|p| p.name.as_str() == name)
+        .unwrap()
+        .net
+        .network()
+}
+
+#[tokio::test]
+async fn switching_to_just_in_time_or_restarting_in_it_keeps_the_installed_peers() {
+    let base = rig::Rig::new().await;
+    let kernel = FakeKernel::new();
+    let (a, b) = (base.add_peer("a").await, base.add_peer("b").await);
+    let mut all = base.on_fake(&kernel);
+    assert!(all.pass_all().await);
+    assert_eq!(peer_ips(&kernel).len(), 2);
+    kernel.take_calls();
+
+    for _restart in 0..2 {
+        let mut rec = jit_reconciler(&base, &kernel, Duration::from_secs(900));
+        assert!(rec.pass_all().await);
+        assert_eq!(
+            kernel.take_calls(),
+            Vec::<String>::new(),
+            "nothing removed, nothing re-added"
+        );
+        let book = rec.jit_book().unwrap();
+        let book = book.lock().unwrap();
+        assert_eq!(book.admitted.len(), 2);
+        assert!(book
+            .admitted
+            .values()
+            .all(|a| a.cause == crate::plan::jit::Cause::Start));
+        assert!(rec.installed().borrow().peers.contains_key(&a));
+        assert!(rec.installed().borrow().peers.contains_key(&b));
+    }
+
+    // An admitted peer unregistered leaves the kernel and the book.
+    let mut rec = jit_reconciler(&base, &kernel, Duration::from_secs(900));
+    assert!(rec.pass_all().await);
+    base.store
+        .remove_peer(&rig::ORG.parse().unwrap(), &"a".parse().unwrap())
+        .await
+        .unwrap();
+    assert!(rec.pass_store_change().await);
+    assert!(!peer_ips(&kernel).contains_key(&a));
+    assert!(!rec
+        .jit_book()
+        .unwrap()
+        .lock()
+        .unwrap()
+        .admitted
+        .contains_key(&a));
+}
