@@ -355,6 +355,7 @@ pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<
                 host_id: config.gateway.host_id,
             },
             private_key: key,
+            capture: None,
         },
     );
     // DNS follows the snapshots the reconciler works from: the zone and the

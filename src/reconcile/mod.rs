@@ -70,6 +70,8 @@ pub struct Settings {
     pub private_key: PrivateKey,
     /// Identity for planning.
     pub identity: Identity,
+    /// The handshake capture of just-in-time peers in the table, if any.
+    pub capture: Option<crate::plan::nft::Capture>,
 }
 
 /// The reconciler; [`Reconciler::run`] is the loop.

@@ -72,6 +72,7 @@ impl Rig {
                 host_id: self.host,
             },
             private_key: self.key.clone(),
+            capture: None,
         }
     }
 
