@@ -93,7 +93,7 @@ async fn control_async() {
     let fw = LinuxFirewall::new().expect("firewall");
     let (mid, big, adds) = sizes();
     for n in [mid, big] {
-        let rs = Ruleset::new("sixpn0", orgs(n));
+        let rs = Ruleset::new("sixpn0", orgs(n), None);
         let t = Instant::now();
         fw.replace(&rs).await.expect("replace");
         let load = t.elapsed();
@@ -110,7 +110,7 @@ async fn control_async() {
 
     // One org added (and removed) at a time at 10,000 orgs.
     let base = mid;
-    fw.replace(&Ruleset::new("sixpn0", orgs(base)))
+    fw.replace(&Ruleset::new("sixpn0", orgs(base), None))
         .await
         .expect("replace");
     let mut add = Vec::new();
@@ -492,7 +492,7 @@ fn forward() {
     for n in [10u32, mid, big] {
         measure(
             format!("sixpn set, {n} orgs"),
-            Some(Ruleset::new("sixpn0", orgs(n)).to_text()),
+            Some(Ruleset::new("sixpn0", orgs(n), None).to_text()),
         );
     }
     for n in [10u32, mid, big] {

@@ -321,7 +321,7 @@ fn isolation(config: &Config) -> Check {
             .fix("the daemon installs it at start and restores it within a second: check its log"),
             Err(e) => return check(name, Status::Fail, format!("cannot run nft: {e}")),
         };
-    let want = nft::Ruleset::new(config.gateway.interface.as_str(), Default::default());
+    let want = nft::Ruleset::new(config.gateway.interface.as_str(), Default::default(), None);
     match crate::dataplane::nft_codec::parse_listing(&json) {
         Ok(t) if t.skeleton_matches(&want) => check(
             name,

@@ -360,6 +360,7 @@ pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<
                     idle_evict: config.gateway.idle_evict.duration(),
                 }
             }),
+            capture: None,
         },
     );
     // DNS follows the snapshots the reconciler works from: the zone and the

@@ -195,6 +195,11 @@ pub trait Firewall: Send + Sync {
     /// The table's drop counters; `None` when the table does not exist.
     async fn counters(&self) -> Result<Option<FirewallCounters>, KernelError>;
 
+    /// Whether the kernel has nft's `queue` expression, which
+    /// [`crate::plan::nft::CaptureMode::Queue`] needs (a kernel without
+    /// `CONFIG_NFT_QUEUE` refuses the whole table). Changes nothing.
+    async fn queue_supported(&self) -> Result<bool, KernelError>;
+
     /// One message per committed nftables transaction made by someone else
     /// (or per lost batch of events): the table may have changed.
     fn subscribe(&self) -> Result<mpsc::Receiver<()>, KernelError>;

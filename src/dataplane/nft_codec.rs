@@ -8,9 +8,9 @@
 use std::net::Ipv6Addr;
 
 use nftables::expr::{BinaryOperation, Elem, Expression, Exthdr, Meta, MetaKey, NamedExpression};
-use nftables::expr::{Payload, PayloadField, Prefix, SetItem};
+use nftables::expr::{Payload, PayloadBase, PayloadField, PayloadRaw, Prefix, SetItem};
 use nftables::schema::{self, NfListObject, Nftables};
-use nftables::stmt::{self, JumpTarget, Match, Operator, Statement};
+use nftables::stmt::{self, JumpTarget, Match, Operator, QueueFlag, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use crate::model::OrgPrefix;
@@ -118,6 +118,21 @@ impl Cond {
                 Operator::EQ,
                 Expression::Number(u32::from(*p)),
             ),
+            Cond::UdpLength(n) => m(
+                payload("udp", "length"),
+                Operator::EQ,
+                Expression::Number(u32::from(*n)),
+            ),
+            // `@th,64,32`: 32 bits at bit 64 of the transport header.
+            Cond::UdpHead(v) => m(
+                Expression::Named(NamedExpression::Payload(Payload::PayloadRaw(PayloadRaw {
+                    base: PayloadBase::TH,
+                    offset: 64,
+                    len: 32,
+                }))),
+                Operator::EQ,
+                Expression::Number(*v),
+            ),
             Cond::TcpDport(p) => m(
                 payload("tcp", "dport"),
                 Operator::EQ,
@@ -155,6 +170,11 @@ impl Rule {
             Verdict::Accept => Statement::Accept(None),
             Verdict::Drop => Statement::Drop(None),
             Verdict::Jump(t) => Statement::Jump(JumpTarget { target: t.into() }),
+            Verdict::Queue(n) => Statement::Queue(stmt::Queue {
+                num: Expression::Number(u32::from(n)),
+                flags: Some([QueueFlag::Bypass].into()),
+            }),
+            Verdict::Log(g) => Statement::Log(Some(stmt::Log::new(Some(u32::from(g))))),
         });
         v
     }
@@ -234,6 +254,50 @@ pub fn update_batch(add: &[(OrgPrefix, String)], remove: &[ElementKey]) -> Nftab
                 .collect(),
         ));
     }
+    b.to_nftables()
+}
+
+/// The throwaway table of [`queue_probe_batch`]; never committed.
+pub const PROBE_TABLE: &str = "sixpn_probe";
+
+/// A transaction for `nft -c` only (checked by the kernel, never
+/// committed): a throwaway table `inet sixpn_probe` with one rule that
+/// queues, written as the capture rule's verdict is. A kernel without nft's
+/// `queue` expression refuses it with `ENOENT`.
+pub fn queue_probe_batch() -> Nftables<'static> {
+    let mut b = nftables::batch::Batch::new();
+    b.add(NfListObject::Table(schema::Table {
+        family: NfFamily::INet,
+        name: PROBE_TABLE.into(),
+        handle: None,
+    }));
+    b.add(NfListObject::Chain(schema::Chain {
+        family: NfFamily::INet,
+        table: PROBE_TABLE.into(),
+        name: "probe".into(),
+        newname: None,
+        handle: None,
+        _type: None,
+        hook: None,
+        prio: None,
+        dev: None,
+        policy: None,
+    }));
+    let rule = Rule {
+        conds: vec![],
+        counter: None,
+        verdict: Verdict::Queue(0),
+        comment: String::new(),
+    };
+    b.add(NfListObject::Rule(schema::Rule {
+        family: NfFamily::INet,
+        table: PROBE_TABLE.into(),
+        chain: "probe".into(),
+        expr: rule.json().into(),
+        handle: None,
+        index: None,
+        comment: None,
+    }));
     b.to_nftables()
 }
 
@@ -326,7 +390,7 @@ pub fn parse_counters(json: &str) -> crate::dataplane::FirewallCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::nft::tests::{example, org};
+    use crate::plan::nft::tests::{example, example_with, org, JIT_CAPTURE};
 
     #[test]
     fn replace_batch_is_one_atomic_transaction_with_named_elements() {
@@ -382,6 +446,85 @@ mod tests {
         );
     }
 
+    /// The capture rule's statements in a replace batch.
+    fn capture_rule(rs: &Ruleset) -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(&to_json(&rs.replace_batch())).unwrap();
+        let cmds = v["nftables"].as_array().unwrap().clone();
+        let chain = cmds
+            .iter()
+            .find_map(|c| c["add"].get("chain").filter(|c| c["name"] == CAPTURE_CHAIN))
+            .expect("the capture chain");
+        assert_eq!(
+            (
+                &chain["type"],
+                &chain["hook"],
+                &chain["prio"],
+                &chain["policy"]
+            ),
+            (
+                &serde_json::json!("filter"),
+                &serde_json::json!("input"),
+                &serde_json::json!(-11),
+                &serde_json::json!("accept")
+            )
+        );
+        let rules: Vec<&serde_json::Value> = cmds
+            .iter()
+            .filter_map(|c| c["add"].get("rule"))
+            .filter(|r| r["chain"] == CAPTURE_CHAIN)
+            .collect();
+        assert_eq!(rules.len(), 1);
+        rules[0]["expr"].clone()
+    }
+
+    #[test]
+    fn the_capture_rule_is_the_json_nft_reads_for_it() {
+        let matches = serde_json::json!([
+            {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 51820}},
+            {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "length"}}, "right": 156}},
+            {"match": {"op": "==", "left": {"payload": {"base": "th", "offset": 64, "len": 32}}, "right": 0x0100_0000}},
+        ]);
+        let with = |last: serde_json::Value| {
+            let mut v = matches.as_array().unwrap().clone();
+            v.push(last);
+            serde_json::Value::Array(v)
+        };
+        assert_eq!(
+            capture_rule(&example_with(JIT_CAPTURE)),
+            with(serde_json::json!({"log": {"group": 1}}))
+        );
+        let queue = Capture {
+            listen_port: 51820,
+            mode: CaptureMode::Queue { num: 3 },
+        };
+        assert_eq!(
+            capture_rule(&example_with(queue)),
+            with(serde_json::json!({"queue": {"num": 3, "flags": ["bypass"]}}))
+        );
+        // Without a capture, the batch is the one it always was.
+        let json = to_json(&example().replace_batch());
+        assert!(!json.contains(CAPTURE_CHAIN) && !json.contains("\"th\""));
+    }
+
+    #[test]
+    fn the_queue_probe_names_a_throwaway_table_only() {
+        let v: serde_json::Value = serde_json::from_str(&to_json(&queue_probe_batch())).unwrap();
+        let cmds = v["nftables"].as_array().unwrap();
+        assert_eq!(cmds.len(), 3);
+        for c in cmds {
+            let obj = c["add"].as_object().unwrap().values().next().unwrap();
+            let table = obj.get("table").unwrap_or(&obj["name"]);
+            assert_eq!(
+                (&obj["family"], table),
+                (&serde_json::json!("inet"), &serde_json::json!(PROBE_TABLE))
+            );
+        }
+        assert_eq!(
+            cmds[2]["add"]["rule"]["expr"],
+            serde_json::json!([{"queue": {"num": 0, "flags": ["bypass"]}}])
+        );
+    }
+
     fn listing(rs: &Ruleset, extra_elems: &[serde_json::Value]) -> String {
         let mut items = vec![serde_json::json!({"metainfo": {"version": "1.0.6"}})];
         items.push(serde_json::json!({"table": {"family": "inet", "name": TABLE, "handle": 1}}));
@@ -428,5 +571,17 @@ mod tests {
         assert_eq!(counter_packets(&listing(&rs, &[]), INPUT_DROPPED), None);
         let bad = serde_json::json!({"elem": {"val": "fdaa:0:1::"}});
         assert!(parse_listing(&listing(&rs, &[bad])).is_err());
+    }
+
+    #[test]
+    fn a_listing_with_a_capture_parses_to_its_ruleset_and_no_other() {
+        let jit = example_with(JIT_CAPTURE);
+        let o = parse_listing(&listing(&jit, &[])).unwrap();
+        assert_eq!(o, jit.as_observed());
+        assert_eq!(o.rules[CAPTURE_CHAIN].len(), 1);
+        assert!(o.skeleton_matches(&jit));
+        assert!(!o.skeleton_matches(&example()));
+        let plain = parse_listing(&listing(&example(), &[])).unwrap();
+        assert!(!plain.skeleton_matches(&jit));
     }
 }

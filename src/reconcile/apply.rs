@@ -66,12 +66,19 @@ impl Reconciler {
         }
         let seen = self.fw_cache.as_ref().and_then(Option::as_ref);
         let interface = self.settings.interface.as_str();
+        let capture = self.settings.capture;
         let plan = match (desired, touched) {
-            (Some(d), Some(t)) if !fresh => {
-                nft::plan_firewall_touched(interface, &d.orgs, seen, self.fw_force_replace, t)
-            }
+            (Some(d), Some(t)) if !fresh => nft::plan_firewall_touched(
+                interface,
+                capture,
+                &d.orgs,
+                seen,
+                self.fw_force_replace,
+                t,
+            ),
             _ => nft::plan_firewall(
                 interface,
+                capture,
                 desired.map(|d| &d.orgs),
                 seen,
                 self.fw_force_replace,

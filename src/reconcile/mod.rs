@@ -73,6 +73,8 @@ pub struct Settings {
     /// Just-in-time peers ([`jit`]); `None`: every registered peer is
     /// installed.
     pub jit: Option<JitSettings>,
+    /// The handshake capture of just-in-time peers in the table, if any.
+    pub capture: Option<crate::plan::nft::Capture>,
 }
 
 /// The reconciler; [`Reconciler::run`] is the loop.

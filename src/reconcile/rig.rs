@@ -73,6 +73,7 @@ impl Rig {
             },
             private_key: self.key.clone(),
             jit: None,
+            capture: None,
         }
     }
 

@@ -53,6 +53,10 @@ pub struct FakeState {
     pub firewall: Option<FakeTable>,
     /// Make the next N firewall changes fail (the table stays as it was).
     pub fail_firewall: usize,
+    /// The kernel lacks nft's `queue` expression (no `CONFIG_NFT_QUEUE`):
+    /// the probe says so and a table with a queue rule is refused with
+    /// `ENOENT`. Off by default: the expression is there.
+    pub no_queue: bool,
 }
 
 impl FakeState {
@@ -378,7 +382,8 @@ impl Firewall for FakeKernel {
     async fn replace(&self, ruleset: &Ruleset) -> Result<(), KernelError> {
         let mut s = self.state();
         s.injected_firewall_failure("replace table")?;
-        table::apply(&mut s.firewall, &to_json(&ruleset.replace_batch()))
+        let queue = !s.no_queue;
+        table::apply_on(&mut s.firewall, &to_json(&ruleset.replace_batch()), queue)
             .map_err(|e| refused("replace table", e))?;
         s.calls
             .push(format!("firewall replace ({} orgs)", ruleset.orgs.len()));
@@ -402,6 +407,10 @@ impl Firewall for FakeKernel {
     async fn counters(&self) -> Result<Option<FirewallCounters>, KernelError> {
         let listing = self.state().firewall.as_ref().map(FakeTable::listing);
         Ok(listing.map(|l| parse_counters(&l)))
+    }
+
+    async fn queue_supported(&self) -> Result<bool, KernelError> {
+        Ok(!self.state().no_queue)
     }
 
     fn subscribe(&self) -> Result<mpsc::Receiver<()>, KernelError> {

@@ -77,6 +77,13 @@ fn element_key(e: &Value) -> String {
 /// Applies one transaction (the JSON text of an nft batch) to `table`
 /// (`None`: absent): all of it, or on error none of it.
 pub fn apply(table: &mut Option<FakeTable>, batch: &str) -> Result<(), Refused> {
+    apply_on(table, batch, true)
+}
+
+/// [`apply`] on a kernel with (`queue`) or without nft's `queue`
+/// expression: without it, a rule that queues refuses the transaction with
+/// `ENOENT`, as the kernel does.
+pub fn apply_on(table: &mut Option<FakeTable>, batch: &str, queue: bool) -> Result<(), Refused> {
     let v: Value = serde_json::from_str(batch).map_err(|e| invalid(format!("not JSON: {e}")))?;
     let cmds = v["nftables"]
         .as_array()
@@ -92,13 +99,51 @@ pub fn apply(table: &mut Option<FakeTable>, batch: &str) -> Result<(), Refused> 
             .and_then(|m| m.iter().next())
             .ok_or_else(|| invalid(format!("no object in: {cmd}")))?;
         check_ours(obj)?;
-        command(&mut work, verb, kind, obj)?;
+        command(&mut work, verb, kind, obj, queue)?;
     }
     *table = work;
     Ok(())
 }
 
-fn command(t: &mut Option<FakeTable>, verb: &str, kind: &str, obj: &Value) -> Result<(), Refused> {
+/// Checks a rule's statements: kinds sixpn writes only, each with the
+/// fields nft needs.
+fn check_statements(rule: &Value, queue: bool) -> Result<(), Refused> {
+    let exprs = rule["expr"]
+        .as_array()
+        .filter(|e| !e.is_empty())
+        .ok_or_else(|| invalid(format!("rule without expressions: {rule}")))?;
+    let u16_field = |v: &Value, f: &str| v[f].as_u64().is_some_and(|n| n <= u64::from(u16::MAX));
+    for e in exprs {
+        let Some((kind, v)) = e
+            .as_object()
+            .filter(|m| m.len() == 1)
+            .and_then(|m| m.iter().next())
+        else {
+            return Err(invalid(format!("not a statement: {e}")));
+        };
+        let ok = match kind.as_str() {
+            "match" => v.get("left").is_some() && v.get("right").is_some() && v["op"].is_string(),
+            "counter" | "accept" | "drop" | "jump" => true,
+            // The kernel looks an expression type up by name: ENOENT.
+            "queue" if !queue => return Err(refused(libc::ENOENT, "No such file or directory")),
+            "queue" => u16_field(v, "num"),
+            "log" => v.get("group").is_none_or(|_| u16_field(v, "group")),
+            _ => return Err(invalid(format!("unsupported statement: {e}"))),
+        };
+        if !ok {
+            return Err(invalid(format!("malformed statement: {e}")));
+        }
+    }
+    Ok(())
+}
+
+fn command(
+    t: &mut Option<FakeTable>,
+    verb: &str,
+    kind: &str,
+    obj: &Value,
+    queue: bool,
+) -> Result<(), Refused> {
     let missing = || refused(libc::ENOENT, "No such file or directory");
     match (verb, kind) {
         ("add", "table") => {
@@ -147,9 +192,7 @@ fn command(t: &mut Option<FakeTable>, verb: &str, kind: &str, obj: &Value) -> Re
             let chain = obj["chain"]
                 .as_str()
                 .ok_or_else(|| invalid(format!("rule without a chain: {obj}")))?;
-            if obj["expr"].as_array().is_none_or(Vec::is_empty) {
-                return Err(invalid(format!("rule without expressions: {obj}")));
-            }
+            check_statements(obj, queue)?;
             let c = t.chains.get_mut(chain).ok_or_else(missing)?;
             c.rules.push(obj.clone());
         }
@@ -244,9 +287,11 @@ impl FakeTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::fake::FakeKernel;
     use crate::dataplane::nft_codec::{parse_listing, to_json, update_batch};
-    use crate::plan::nft::tests::{example, org};
-    use crate::plan::nft::{element_key, FORWARD_DROPPED};
+    use crate::dataplane::Firewall;
+    use crate::plan::nft::tests::{example, example_with, org, JIT_CAPTURE};
+    use crate::plan::nft::{element_key, Capture, CaptureMode, Ruleset, FORWARD_DROPPED};
 
     fn loaded() -> Option<FakeTable> {
         let mut t = None;
@@ -331,5 +376,82 @@ mod tests {
             apply(&mut None, &other.to_string()).is_err(),
             "only our table"
         );
+    }
+
+    fn queue_capture() -> Ruleset {
+        example_with(Capture {
+            listen_port: 51820,
+            mode: CaptureMode::Queue { num: 3 },
+        })
+    }
+
+    #[test]
+    fn a_capture_lists_back_and_a_kernel_without_queue_refuses_only_queueing() {
+        for rs in [example_with(JIT_CAPTURE), queue_capture()] {
+            let mut t = None;
+            apply(&mut t, &to_json(&rs.replace_batch())).unwrap();
+            let seen = parse_listing(&t.unwrap().listing()).unwrap();
+            assert_eq!(seen, rs.as_observed());
+        }
+        // No queue expression: the log capture loads, the queue one is
+        // refused whole and the table stays as it was.
+        let mut t = None;
+        apply_on(
+            &mut t,
+            &to_json(&example_with(JIT_CAPTURE).replace_batch()),
+            false,
+        )
+        .unwrap();
+        let before = t.as_ref().unwrap().listing();
+        let err = apply_on(&mut t, &to_json(&queue_capture().replace_batch()), false).unwrap_err();
+        assert_eq!(err.errno, libc::ENOENT);
+        assert_eq!(t.unwrap().listing(), before);
+    }
+
+    #[test]
+    fn a_statement_it_does_not_know_or_cannot_read_refuses_the_transaction() {
+        let rule = |expr: Value| {
+            json!({"nftables": [
+                {"add": {"table": {"family": "inet", "name": TABLE}}},
+                {"add": {"chain": {"family": "inet", "table": TABLE, "name": "c"}}},
+                {"add": {"rule": {"family": "inet", "table": TABLE, "chain": "c", "expr": expr}}}
+            ]})
+            .to_string()
+        };
+        for bad in [
+            json!([{"reject": null}]),
+            json!([{"queue": {"flags": ["bypass"]}}]),
+            json!([{"queue": {"num": 70000}}]),
+            json!([{"log": {"group": "one"}}]),
+            json!([{"match": {"left": 1}}]),
+            json!([{"accept": null, "drop": null}]),
+        ] {
+            let err = apply(&mut None, &rule(bad.clone())).unwrap_err();
+            assert_eq!(err.errno, libc::EINVAL, "{bad}");
+        }
+        for good in [
+            json!([{"queue": {"num": 1, "flags": ["bypass"]}}]),
+            json!([{"log": {"group": 1}}]),
+            json!([{"log": null}]),
+        ] {
+            apply(&mut None, &rule(good.clone())).unwrap_or_else(|e| panic!("{good}: {e:?}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_fake_kernel_has_queue_unless_told_otherwise() {
+        let k = FakeKernel::new();
+        assert!(k.queue_supported().await.unwrap());
+        k.replace(&queue_capture()).await.unwrap();
+        k.state().no_queue = true;
+        assert!(!k.queue_supported().await.unwrap());
+        let err = k.replace(&queue_capture()).await.unwrap_err();
+        assert_eq!(err.errno, Some(libc::ENOENT), "{err}");
+        assert_eq!(
+            k.observe().await.unwrap(),
+            Some(queue_capture().as_observed()),
+            "the refused replace changed nothing"
+        );
+        k.replace(&example_with(JIT_CAPTURE)).await.unwrap();
     }
 }

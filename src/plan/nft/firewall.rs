@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{element_key, ElementKey, Ruleset};
+use super::{element_key, Capture, ElementKey, Ruleset};
 use crate::model::OrgPrefix;
 
 // ----- observing ------------------------------------------------------------
@@ -53,17 +53,20 @@ pub enum FirewallPlan {
 }
 
 /// Plans the change from `observed` (`None`: the table is absent) to the
-/// ruleset for `interface` with `orgs` (`None`: the store has not loaded, so
-/// no element is added or removed). `force_replace`: the last transaction
-/// failed, so the cache can't be trusted.
+/// ruleset for `interface` and `capture` with `orgs` (`None`: the store has
+/// not loaded, so no element is added or removed). `force_replace`: the
+/// last transaction failed, so the cache can't be trusted. A table with
+/// another capture (or none where one is wanted) has another skeleton, so
+/// it is replaced.
 pub fn plan_firewall(
     interface: &str,
+    capture: Option<Capture>,
     orgs: Option<&BTreeMap<OrgPrefix, String>>,
     observed: Option<&ObservedTable>,
     force_replace: bool,
 ) -> FirewallPlan {
     let replace = |orgs: BTreeMap<OrgPrefix, String>, reason| FirewallPlan::Replace {
-        ruleset: Box::new(Ruleset::new(interface, orgs)),
+        ruleset: Box::new(Ruleset::new(interface, orgs, capture)),
         reason,
     };
     let Some(seen) = observed else {
@@ -78,7 +81,7 @@ pub fn plan_firewall(
             &kept
         }
     };
-    let want = Ruleset::new(interface, BTreeMap::new());
+    let want = Ruleset::new(interface, BTreeMap::new(), capture);
     if force_replace {
         return replace(orgs.clone(), "the last change failed");
     }
@@ -99,6 +102,7 @@ pub fn plan_firewall(
 /// change, a skeleton that differs) gets the full plan.
 pub fn plan_firewall_touched(
     interface: &str,
+    capture: Option<Capture>,
     orgs: &BTreeMap<OrgPrefix, String>,
     observed: Option<&ObservedTable>,
     force_replace: bool,
@@ -107,11 +111,11 @@ pub fn plan_firewall_touched(
     let seen = match observed {
         Some(seen)
             if !force_replace
-                && seen.skeleton_matches(&Ruleset::new(interface, BTreeMap::new())) =>
+                && seen.skeleton_matches(&Ruleset::new(interface, BTreeMap::new(), capture)) =>
         {
             seen
         }
-        _ => return plan_firewall(interface, Some(orgs), observed, force_replace),
+        _ => return plan_firewall(interface, capture, Some(orgs), observed, force_replace),
     };
     let (mut add, mut remove) = (Vec::new(), Vec::new());
     for p in touched {

@@ -30,6 +30,12 @@
 //!   between two orgs: it is removed whatever its comment says.
 //! - The interface is matched by name (`iifname`), not index: the ruleset
 //!   goes in before the interface exists and survives its re-creation.
+//!
+//! Just-in-time peers: with a [`Capture`], the table gains a base chain
+//! `capture` on the input hook, ahead of `input`, whose one rule hands
+//! WireGuard handshake initiations to the listen port to the daemon (an
+//! NFQUEUE, or a copy over nfnetlink_log). Without one, the table is exactly
+//! the isolation ruleset above.
 
 use std::collections::BTreeMap;
 use std::net::Ipv6Addr;
@@ -59,6 +65,48 @@ pub const DNS_PORT: u16 = 53;
 /// Base chain priority: `filter - 10`, ahead of the usual filter chains,
 /// so our drops happen before anyone else's accept could matter.
 pub const PRIORITY: i32 = -10;
+
+/// The capture chain's priority: `filter - 11`, just ahead of `input`. A
+/// base chain of its own, so `input`'s `iifname "lo" accept` can't pass a
+/// packet by it, and a packet it accepts goes on through `input` as usual.
+pub const CAPTURE_PRIORITY: i32 = PRIORITY - 1;
+/// The base chain of the handshake capture.
+pub const CAPTURE_CHAIN: &str = "capture";
+/// The UDP header's length.
+pub const UDP_HEADER_LEN: u16 = 8;
+/// A WireGuard handshake initiation's length (type, reserved, sender index,
+/// ephemeral, static, timestamp, mac1, mac2).
+pub const WG_INITIATION_LEN: u16 = 148;
+/// The first 32 bits of a handshake initiation as nft reads them
+/// (big-endian): message type 1, little-endian, then three reserved zeros.
+pub const WG_INITIATION_HEAD: u32 = 0x0100_0000;
+
+/// How handshake initiations reach the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CaptureMode {
+    /// `queue flags bypass to NUM`: the packet is held in NFQUEUE `num`
+    /// until the daemon's verdict; with no consumer on the queue it goes on.
+    Queue {
+        /// The queue number.
+        num: u16,
+    },
+    /// `log group GROUP`: a copy goes to nfnetlink_log group `group`, the
+    /// packet goes on (for a kernel without nft's `queue` expression).
+    Log {
+        /// The nfnetlink_log group.
+        group: u16,
+    },
+}
+
+/// The handshake capture of just-in-time peers: which initiations the table
+/// hands to the daemon, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Capture {
+    /// The WireGuard listen port the initiations are sent to.
+    pub listen_port: u16,
+    /// How they reach the daemon.
+    pub mode: CaptureMode,
+}
 
 /// An element key as the kernel holds it: `saddr/48 . daddr/48`.
 pub type ElementKey = (Ipv6Addr, Ipv6Addr);
@@ -106,6 +154,11 @@ pub enum Cond {
     DaddrHost(Ipv6Addr, bool),
     /// `udp dport N`.
     UdpDport(u16),
+    /// `udp length N`: the UDP header's length field (header included).
+    UdpLength(u16),
+    /// `@th,64,32 V`: the first 32 bits of the UDP payload (right after the
+    /// 8-byte header), read big-endian.
+    UdpHead(u32),
     /// `tcp dport N`.
     TcpDport(u16),
     /// `meta l4proto ipv6-icmp`.
@@ -135,6 +188,13 @@ pub enum Verdict {
     /// `jump CHAIN`; evaluation continues after the rule if the chain
     /// issues no verdict.
     Jump(&'static str),
+    /// `queue flags bypass to N`: the packet is held in NFQUEUE `N` until
+    /// a process gives its verdict; with none bound to the queue, it is
+    /// accepted (and goes on to the hook's next base chain).
+    Queue(u16),
+    /// `log group N`: a copy to nfnetlink_log group `N`. Not a verdict: the
+    /// packet goes on to the next rule.
+    Log(u16),
 }
 
 /// One rule.
@@ -177,6 +237,8 @@ pub struct Ruleset {
     pub interface: String,
     /// The orgs in `same_org48`, with the name its element comment shows.
     pub orgs: BTreeMap<OrgPrefix, String>,
+    /// The handshake capture, if any (its chain is among `chains`).
+    pub capture: Option<Capture>,
     /// The chains, in the order they are created and listed.
     pub chains: Vec<Chain>,
 }
@@ -186,8 +248,14 @@ fn six() -> Cond {
 }
 
 impl Ruleset {
-    /// The ruleset for `interface` with `orgs` in the set.
-    pub fn new(interface: &str, orgs: BTreeMap<OrgPrefix, String>) -> Self {
+    /// The ruleset for `interface` with `orgs` in the set and, with a
+    /// `capture`, the base chain that hands handshake initiations to the
+    /// daemon.
+    pub fn new(
+        interface: &str,
+        orgs: BTreeMap<OrgPrefix, String>,
+        capture: Option<Capture>,
+    ) -> Self {
         let iface = interface.to_owned();
         let rule = |conds, counter, verdict, comment: &str| Rule {
             conds,
@@ -280,10 +348,15 @@ impl Ruleset {
                 drop_in(vec![], "any other port on the gateway"),
             ],
         };
+        let mut chains = vec![forward, input, org_input];
+        if let Some(c) = capture {
+            chains.push(capture_chain(c));
+        }
         let mut rs = Self {
             interface: iface,
             orgs: BTreeMap::new(),
-            chains: vec![forward, input, org_input],
+            capture,
+            chains,
         };
         // The first rule's comment carries a fingerprint of the static part
         // (chains, rules, counters, set type): an observer can tell from the
@@ -329,6 +402,40 @@ impl Ruleset {
                 .map(|(p, n)| (element_key(*p), Some(n.clone())))
                 .collect(),
         }
+    }
+}
+
+/// The capture chain: one rule that matches exactly a WireGuard handshake
+/// initiation to the listen port (a 148-byte message of type 1) and hands
+/// it to the daemon. Listed after the isolation chains (so a table without
+/// a capture is unchanged), it runs before `input` by its priority.
+fn capture_chain(c: Capture) -> Chain {
+    let (verdict, comment) = match c.mode {
+        CaptureMode::Queue { num } => (
+            Verdict::Queue(num),
+            "WireGuard handshake initiations: held for the daemon (passed on without it)",
+        ),
+        CaptureMode::Log { group } => (
+            Verdict::Log(group),
+            "WireGuard handshake initiations: a copy to the daemon",
+        ),
+    };
+    Chain {
+        name: CAPTURE_CHAIN,
+        base: Some(Base {
+            hook: Hook::Input,
+            priority: CAPTURE_PRIORITY,
+        }),
+        rules: vec![Rule {
+            conds: vec![
+                Cond::UdpDport(c.listen_port),
+                Cond::UdpLength(UDP_HEADER_LEN + WG_INITIATION_LEN),
+                Cond::UdpHead(WG_INITIATION_HEAD),
+            ],
+            counter: None,
+            verdict,
+            comment: comment.to_owned(),
+        }],
     }
 }
 

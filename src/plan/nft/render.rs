@@ -49,11 +49,14 @@ impl Ruleset {
     }
 }
 
+/// nft names a priority after `filter` (0) only within 10 of it: `filter -
+/// 10`, but `-11`.
 fn text_priority(p: i32) -> String {
     match p {
         0 => "filter".into(),
-        p if p < 0 => format!("filter - {}", -p),
-        p => format!("filter + {p}"),
+        -10..=-1 => format!("filter - {}", -p),
+        1..=10 => format!("filter + {p}"),
+        p => p.to_string(),
     }
 }
 
@@ -75,6 +78,8 @@ impl Cond {
                 )
             }
             Cond::UdpDport(p) => format!("udp dport {p}"),
+            Cond::UdpLength(n) => format!("udp length {n}"),
+            Cond::UdpHead(v) => format!("@th,64,32 {v:#x}"),
             Cond::TcpDport(p) => format!("tcp dport {p}"),
             Cond::Icmpv6 => "meta l4proto ipv6-icmp".into(),
             Cond::LaterFragment => "frag frag-off != 0".into(),
@@ -96,6 +101,8 @@ impl Rule {
             Verdict::Accept => "accept".into(),
             Verdict::Drop => "drop".into(),
             Verdict::Jump(t) => format!("jump {t}"),
+            Verdict::Queue(n) => format!("queue flags bypass to {n}"),
+            Verdict::Log(g) => format!("log group {g}"),
         });
         parts.push(format!("comment \"{}\"", self.comment));
         parts.join(" ")

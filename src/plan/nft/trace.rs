@@ -4,8 +4,8 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use super::{
-    element_key, Chain, Cond, Hook, Ruleset, Verdict, HOST_MASK, ICMPV6_NEIGHBOR_ADVERT,
-    ICMPV6_NEIGHBOR_SOLICIT, ORG_MASK,
+    element_key, CaptureMode, Chain, Cond, Hook, Ruleset, Verdict, HOST_MASK,
+    ICMPV6_NEIGHBOR_ADVERT, ICMPV6_NEIGHBOR_SOLICIT, ORG_MASK, UDP_HEADER_LEN,
 };
 
 /// A packet for the tracer: what nftables would see at the hook.
@@ -26,14 +26,49 @@ pub struct Packet {
 /// A packet's transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum L4 {
-    /// UDP to this port.
+    /// UDP to this port (length and payload unknown: no `udp length` or
+    /// payload match holds for it).
     Udp(u16),
+    /// A UDP datagram with what the capture rule looks at.
+    UdpDatagram {
+        /// The destination port.
+        dport: u16,
+        /// The UDP header's length field (header included).
+        length: u16,
+        /// The first 32 bits of the payload, big-endian (zero-padded when
+        /// shorter).
+        head: u32,
+    },
     /// TCP to this port.
     Tcp(u16),
     /// ICMPv6 of this type.
     Icmpv6(u8),
     /// A fragment after the first (no transport header in it).
     LaterFragment,
+}
+
+impl L4 {
+    /// A UDP datagram to `dport` carrying `payload`.
+    pub fn udp_payload(dport: u16, payload: &[u8]) -> Self {
+        let mut head = [0u8; 4];
+        let n = payload.len().min(4);
+        head[..n].copy_from_slice(&payload[..n]);
+        let length = u16::try_from(payload.len())
+            .unwrap_or(u16::MAX)
+            .saturating_add(UDP_HEADER_LEN);
+        L4::UdpDatagram {
+            dport,
+            length,
+            head: u32::from_be_bytes(head),
+        }
+    }
+
+    fn udp_dport(self) -> Option<u16> {
+        match self {
+            L4::Udp(p) | L4::UdpDatagram { dport: p, .. } => Some(p),
+            _ => None,
+        }
+    }
 }
 
 /// A packet's fate.
@@ -54,24 +89,53 @@ pub struct Trace {
     pub rule: Option<(&'static str, usize)>,
     /// The named counter the deciding rule incremented.
     pub counter: Option<&'static str>,
+    /// The capture the packet met on the way: queued (the daemon accepted
+    /// it, or no daemon was there, and it went on) or logged.
+    pub captured: Option<CaptureMode>,
 }
 
 impl Ruleset {
-    /// Walks `pkt` through the base chain on `hook`, as the kernel would.
+    /// Walks `pkt` through the base chains on `hook` in priority order, as
+    /// the kernel would: a drop ends it, an accept (by a rule or the policy)
+    /// goes on to the next base chain. `rule` and `counter` are those of the
+    /// last chain's verdict. A queued packet is taken as accepted by the
+    /// daemon.
     pub fn trace(&self, hook: Hook, pkt: &Packet) -> Trace {
-        let base = self
+        let mut bases: Vec<(&Chain, i32)> = self
             .chains
             .iter()
-            .find(|c| c.base.is_some_and(|b| b.hook == hook))
-            .expect("every hook we trace has a base chain");
-        self.walk(base, pkt, 0).unwrap_or(Trace {
-            decision: Decision::Accept,
-            rule: None,
-            counter: None,
-        })
+            .filter_map(|c| c.base.filter(|b| b.hook == hook).map(|b| (c, b.priority)))
+            .collect();
+        assert!(!bases.is_empty(), "every hook we trace has a base chain");
+        bases.sort_by_key(|(_, prio)| *prio);
+        let mut captured = None;
+        let mut last = None;
+        for (chain, _) in bases {
+            let t = self.walk(chain, pkt, 0, &mut captured);
+            let dropped = t.as_ref().is_some_and(|t| t.decision == Decision::Drop);
+            last = t;
+            if dropped {
+                break;
+            }
+        }
+        let (decision, rule, counter) = last.map_or((Decision::Accept, None, None), |t| {
+            (t.decision, t.rule, t.counter)
+        });
+        Trace {
+            decision,
+            rule,
+            counter,
+            captured,
+        }
     }
 
-    fn walk(&self, chain: &Chain, pkt: &Packet, depth: usize) -> Option<Trace> {
+    fn walk(
+        &self,
+        chain: &Chain,
+        pkt: &Packet,
+        depth: usize,
+        captured: &mut Option<CaptureMode>,
+    ) -> Option<Trace> {
         assert!(depth < 8, "jump loop in the ruleset");
         for (i, r) in chain.rules.iter().enumerate() {
             if !r.conds.iter().all(|c| self.holds(c, pkt)) {
@@ -81,16 +145,22 @@ impl Ruleset {
                 decision,
                 rule: Some((chain.name, i)),
                 counter: r.counter,
+                captured: None,
             };
             match r.verdict {
                 Verdict::Accept => return Some(decided(Decision::Accept)),
                 Verdict::Drop => return Some(decided(Decision::Drop)),
                 Verdict::Jump(target) => {
                     let next = self.chain(target).expect("jump target exists");
-                    if let Some(t) = self.walk(next, pkt, depth + 1) {
+                    if let Some(t) = self.walk(next, pkt, depth + 1, captured) {
                         return Some(t);
                     }
                 }
+                Verdict::Queue(num) => {
+                    *captured = Some(CaptureMode::Queue { num });
+                    return Some(decided(Decision::Accept));
+                }
+                Verdict::Log(group) => *captured = Some(CaptureMode::Log { group }),
             }
         }
         None
@@ -117,7 +187,9 @@ impl Ruleset {
             Cond::DaddrHost(host, want) => {
                 v6.is_some_and(|(_, d)| (mask(d, HOST_MASK) == *host) == *want)
             }
-            Cond::UdpDport(p) => pkt.l4 == L4::Udp(*p),
+            Cond::UdpDport(p) => pkt.l4.udp_dport() == Some(*p),
+            Cond::UdpLength(n) => matches!(pkt.l4, L4::UdpDatagram { length, .. } if length == *n),
+            Cond::UdpHead(v) => matches!(pkt.l4, L4::UdpDatagram { head, .. } if head == *v),
             Cond::TcpDport(p) => pkt.l4 == L4::Tcp(*p),
             Cond::Icmpv6 => v6.is_some() && matches!(pkt.l4, L4::Icmpv6(_)),
             Cond::LaterFragment => v6.is_some() && pkt.l4 == L4::LaterFragment,
