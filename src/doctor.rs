@@ -321,17 +321,54 @@ fn isolation(config: &Config) -> Check {
             .fix("the daemon installs it at start and restores it within a second: check its log"),
             Err(e) => return check(name, Status::Fail, format!("cannot run nft: {e}")),
         };
-    let want = nft::Ruleset::new(config.gateway.interface.as_str(), Default::default(), None);
+    // Just in time, the table also captures initiations: held (queue) or
+    // copied (log), whichever the daemon found the kernel can do.
+    let g = &config.gateway;
+    let captures: Vec<(Option<nft::Capture>, &str)> = match g.peers {
+        crate::config::PeerMode::All => vec![(None, "")],
+        crate::config::PeerMode::Jit => [
+            (
+                nft::CaptureMode::Queue {
+                    num: g.capture_queue,
+                },
+                "; initiations of peers not installed held (nft queue)",
+            ),
+            (
+                nft::CaptureMode::Log {
+                    group: g.capture_queue,
+                },
+                "; initiations of peers not installed copied (nft log)",
+            ),
+        ]
+        .into_iter()
+        .map(|(mode, says)| {
+            (
+                Some(nft::Capture {
+                    listen_port: g.listen_port,
+                    mode,
+                }),
+                says,
+            )
+        })
+        .collect(),
+    };
+    let matching = |t: &nft::ObservedTable| {
+        captures.iter().find_map(|(c, says)| {
+            let want = nft::Ruleset::new(g.interface.as_str(), Default::default(), *c);
+            t.skeleton_matches(&want).then_some(*says)
+        })
+    };
     match crate::dataplane::nft_codec::parse_listing(&json) {
-        Ok(t) if t.skeleton_matches(&want) => check(
+        Ok(t) if matching(&t).is_some() => check(
             name,
             Status::Ok,
             format!(
-                "table inet sixpn: {} orgs in {}; dropped so far: {} forwarded, {} to the gateway",
+                "table inet sixpn: {} orgs in {}; dropped so far: {} forwarded, {} to the gateway{}",
                 t.elements.len(),
                 nft::SET,
                 crate::dataplane::nft_codec::counter_packets(&json, nft::FORWARD_DROPPED).unwrap_or(0),
                 crate::dataplane::nft_codec::counter_packets(&json, nft::INPUT_DROPPED).unwrap_or(0),
+                matching(&t).unwrap_or_default(),
             ),
         ),
         Ok(_) => check(

@@ -340,6 +340,31 @@ pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<
     let ((wg, nl, fw), mut port_in_use) = linux_dataplane(&config)?;
     tracing::info!(backend = wg.backend_name(), interface = %config.gateway.interface,
         "WireGuard backend chosen");
+    // Just-in-time peers: the capture socket is bound before the rule that
+    // feeds it goes in (a queue rule's `bypass` covers the moment between).
+    let jit = config.gateway.peers == crate::config::PeerMode::Jit;
+    let capture = match jit {
+        true => Some(choose_capture(&config, fw.as_ref()).await?),
+        false => None,
+    };
+    let source = match capture {
+        Some(c) => Some(crate::jit::Source::bind(c.mode)?),
+        None => None,
+    };
+    let responder = crate::jit::noise::Responder::new(&key);
+    if let (false, Some(cap)) = (jit, wg.max_peers()) {
+        let snap = store.snapshot().await?;
+        let here = snap.peers.iter().filter(|p| p.gateway == me.name).count();
+        if here > cap {
+            return Err(GatewayError::Other(format!(
+                "{here} peers are registered on gateway '{}', more than {} holds ({cap}): use \
+                 the kernel module (backend = \"kernel\") or peers = \"jit\", which installs \
+                 only the active ones",
+                me.name,
+                wg.backend_name()
+            )));
+        }
+    }
 
     let reconciler = Reconciler::new(
         wg,
@@ -355,12 +380,10 @@ pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<
                 host_id: config.gateway.host_id,
             },
             private_key: key,
-            jit: (config.gateway.peers == crate::config::PeerMode::Jit).then(|| {
-                crate::reconcile::JitSettings {
-                    idle_evict: config.gateway.idle_evict.duration(),
-                }
+            jit: jit.then(|| crate::reconcile::JitSettings {
+                idle_evict: config.gateway.idle_evict.duration(),
             }),
-            capture: None,
+            capture,
         },
     );
     // DNS follows the snapshots the reconciler works from: the zone and the
@@ -372,13 +395,25 @@ pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<
         me.region.clone(),
         upstreams,
     ));
+    let capture = match (source, reconciler.admitter()) {
+        (Some(source), Some(admitter)) => Some(crate::jit::Capture::new(
+            source,
+            responder,
+            admitter,
+            reconciler.installed(),
+            config.gateway.listen_port,
+        )),
+        _ => None,
+    };
+    let mut metrics = vec![reconciler.metrics(), dns.metrics()];
+    metrics.extend(capture.as_ref().map(crate::jit::Capture::metrics));
     let state = Arc::new(ApiState {
         store: store.clone(),
         gateway: me.name.clone(),
         region: me.region.clone(),
         admin_token_sha256,
         dataplane: Some(reconciler.view()),
-        metrics: vec![reconciler.metrics(), dns.metrics()],
+        metrics,
     });
     let router = server::router(state);
 
@@ -398,6 +433,7 @@ pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<
         stop_rx.clone(),
     ));
     let reconcile_task = tokio::spawn(reconciler.run(stop_rx.clone()));
+    let capture_task = capture.map(|c| tokio::spawn(c.run(stop_rx.clone())));
     // Only once the dataplane is up (a pass has put the interface in place)
     // is this gateway one that new peers may be placed on: a daemon whose
     // dataplane fails is never chosen. The API waits for that, briefly.
@@ -492,6 +528,9 @@ pub async fn run(config: Config, config_path: &Path, take_over: bool) -> Result<
     })
     .await;
     let _ = reconcile_task.await;
+    if let Some(t) = capture_task {
+        let _ = t.await;
+    }
     let _ = dns_task.await;
     // After the last writer: the store's files are whole on their own.
     if let Err(e) = store.close().await {
@@ -576,6 +615,58 @@ type PortInUse = tokio::sync::watch::Receiver<Option<KernelError>>;
 
 /// The Linux adapters for the configured interface and backend, all in the
 /// daemon's network namespace (nftables events are per namespace too).
+/// How this gateway captures initiations in jit mode: held in a queue
+/// where the kernel has nft's `queue` expression (or copied where it
+/// hasn't, with `capture = "auto"`), said in one line at start.
+async fn choose_capture(
+    config: &Config,
+    fw: &dyn crate::dataplane::Firewall,
+) -> Result<crate::plan::nft::Capture, GatewayError> {
+    use crate::config::CaptureKind;
+    use crate::plan::nft::{Capture, CaptureMode};
+    let g = &config.gateway;
+    let queue_ok = match g.capture {
+        CaptureKind::Log => false,
+        CaptureKind::Queue | CaptureKind::Auto => fw.queue_supported().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "could not tell whether nft has its queue expression; \
+                copying initiations instead");
+            false
+        }),
+    };
+    let mode = match (g.capture, queue_ok) {
+        (CaptureKind::Queue, false) => {
+            return Err(GatewayError::Other(
+                "gateway.capture = \"queue\" but this kernel has no nft queue expression \
+                 (CONFIG_NFT_QUEUE): use capture = \"log\" (the client's retry completes the \
+                 first handshake) or \"auto\""
+                    .into(),
+            ))
+        }
+        (_, true) => CaptureMode::Queue {
+            num: g.capture_queue,
+        },
+        (_, false) => CaptureMode::Log {
+            group: g.capture_queue,
+        },
+    };
+    match mode {
+        CaptureMode::Queue { num } => {
+            tracing::info!(queue = num, idle_evict = ?g.idle_evict.duration(),
+            "just-in-time peers: initiations of peers not installed are held until they are \
+             (nft queue)")
+        }
+        CaptureMode::Log { group } => {
+            tracing::info!(log_group = group, idle_evict = ?g.idle_evict.duration(),
+            "just-in-time peers: initiations of peers not installed are copied (nft log; no queue \
+             expression here), the client's retry completes the first handshake")
+        }
+    }
+    Ok(Capture {
+        listen_port: g.listen_port,
+        mode,
+    })
+}
+
 fn linux_dataplane(config: &Config) -> Result<(Adapters, PortInUse), GatewayError> {
     let wg = crate::dataplane::linux::LinuxWg::new(
         config.gateway.interface.clone(),

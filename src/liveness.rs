@@ -291,6 +291,11 @@ pub trait DataplaneView: Send + Sync {
     fn on_demand(&self) -> bool {
         false
     }
+    /// The most peers this gateway can install, when every registered peer
+    /// is installed and the backend has a cap (wireguard-go's).
+    fn peer_cap(&self) -> Option<usize> {
+        None
+    }
     /// Just in time: when the peer with `key` was evicted for idleness.
     fn evicted(&self, _key: &PublicKey) -> Option<u64> {
         None

@@ -522,6 +522,25 @@ async fn create_peer(
             public_key: req.public_key,
         })
         .await?;
+    // A backend with a cap (wireguard-go, every peer installed) can't take
+    // one more: say so now rather than leave the peer pending for ever.
+    if let Some(dp) = st.dataplane.as_ref().filter(|_| peer.gateway == st.gateway) {
+        if let Some(cap) = dp
+            .peer_cap()
+            .filter(|cap| dp.health().registered_peers >= *cap)
+        {
+            st.store.remove_peer(&org, &peer.name).await?;
+            return Err(ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!(
+                    "gateway '{}' holds {cap} peers, as many as {} can: use the kernel module \
+                     (backend = \"kernel\") or peers = \"jit\" on it",
+                    st.gateway,
+                    dp.health().backend
+                ),
+            ));
+        }
+    }
     let prefix = crate::model::OrgPrefix::of(peer.net.network())
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "peer outside 6PN"))?;
     tracing::info!(org = %org, peer = %peer.name, gateway = %peer.gateway,

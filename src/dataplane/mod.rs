@@ -93,7 +93,16 @@ pub trait WgDevice: Send + Sync {
 
     /// Which implementation runs ("kernel" or "userspace (wireguard-go)").
     fn backend_name(&self) -> &'static str;
+    /// The most peers the backend can hold, if it has a limit (wireguard-go
+    /// refuses any past [`WIREGUARD_GO_MAX_PEERS`]).
+    fn max_peers(&self) -> Option<usize> {
+        None
+    }
 }
+
+/// wireguard-go's own cap on peers per device (`MaxPeers` in its source);
+/// past it every peer added is refused with "too many peers".
+pub const WIREGUARD_GO_MAX_PEERS: usize = 1 << 16;
 
 /// Something changed on a link, address or route the reconciler may own;
 /// or events were lost (overrun) and a full look is needed.

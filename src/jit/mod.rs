@@ -5,4 +5,7 @@
 //! kernel lacks nft's `queue`), its initiator recovered ([`noise`]), the peer
 //! installed, and the held packet released.
 
+pub mod capture;
 pub mod noise;
+
+pub use capture::{Capture, Source};

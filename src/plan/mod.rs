@@ -447,6 +447,30 @@ pub fn plan_touched(
     p
 }
 
+/// Keeps `plan` within a backend's cap of `cap` peers on `device`: drops
+/// the additions of new peers that wouldn't fit (changes to peers already
+/// there stay). Returns how many were dropped.
+pub fn cap_new_peers(plan: &mut Plan, device: &DeviceState, cap: usize) -> usize {
+    let leaving = plan
+        .remove_peers
+        .iter()
+        .filter(|k| device.peers.contains_key(*k))
+        .count();
+    let mut room = cap.saturating_sub(device.peers.len().saturating_sub(leaving));
+    let before = plan.upsert_peers.len();
+    plan.upsert_peers.retain(|u| {
+        if device.peers.contains_key(&u.public_key) {
+            true
+        } else if room > 0 {
+            room -= 1;
+            true
+        } else {
+            false
+        }
+    });
+    before - plan.upsert_peers.len()
+}
+
 /// What `observed` becomes once `plan` has been applied in full: the
 /// reconciler uses it to keep its cache without re-reading the kernel.
 pub fn apply_to(observed: &mut Observed, plan: &Plan, me: &Identity) {
@@ -908,6 +932,51 @@ mod tests {
                 prop_assert!(plan(Some(&full), &observed, &me).is_empty());
             }
         }
+    }
+
+    #[test]
+    fn a_capped_backend_gets_no_more_new_peers_than_it_holds() {
+        let me = me();
+        let keys: Vec<PublicKey> = (0..5).map(|_| key()).collect();
+        let mut device = DeviceState::default();
+        device.peers.insert(
+            keys[0],
+            ObservedPeer {
+                allowed_ips: vec![],
+                endpoint: None,
+                last_handshake: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+            },
+        );
+        let net: PeerNet = "fdaa:0:1:a7b:d6b:0:a:100/120".parse().unwrap();
+        let mut p = Plan {
+            upsert_peers: keys
+                .iter()
+                .map(|k| PeerUpsert {
+                    public_key: *k,
+                    net,
+                })
+                .collect(),
+            ..Plan::default()
+        };
+        assert_eq!(cap_new_peers(&mut p, &device, 3), 2);
+        assert_eq!(p.upsert_peers.len(), 3, "the one there and two new");
+        assert_eq!(p.upsert_peers[0].public_key, keys[0]);
+        let mut p2 = Plan {
+            upsert_peers: vec![PeerUpsert {
+                public_key: keys[1],
+                net,
+            }],
+            remove_peers: vec![keys[0]],
+            ..Plan::default()
+        };
+        assert_eq!(
+            cap_new_peers(&mut p2, &device, 1),
+            0,
+            "a removal makes room"
+        );
+        let _ = me;
     }
 
     #[test]

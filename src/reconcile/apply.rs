@@ -157,7 +157,8 @@ impl Reconciler {
         self.firewall(desired, false, true, Some(&touched.orgs))
             .await?;
         let me = self.settings.identity;
-        let plan = plan::plan_touched(want, &self.cache, &me, touched);
+        let mut plan = plan::plan_touched(want, &self.cache, &me, touched);
+        self.cap(&mut plan);
         if plan.create_interface {
             // The cache has lost the interface: not a case to follow.
             return self.observe_plan_apply(Need::ALL, true, desired).await;
@@ -168,6 +169,29 @@ impl Reconciler {
             Ok(())
         } else {
             Err(errors)
+        }
+    }
+
+    /// Keeps the plan within the backend's peer cap (wireguard-go's): the
+    /// peers that don't fit are not tried (they would be refused on every
+    /// retry) and stay missing, so the gateway never reports in sync; one
+    /// error line says so whenever the shortfall changes.
+    fn cap(&mut self, plan: &mut Plan) {
+        let (Some(cap), Some(device)) = (self.wg.max_peers(), self.cache.device.as_ref()) else {
+            return;
+        };
+        let dropped = plan::cap_new_peers(plan, device, cap);
+        if dropped != self.over_cap {
+            self.over_cap = dropped;
+            if dropped > 0 {
+                tracing::error!(
+                    left_out = dropped,
+                    cap,
+                    backend = self.wg.backend_name(),
+                    "more peers registered here than the backend holds: use the kernel module \
+                     (backend = \"kernel\") or peers = \"jit\""
+                );
+            }
         }
     }
 
@@ -223,6 +247,7 @@ impl Reconciler {
                 )]);
             }
         }
+        self.cap(&mut plan);
         let errors = self.apply_and_count(&plan, desired, store_changed).await;
         // Also after a partial failure: the peers that did go in are live,
         // and the API is waiting for them.
@@ -292,15 +317,32 @@ impl Reconciler {
                 Ok(()) => {
                     done.upsert_peers.clone_from(&plan.upsert_peers);
                     done.remove_peers.clone_from(&plan.remove_peers);
+                    // A bulk change is one line; each peer at debug.
+                    let (ups, rms) = (plan.upsert_peers.len(), plan.remove_peers.len());
+                    let each = ups + rms <= 8;
                     for u in &plan.upsert_peers {
                         match desired.and_then(|d| d.installed.get(&u.public_key)) {
-                            Some(p) => info!(org = %p.org, peer = %p.name, net = %u.net,
+                            Some(p) if each => info!(org = %p.org, peer = %p.name, net = %u.net,
                                 "peer installed"),
-                            None => info!(key = %u.public_key, net = %u.net, "peer installed"),
+                            Some(p) => tracing::debug!(org = %p.org, peer = %p.name, net = %u.net,
+                                "peer installed"),
+                            None if each => {
+                                info!(key = %u.public_key, net = %u.net, "peer installed")
+                            }
+                            None => {
+                                tracing::debug!(key = %u.public_key, net = %u.net, "peer installed")
+                            }
                         }
                     }
                     for k in &plan.remove_peers {
-                        info!(key = %k, "peer removed");
+                        if each {
+                            info!(key = %k, "peer removed");
+                        } else {
+                            tracing::debug!(key = %k, "peer removed");
+                        }
+                    }
+                    if !each {
+                        info!(installed = ups, removed = rms, "peers updated");
                     }
                 }
                 Err(e) => errors.push(e),

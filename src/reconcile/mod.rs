@@ -104,6 +104,8 @@ pub struct Reconciler {
     counters: Arc<Counters>,
     /// Just-in-time peers: the admissions and the requests for more.
     jit: Option<JitState>,
+    /// Registered peers left out for the backend's cap, as last said.
+    over_cap: usize,
 }
 
 impl Reconciler {
@@ -123,6 +125,7 @@ impl Reconciler {
             store,
             settings,
             jit,
+            over_cap: 0,
             snapshot: None,
             desired: None,
             in_sync: false,

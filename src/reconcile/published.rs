@@ -202,6 +202,10 @@ impl DataplaneView for View {
         self.jit.is_some()
     }
 
+    fn peer_cap(&self) -> Option<usize> {
+        self.wg.max_peers().filter(|_| self.jit.is_none())
+    }
+
     fn evicted(&self, key: &PublicKey) -> Option<u64> {
         let book = self.jit.as_ref()?.lock().ok()?;
         unix(*book.evicted.get(key)?)

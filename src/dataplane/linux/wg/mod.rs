@@ -310,6 +310,13 @@ impl WgDevice for LinuxWg {
             Resolved::Userspace { .. } => USERSPACE_NAME,
         }
     }
+
+    fn max_peers(&self) -> Option<usize> {
+        match self.backend {
+            Resolved::Kernel => None,
+            Resolved::Userspace { .. } => Some(crate::dataplane::WIREGUARD_GO_MAX_PEERS),
+        }
+    }
 }
 
 /// Runs blocking wireguard-control work on tokio's blocking pool.

@@ -1,0 +1,196 @@
+//! Just-in-time peers through real tunnels (docs/architecture.md "Just-in-time
+//! peers"): a gateway with `peers = "jit"` holds no peer until its
+//! handshake, installs exactly the one that initiates, evicts it when idle
+//! and installs it again on its next handshake; a restart keeps it.
+//!
+//! Here (wireguard-go, a kernel without nft's `queue`) initiations are
+//! copied, so the client's own retry (about 5 s) completes the first
+//! handshake; in the real-kernel VM (`SIXPN_TEST_BACKEND=kernel`) they are
+//! held, so the first one completes and exactly one is sent.
+
+#[macro_use]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{backend, scaled, wait_for, ClientConf, RunningTopology, Topology};
+
+/// A table of the test's own that counts WireGuard handshake initiations
+/// reaching the gateway, ahead of sixpn's capture.
+const COUNTER: &str = "table inet sxcount {
+  chain seen {
+    type filter hook input priority -20; policy accept;
+    udp dport 51820 udp length 156 @th,64,32 0x1000000 counter
+  }
+}";
+
+fn initiations(t: &RunningTopology) -> u64 {
+    let out = t
+        .gw_ns
+        .run_ok(&["nft", "list", "chain", "inet", "sxcount", "seen"]);
+    out.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {out}"))
+}
+
+fn gateway_peers(t: &RunningTopology) -> Vec<String> {
+    t.gw_ns
+        .run_ok(&["wg", "show", &t.gw.interface, "peers"])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn metric(t: &RunningTopology, line_start: &str) -> Option<f64> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = sixpn::api::client::Client::new(t.gw.api(), None).unwrap();
+    let (_, body) = rt
+        .block_on(client.raw(hyper::Method::GET, "/metrics", Vec::new()))
+        .unwrap();
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn held() -> bool {
+    backend() == "kernel"
+}
+
+fn ping(t: &RunningTopology, client: &str, to: &str, wait_s: u32) -> bool {
+    t.client(client)
+        .ns
+        .run(&["ping", "-6", "-c", "1", "-W", &wait_s.to_string(), to])
+        .status
+        .success()
+}
+
+#[test]
+fn a_jit_gateway_installs_a_peer_on_its_first_handshake_evicts_it_idle_and_keeps_it_over_a_restart()
+{
+    require_root!();
+    require_tools!("ip", "wg", "nft", "wireguard-go", "ping");
+    let mut t = Topology::new()
+        .gateway(|g| {
+            g.gateway_toml("peers = \"jit\"")
+                .gateway_toml("idle_evict = \"6s\"")
+        })
+        .org("acme")
+        .instance("acme", "web")
+        .start();
+    common::run_with_input(t.gw_ns.cmd("nft").args(["-f", "-"]), COUNTER);
+    let log = t.gw.log();
+    let mode = if held() {
+        "held until they are"
+    } else {
+        "copied"
+    };
+    assert!(
+        log.contains(mode),
+        "the start says how initiations are captured:\n{log}"
+    );
+
+    // A registered peer that never connected is not in the kernel.
+    t.gw.cli_ok(&["wireguard", "create", "acme", "lhr", "idle-one", "stdout"]);
+    assert!(gateway_peers(&t).is_empty(), "nothing installed at create");
+
+    // The client's tunnel comes up (its keepalive initiates at once).
+    let web = t.instance("acme", "web").addr.to_string();
+    let t0 = Instant::now();
+    t.add_client("acme", "laptop", ClientConf::AsCreated);
+    let first = wait_for(scaled(Duration::from_secs(12)), || {
+        ping(&t, "laptop", &web, 1).then_some(())
+    });
+    let took = t0.elapsed();
+    assert!(
+        first.is_some(),
+        "no ping through the tunnel:\n{}",
+        t.gw.log()
+    );
+    let sent = initiations(&t);
+    eprintln!("first ping answered {took:?} after the tunnel came up; {sent} initiation(s) sent");
+    if held() {
+        assert!(
+            took < scaled(Duration::from_secs(2)),
+            "held: answered in {took:?}"
+        );
+        assert_eq!(
+            sent, 1,
+            "held: the first initiation completes the handshake"
+        );
+    } else {
+        assert!(
+            took < scaled(Duration::from_secs(9)),
+            "copied: answered in {took:?}"
+        );
+        assert!(sent >= 1);
+    }
+    let peers = gateway_peers(&t);
+    assert_eq!(peers.len(), 1, "exactly the active peer: {peers:?}");
+    assert_eq!(
+        metric(&t, "sixpn_jit_initiations_total{outcome=\"installed\"}"),
+        Some(1.0),
+        "one install"
+    );
+    assert_eq!(metric(&t, "sixpn_peers_registered "), Some(2.0));
+    assert_eq!(metric(&t, "sixpn_peers_installed "), Some(1.0));
+    let status = t.gw.cli_ok(&["wireguard", "status", "acme", "laptop"]);
+    assert!(status.contains("by handshake"), "{status}");
+    let status = t.gw.cli_ok(&["wireguard", "status", "acme", "idle-one"]);
+    assert!(status.contains("Registered"), "{status}");
+
+    // A restart keeps the active peer: nothing removed, nothing re-added,
+    // pings go on.
+    t.gw.restart();
+    assert_eq!(gateway_peers(&t), peers, "kept over the restart");
+    assert!(ping(&t, "laptop", &web, 2), "pings flow after the restart");
+    let log = t.gw.log();
+    let after_restart = log.rsplit("WireGuard backend chosen").next().unwrap_or("");
+    assert!(
+        !after_restart.contains("peer removed"),
+        "nothing removed at the restart:\n{after_restart}"
+    );
+    assert_eq!(
+        metric(&t, "sixpn_jit_initiations_total{outcome=\"installed\"}"),
+        Some(0.0),
+        "nothing re-installed"
+    );
+
+    // The laptop closes: idle for idle_evict, it leaves the kernel (not the
+    // store) with its route.
+    let client = t.client("laptop");
+    common::wg_quick(
+        &client.ns,
+        &t.script,
+        &["down", client.conf.to_str().unwrap()],
+    );
+    let evicted = wait_for(scaled(Duration::from_secs(30)), || {
+        gateway_peers(&t).is_empty().then_some(())
+    });
+    assert!(evicted.is_some(), "not evicted:\n{}", t.gw.log());
+    let status = t.gw.cli_ok(&["wireguard", "status", "acme", "laptop"]);
+    assert!(status.contains("evicted"), "{status}");
+    let routes = t
+        .gw_ns
+        .run_ok(&["ip", "-6", "route", "show", "dev", &t.gw.interface]);
+    assert!(!routes.contains("/120"), "its route went with it: {routes}");
+
+    // It opens again: the next handshake installs it again.
+    let client = t.client("laptop");
+    common::wg_quick(
+        &client.ns,
+        &t.script,
+        &["up", client.conf.to_str().unwrap()],
+    );
+    let back = wait_for(scaled(Duration::from_secs(15)), || {
+        ping(&t, "laptop", &web, 1).then_some(())
+    });
+    assert!(back.is_some(), "not installed again:\n{}", t.gw.log());
+    assert_eq!(gateway_peers(&t).len(), 1);
+}
