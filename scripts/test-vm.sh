@@ -15,9 +15,10 @@ cargo build --locked --quiet
 lib=$(exe --lib)
 dataplane=$(exe --test dataplane)
 isolation=$(exe --test isolation)
-[ -x "$lib" ] && [ -x "$dataplane" ] && [ -x "$isolation" ] || { echo "test-vm: cannot find the test binaries" >&2; exit 1; }
+jit=$(exe --test jit)
+[ -x "$lib" ] && [ -x "$dataplane" ] && [ -x "$isolation" ] && [ -x "$jit" ] || { echo "test-vm: cannot find the test binaries" >&2; exit 1; }
 
-echo "== real kernel (virtme-ng): kernel adapters, the dataplane and isolation tests, backend = kernel"
+echo "== real kernel (virtme-ng): kernel adapters, the dataplane, isolation and just-in-time tests, backend = kernel"
 export SIXPN_TEST_BACKEND=kernel CI=true
 VM_TIMEOUT="${VM_TIMEOUT:-1800}" scripts/vm-run.sh sh -c "
   set -e
@@ -25,4 +26,5 @@ VM_TIMEOUT="${VM_TIMEOUT:-1800}" scripts/vm-run.sh sh -c "
   '$lib' dataplane::linux --test-threads=1
   '$dataplane' --test-threads=1
   '$isolation' --test-threads=1
+  '$jit' --test-threads=1 --nocapture
 "

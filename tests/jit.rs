@@ -79,7 +79,7 @@ fn a_jit_gateway_installs_a_peer_on_its_first_handshake_evicts_it_idle_and_keeps
     let mut t = Topology::new()
         .gateway(|g| {
             g.gateway_toml("peers = \"jit\"")
-                .gateway_toml("idle_evict = \"6s\"")
+                .gateway_toml("idle_evict = \"30s\"")
         })
         .org("acme")
         .instance("acme", "web")
@@ -102,8 +102,8 @@ fn a_jit_gateway_installs_a_peer_on_its_first_handshake_evicts_it_idle_and_keeps
 
     // The client's tunnel comes up (its keepalive initiates at once).
     let web = t.instance("acme", "web").addr.to_string();
-    let t0 = Instant::now();
     t.add_client("acme", "laptop", ClientConf::AsCreated);
+    let t0 = Instant::now();
     let first = wait_for(scaled(Duration::from_secs(12)), || {
         ping(&t, "laptop", &web, 1).then_some(())
     });
@@ -114,7 +114,7 @@ fn a_jit_gateway_installs_a_peer_on_its_first_handshake_evicts_it_idle_and_keeps
         t.gw.log()
     );
     let sent = initiations(&t);
-    eprintln!("first ping answered {took:?} after the tunnel came up; {sent} initiation(s) sent");
+    eprintln!("first ping answered {took:?} after wg-quick up; {sent} initiation(s) sent");
     if held() {
         assert!(
             took < scaled(Duration::from_secs(2)),
@@ -162,15 +162,16 @@ fn a_jit_gateway_installs_a_peer_on_its_first_handshake_evicts_it_idle_and_keeps
         "nothing re-installed"
     );
 
-    // The laptop closes: idle for idle_evict, it leaves the kernel (not the
-    // store) with its route.
+    // The laptop closes: nothing received (not even its keepalives, every
+    // 15 s) for idle_evict, it leaves the kernel (not the store) with its
+    // route.
     let client = t.client("laptop");
     common::wg_quick(
         &client.ns,
         &t.script,
         &["down", client.conf.to_str().unwrap()],
     );
-    let evicted = wait_for(scaled(Duration::from_secs(30)), || {
+    let evicted = wait_for(scaled(Duration::from_secs(60)), || {
         gateway_peers(&t).is_empty().then_some(())
     });
     assert!(evicted.is_some(), "not evicted:\n{}", t.gw.log());
@@ -193,4 +194,119 @@ fn a_jit_gateway_installs_a_peer_on_its_first_handshake_evicts_it_idle_and_keeps
     });
     assert!(back.is_some(), "not installed again:\n{}", t.gw.log());
     assert_eq!(gateway_peers(&t).len(), 1);
+}
+
+/// CPU seconds (user + system) process `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+#[test]
+fn a_flood_of_initiations_from_strangers_installs_nothing_and_the_known_peer_keeps_its_pings() {
+    require_root!();
+    require_tools!("ip", "wg", "nft", "wireguard-go", "ping");
+    use sixpn::jit::noise;
+    use sixpn::model::PrivateKey;
+
+    let t = Topology::new()
+        .gateway(|g| g.gateway_toml("peers = \"jit\""))
+        .org("acme")
+        .instance("acme", "web")
+        .client("acme", "laptop")
+        .start();
+    let web = t.instance("acme", "web").addr.to_string();
+    let up = wait_for(scaled(Duration::from_secs(12)), || {
+        ping(&t, "laptop", &web, 1).then_some(())
+    });
+    assert!(up.is_some(), "the known peer's tunnel is up:\n{}", t.gw.log());
+
+    // Well-formed initiations from 256 made-up keys, mac1 valid for the
+    // gateway (so each reaches the Diffie-Hellman step), sent from 256
+    // source addresses on the laptop's link.
+    let gateway_key: PrivateKey = t.gw.private_key().parse().unwrap();
+    let gateway_pub = gateway_key.public_key();
+    let messages: Vec<[u8; 148]> = (0..256u32)
+        .map(|i| {
+            let stranger = PrivateKey::generate();
+            let ephemeral: [u8; 32] = rand::random();
+            noise::initiation(&stranger, &gateway_pub, &ephemeral, i, [0; 12])
+        })
+        .collect();
+    let laptop = &t.client("laptop").ns;
+    let link = laptop.run_ok(&["ip", "-6", "-o", "addr", "show", "dev", "to-gw", "scope", "global"]);
+    let own = link
+        .split_whitespace()
+        .find(|w| w.starts_with("fd53:"))
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("no link address in {link}"))
+        .to_owned();
+    let prefix = own.trim_end_matches("::2").to_owned();
+    let batch: String = (0..256)
+        .map(|i| format!("-6 addr add {prefix}::1:{i:x}/64 dev to-gw nodad\n"))
+        .collect();
+    common::run_with_input(laptop.cmd("ip").args(["-batch", "-"]), &batch);
+
+    let pid = t.gw.pid().unwrap();
+    let cpu0 = cpu_seconds(pid);
+    let ns = laptop.name().to_owned();
+    let sources: Vec<String> = (0..256).map(|i| format!("{prefix}::1:{i:x}")).collect();
+    let flood = std::thread::spawn(move || {
+        common::enter_netns(&ns);
+        let socks: Vec<std::net::UdpSocket> = sources
+            .iter()
+            .map(|a| std::net::UdpSocket::bind(format!("[{a}]:0")).unwrap())
+            .collect();
+        let to: std::net::SocketAddr = "[fd53:1::1]:51820".parse().unwrap();
+        let start = Instant::now();
+        let mut sent = 0u64;
+        // 10,000 a second for 10 s, in bursts of 100 every 10 ms.
+        while start.elapsed() < Duration::from_secs(10) {
+            let due = (start.elapsed().as_secs_f64() * 10_000.0) as u64;
+            while sent < due {
+                let i = sent as usize;
+                let _ = socks[i % socks.len()].send_to(&messages[i % messages.len()], to);
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        sent
+    });
+    let pings = t.client("laptop").ns.run(&["ping", "-6", "-c", "100", "-i", "0.1", "-W", "1", &web]);
+    let sent = flood.join().unwrap();
+    let cpu = cpu_seconds(pid) - cpu0;
+    let out = String::from_utf8_lossy(&pings.stdout).into_owned();
+    let loss: f64 = out
+        .split(',')
+        .find(|f| f.contains("packet loss"))
+        .and_then(|f| f.trim().split('%').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no loss figure in {out}"));
+    let outcome = |o: &str| {
+        metric(&t, &format!("sixpn_jit_initiations_total{{outcome=\"{o}\"}}")).unwrap_or(0.0)
+    };
+    eprintln!(
+        "flood: {sent} initiations in 10 s; the daemon used {cpu:.2} CPU-seconds ({:.0}% of a core); \
+         known peer's ping loss {loss}%; outcomes: installed {} unknown {} invalid {} limited {} \
+         unjudged {}",
+        cpu * 10.0,
+        outcome("installed"),
+        outcome("unknown"),
+        outcome("invalid"),
+        outcome("limited"),
+        outcome("unjudged"),
+    );
+    assert!(sent >= 90_000, "the generator kept up: {sent}");
+    assert!(loss <= 1.0, "the known peer lost {loss}% of its pings:\n{out}");
+    assert_eq!(gateway_peers(&t).len(), 1, "no stranger installed");
+    assert_eq!(outcome("installed"), 1.0, "only the known peer was ever installed");
+    assert!(outcome("unknown") + outcome("limited") + outcome("unjudged") > 0.0);
+    assert!(
+        cpu < 10.0 * 0.9,
+        "the daemon's CPU under the flood is bounded: {cpu:.2} s in 10 s"
+    );
 }

@@ -34,13 +34,30 @@ impl Cause {
     }
 }
 
-/// One admitted peer: since when, and why.
+/// One admitted peer: since when, why, and when it was last seen active.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admission {
-    /// When it was admitted (or, kept at a start, its last handshake).
+    /// When it was admitted (kept at a start: the start).
     pub since: SystemTime,
     /// What admitted it.
     pub cause: Cause,
+    /// When its received-bytes counter last moved (a keepalive, traffic
+    /// or a handshake), as far as the device reads have seen.
+    pub active: SystemTime,
+    /// The counter as last read.
+    pub rx_bytes: u64,
+}
+
+impl Admission {
+    /// An admission at `now` by `cause`.
+    pub fn new(now: SystemTime, cause: Cause) -> Self {
+        Self {
+            since: now,
+            cause,
+            active: now,
+            rx_bytes: 0,
+        }
+    }
 }
 
 /// What an initiation from `key` calls for.
@@ -69,9 +86,8 @@ pub fn initiated(desired: &Desired, key: &PublicKey) -> Initiated {
 
 /// The admissions a starting daemon keeps: every peer of ours the kernel
 /// already holds and the store registers here (`registered`), so a restart
-/// removes nothing and re-adds nothing. One idle since before the start is
-/// dated by its last handshake, so the sweep evicts it as it would have;
-/// one with no handshake at all counts from `now`.
+/// removes nothing and re-adds nothing. Their activity before the start is
+/// unknown, so each gets a whole idle period from `now`.
 pub fn kept_at_start(
     device: &DeviceState,
     host: HostId,
@@ -83,21 +99,34 @@ pub fn kept_at_start(
         .iter()
         .filter(|(k, p)| registered(k) && p.allowed_ips.iter().any(|ip| is_our_peer_net(ip, host)))
         .map(|(k, p)| {
-            let since = p.last_handshake.unwrap_or(now);
-            (
-                *k,
-                Admission {
-                    since,
-                    cause: Cause::Start,
-                },
-            )
+            let mut a = Admission::new(now, Cause::Start);
+            a.rx_bytes = p.rx_bytes;
+            (*k, a)
         })
         .collect()
 }
 
-/// The admitted peers idle for at least `idle`: no handshake (as `device`
-/// reports it) and no admission in that long. A peer admitted but not (or
-/// no longer) on the device counts from its admission.
+/// Notes, from a read of `device` at `now`, which admitted peers received
+/// anything since the last read: WireGuard clients send a keepalive every
+/// 15 s but handshake only every 2 minutes, so the counter is the sign of
+/// life.
+pub fn note_activity(
+    admitted: &mut HashMap<PublicKey, Admission>,
+    device: &DeviceState,
+    now: SystemTime,
+) {
+    for (k, a) in admitted.iter_mut() {
+        if let Some(p) = device.peers.get(k) {
+            if p.rx_bytes != a.rx_bytes {
+                a.rx_bytes = p.rx_bytes;
+                a.active = a.active.max(now);
+            }
+        }
+    }
+}
+
+/// The admitted peers idle for at least `idle`: nothing received, no
+/// handshake (as `device` reports it) and no admission in that long.
 pub fn idle_peers(
     admitted: &HashMap<PublicKey, Admission>,
     device: &DeviceState,
@@ -108,7 +137,8 @@ pub fn idle_peers(
         .iter()
         .filter(|(k, a)| {
             let handshake = device.peers.get(k).and_then(|p| p.last_handshake);
-            let last = handshake.map_or(a.since, |h| h.max(a.since));
+            let seen = a.since.max(a.active);
+            let last = handshake.map_or(seen, |h| h.max(seen));
             now.duration_since(last).is_ok_and(|d| d >= idle)
         })
         .map(|(k, _)| *k)
@@ -221,20 +251,8 @@ mod tests {
         let registered = |k: &PublicKey| *k != unregistered;
         let got = kept_at_start(&device, HostId::from_u32(HOST), registered, t(100));
         let want: BTreeMap<_, _> = [
-            (
-                kept,
-                Admission {
-                    since: t(10),
-                    cause: Cause::Start,
-                },
-            ),
-            (
-                never_shook,
-                Admission {
-                    since: t(100),
-                    cause: Cause::Start,
-                },
-            ),
+            (kept, Admission::new(t(100), Cause::Start)),
+            (never_shook, Admission::new(t(100), Cause::Start)),
         ]
         .into_iter()
         .collect();
@@ -255,35 +273,11 @@ mod tests {
         device
             .peers
             .insert(admitted_late, on_device(ours(3), Some(t(0))));
-        let admitted: HashMap<_, _> = [
-            (
-                active,
-                Admission {
-                    since: t(0),
-                    cause: Cause::Handshake,
-                },
-            ),
-            (
-                stale,
-                Admission {
-                    since: t(0),
-                    cause: Cause::Handshake,
-                },
-            ),
-            (
-                admitted_late,
-                Admission {
-                    since: t(950),
-                    cause: Cause::Handshake,
-                },
-            ),
-            (
-                gone,
-                Admission {
-                    since: t(0),
-                    cause: Cause::Handshake,
-                },
-            ),
+        let mut admitted: HashMap<_, _> = [
+            (active, Admission::new(t(0), Cause::Handshake)),
+            (stale, Admission::new(t(0), Cause::Handshake)),
+            (admitted_late, Admission::new(t(950), Cause::Handshake)),
+            (gone, Admission::new(t(0), Cause::Handshake)),
         ]
         .into_iter()
         .collect();
@@ -296,5 +290,15 @@ mod tests {
         );
         // A clock that went backwards evicts nobody.
         assert!(idle_peers(&admitted, &device, t(0) - Duration::from_secs(5), idle).is_empty());
+
+        // Keepalives between handshakes keep a peer: its counter moved.
+        device.peers.get_mut(&stale).unwrap().rx_bytes = 32;
+        note_activity(&mut admitted, &device, t(1050));
+        assert_eq!(idle_peers(&admitted, &device, t(1100), idle), vec![gone]);
+        note_activity(&mut admitted, &device, t(1960));
+        assert!(
+            idle_peers(&admitted, &device, t(1960), idle).contains(&stale),
+            "a counter that stopped moving doesn't keep it"
+        );
     }
 }

@@ -222,13 +222,8 @@ impl Reconciler {
                     let o = match jit::initiated(&desired, &r.key) {
                         Initiated::Admit => {
                             desired.admit(&r.key, &mut touched);
-                            book.admitted.insert(
-                                r.key,
-                                Admission {
-                                    since: now,
-                                    cause: Cause::Handshake,
-                                },
-                            );
+                            book.admitted
+                                .insert(r.key, Admission::new(now, Cause::Handshake));
                             book.evicted.remove(&r.key);
                             AdmitOutcome::Installed
                         }
@@ -291,7 +286,10 @@ impl Reconciler {
         };
         let now = SystemTime::now();
         let idle = match j.book.lock() {
-            Ok(book) => jit::idle_peers(&book.admitted, device, now, j.settings.idle_evict),
+            Ok(mut book) => {
+                jit::note_activity(&mut book.admitted, device, now);
+                jit::idle_peers(&book.admitted, device, now, j.settings.idle_evict)
+            }
             Err(_) => return,
         };
         let counters = j.counters.clone();
