@@ -6,7 +6,9 @@
 //! Here (wireguard-go, a kernel without nft's `queue`) initiations are
 //! copied, so the client's own retry (about 5 s) completes the first
 //! handshake; in the real-kernel VM (`SIXPN_TEST_BACKEND=kernel`) they are
-//! held, so the first one completes and exactly one is sent.
+//! held, so the first one completes and exactly one is sent. The flood test
+//! runs here only: the VM emulates its CPU, too slowly for 10,000 packets a
+//! second.
 
 #[macro_use]
 mod common;
@@ -139,6 +141,10 @@ fn a_jit_gateway_installs_a_peer_on_its_first_handshake_evicts_it_idle_and_keeps
         "one install"
     );
     assert_eq!(metric(&t, "sixpn_peers_registered "), Some(2.0));
+    assert_eq!(
+        metric(&t, "sixpn_jit_installs_total{cause=\"handshake\"}"),
+        Some(1.0)
+    );
     assert_eq!(metric(&t, "sixpn_peers_installed "), Some(1.0));
     let status = t.gw.cli_ok(&["wireguard", "status", "acme", "laptop"]);
     assert!(status.contains("by handshake"), "{status}");
@@ -161,6 +167,11 @@ fn a_jit_gateway_installs_a_peer_on_its_first_handshake_evicts_it_idle_and_keeps
         Some(0.0),
         "nothing re-installed"
     );
+    assert_eq!(
+        metric(&t, "sixpn_jit_installs_total{cause=\"start\"}"),
+        Some(1.0),
+        "kept at the start"
+    );
 
     // The laptop closes: nothing received (not even its keepalives, every
     // 15 s) for idle_evict, it leaves the kernel (not the store) with its
@@ -175,6 +186,7 @@ fn a_jit_gateway_installs_a_peer_on_its_first_handshake_evicts_it_idle_and_keeps
         gateway_peers(&t).is_empty().then_some(())
     });
     assert!(evicted.is_some(), "not evicted:\n{}", t.gw.log());
+    assert_eq!(metric(&t, "sixpn_jit_evictions_total "), Some(1.0));
     let status = t.gw.cli_ok(&["wireguard", "status", "acme", "laptop"]);
     assert!(status.contains("evicted"), "{status}");
     let routes = t
@@ -199,7 +211,12 @@ fn a_jit_gateway_installs_a_peer_on_its_first_handshake_evicts_it_idle_and_keeps
 /// CPU seconds (user + system) process `pid` has used.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
     // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     // SAFETY: sysconf has no preconditions.
@@ -223,7 +240,11 @@ fn a_flood_of_initiations_from_strangers_installs_nothing_and_the_known_peer_kee
     let up = wait_for(scaled(Duration::from_secs(12)), || {
         ping(&t, "laptop", &web, 1).then_some(())
     });
-    assert!(up.is_some(), "the known peer's tunnel is up:\n{}", t.gw.log());
+    assert!(
+        up.is_some(),
+        "the known peer's tunnel is up:\n{}",
+        t.gw.log()
+    );
 
     // Well-formed initiations from 256 made-up keys, mac1 valid for the
     // gateway (so each reaches the Diffie-Hellman step), sent from 256
@@ -238,7 +259,9 @@ fn a_flood_of_initiations_from_strangers_installs_nothing_and_the_known_peer_kee
         })
         .collect();
     let laptop = &t.client("laptop").ns;
-    let link = laptop.run_ok(&["ip", "-6", "-o", "addr", "show", "dev", "to-gw", "scope", "global"]);
+    let link = laptop.run_ok(&[
+        "ip", "-6", "-o", "addr", "show", "dev", "to-gw", "scope", "global",
+    ]);
     let own = link
         .split_whitespace()
         .find(|w| w.starts_with("fd53:"))
@@ -247,7 +270,7 @@ fn a_flood_of_initiations_from_strangers_installs_nothing_and_the_known_peer_kee
         .to_owned();
     let prefix = own.trim_end_matches("::2").to_owned();
     let batch: String = (0..256)
-        .map(|i| format!("-6 addr add {prefix}::1:{i:x}/64 dev to-gw nodad\n"))
+        .map(|i| format!("addr add {prefix}::1:{i:x}/64 dev to-gw nodad\n"))
         .collect();
     common::run_with_input(laptop.cmd("ip").args(["-batch", "-"]), &batch);
 
@@ -276,7 +299,10 @@ fn a_flood_of_initiations_from_strangers_installs_nothing_and_the_known_peer_kee
         }
         sent
     });
-    let pings = t.client("laptop").ns.run(&["ping", "-6", "-c", "100", "-i", "0.1", "-W", "1", &web]);
+    let pings = t
+        .client("laptop")
+        .ns
+        .run(&["ping", "-6", "-c", "100", "-i", "0.1", "-W", "1", &web]);
     let sent = flood.join().unwrap();
     let cpu = cpu_seconds(pid) - cpu0;
     let out = String::from_utf8_lossy(&pings.stdout).into_owned();
@@ -287,26 +313,41 @@ fn a_flood_of_initiations_from_strangers_installs_nothing_and_the_known_peer_kee
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no loss figure in {out}"));
     let outcome = |o: &str| {
-        metric(&t, &format!("sixpn_jit_initiations_total{{outcome=\"{o}\"}}")).unwrap_or(0.0)
+        metric(
+            &t,
+            &format!("sixpn_jit_initiations_total{{outcome=\"{o}\"}}"),
+        )
+        .unwrap_or(0.0)
     };
     eprintln!(
         "flood: {sent} initiations in 10 s; the daemon used {cpu:.2} CPU-seconds ({:.0}% of a core); \
          known peer's ping loss {loss}%; outcomes: installed {} unknown {} invalid {} limited {} \
-         unjudged {}",
+         unjudged {}; capture overflows {}",
         cpu * 10.0,
         outcome("installed"),
         outcome("unknown"),
         outcome("invalid"),
         outcome("limited"),
         outcome("unjudged"),
+        metric(&t, "sixpn_jit_capture_overflows_total ").unwrap_or(0.0),
     );
     assert!(sent >= 90_000, "the generator kept up: {sent}");
-    assert!(loss <= 1.0, "the known peer lost {loss}% of its pings:\n{out}");
-    assert_eq!(gateway_peers(&t).len(), 1, "no stranger installed");
-    assert_eq!(outcome("installed"), 1.0, "only the known peer was ever installed");
-    assert!(outcome("unknown") + outcome("limited") + outcome("unjudged") > 0.0);
     assert!(
-        cpu < 10.0 * 0.9,
-        "the daemon's CPU under the flood is bounded: {cpu:.2} s in 10 s"
+        loss <= 1.0,
+        "the known peer lost {loss}% of its pings:\n{out}"
+    );
+    assert_eq!(gateway_peers(&t).len(), 1, "no stranger installed");
+    assert_eq!(
+        outcome("installed"),
+        1.0,
+        "only the known peer was ever installed"
+    );
+    assert!(outcome("unknown") + outcome("limited") + outcome("unjudged") > 0.0);
+    // The expensive step is bounded whatever the flood: at most the
+    // Diffie-Hellman budget (2,000 a second, a burst of as many) reach it.
+    let judged = outcome("unknown") + outcome("installed") + outcome("invalid");
+    assert!(
+        judged <= 2_000.0 * 11.0 + 300.0,
+        "{judged} initiations reached the Diffie-Hellman step in 10 s"
     );
 }

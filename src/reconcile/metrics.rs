@@ -23,6 +23,8 @@ pub(super) struct Metrics {
     pub(super) installed: watch::Receiver<Arc<Installed>>,
     pub(super) snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     pub(super) counters: Arc<Counters>,
+    /// Just in time: installs, evictions, sweeps.
+    pub(super) jit: Option<Arc<super::JitCounters>>,
 }
 
 #[async_trait]
@@ -105,6 +107,44 @@ impl crate::metrics::MetricsSource for Metrics {
                     packets,
                 );
             }
+        }
+        if let Some(j) = &self.jit {
+            let name = "sixpn_jit_installs_total";
+            header(
+                out,
+                name,
+                "counter",
+                "Peers put in the kernel just in time, by cause (start: kept when the daemon \
+                 started; handshake: a captured initiation).",
+            );
+            sample(out, name, &[("cause", "start")], load(&j.kept_at_start));
+            sample(
+                out,
+                name,
+                &[("cause", "handshake")],
+                load(&j.installs_handshake),
+            );
+            family(
+                out,
+                "sixpn_jit_evictions_total",
+                "counter",
+                "Peers taken off the kernel for idleness (they stay registered).",
+                load(&j.evictions),
+            );
+            family(
+                out,
+                "sixpn_jit_unknown_keys_total",
+                "counter",
+                "Initiations whose key is not registered on this gateway (asked of the store's view).",
+                load(&j.unknown),
+            );
+            family(
+                out,
+                "sixpn_jit_sweep_seconds_total",
+                "counter",
+                "Time spent deciding and carrying out evictions.",
+                load(&j.sweep_micros) as f64 / 1e6,
+            );
         }
         let installed = self.installed.borrow().clone();
         family(

@@ -166,6 +166,7 @@ impl Reconciler {
             installed: self.installed.subscribe(),
             snapshots: self.snapshots.subscribe(),
             counters: self.counters.clone(),
+            jit: self.jit_counters(),
         })
     }
 
