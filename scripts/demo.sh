@@ -55,6 +55,7 @@ interface = "sixpn-demo0"
 endpoint = "[fd53:7078::1]:51820"
 private_key_file = "$DEMO/gateway.key"
 backend = "auto"
+peers = "jit"
 
 [store]
 path = "$DEMO/state.db"
@@ -95,6 +96,9 @@ ip -n $CL -6 addr add "$(awk '/^Address/ {print $3}' "$DEMO/laptop.conf")" dev s
 ip -n $CL link set sixpn-demo-c up
 DNS_ADDR=$(awk '/^DNS/ {print $3}' "$DEMO/laptop.conf")
 ip -n $CL -6 route add "$(awk '/^AllowedIPs/ {print $3}' "$DEMO/laptop.conf")" dev sixpn-demo-c
+echo
+echo "== the first handshake installs the peer on the gateway (peers = \"jit\": only active peers are in the kernel)"
+for _ in $(seq 15); do ip netns exec $CL ping -6 -c 1 -W 1 "$DNS_ADDR" >/dev/null 2>&1 && break; done
 echo
 echo "== through the tunnel: the org's DNS address and the app instance"
 run ip netns exec $CL ping -6 -c 2 -i 0.3 "$DNS_ADDR"
