@@ -764,25 +764,13 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
 
 /// `90m`, `12h`, `30d`, `3600s` or plain seconds, as seconds.
 fn parse_duration(s: &str) -> Result<u64, CliError> {
-    let bad = || {
-        CliError::Other(format!(
-            "invalid duration {s:?}: use e.g. 90m, 12h, 30d or 3600s"
-        ))
-    };
-    let t = s.trim();
-    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => t.split_at(i),
-        None => (t, "s"),
-    };
-    let scale = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(bad()),
-    };
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    n.checked_mul(scale).filter(|&v| v > 0).ok_or_else(bad)
+    crate::config::Seconds::parse(s)
+        .map(|d| d.0)
+        .ok_or_else(|| {
+            CliError::Other(format!(
+                "invalid duration {s:?}: use e.g. 90m, 12h, 30d or 3600s"
+            ))
+        })
 }
 
 /// Unix seconds as `2026-12-07 13:05 UTC`.
