@@ -338,7 +338,21 @@ pub(super) async fn serve_tcp(listener: TcpListener, prefix: OrgPrefix, ctx: Arc
     }
 }
 
-/// One TCP connection: queries answered one by one, in order.
+/// Forwards one TCP connection may have in flight; the next forwarded
+/// query on it waits (and reading pauses) until one is done.
+pub const TCP_FORWARDS_PER_CONNECTION: usize = 16;
+
+/// How long a connection that reached its query cap keeps reading (and
+/// dropping) what the client still sends after our FIN, so that closing
+/// it is not a reset over queries unread.
+const TCP_LINGER: Duration = Duration::from_secs(2);
+
+/// One TCP connection. Queries are read in order; a `.internal` answer
+/// goes out at once and a forwarded one when its upstream answers, so a
+/// slow forward holds up nothing behind it (RFC 7766 §6.2.1.1, §7: answers
+/// may come out of order, each with its query's ID). After
+/// [`Limits::tcp_queries`] it reads only what has already arrived, answers
+/// all of it, sends FIN and drains the rest before closing.
 pub(super) async fn serve_conn(
     stream: TcpStream,
     from: SocketAddr,
@@ -350,28 +364,62 @@ pub(super) async fn serve_conn(
 ) {
     let _ = stream.set_nodelay(true);
     let idle = ctx.limits.tcp_idle;
-    let (rd, mut wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(4096, rd);
+    let (tx, rx) = tokio::sync::mpsc::channel(TCP_FORWARDS_PER_CONNECTION + 1);
+    let reader = read_queries(&mut rd, from, prefix, &ctx, conn, epoch, tx);
+    let (evicted, wr) = tokio::join!(reader, write_answers(wr, rx, idle));
+    if evicted {
+        return;
+    }
+    if let Some(mut wr) = wr {
+        let _ = wr.shutdown().await;
+        let mut sink = [0u8; 1024];
+        let _ = tokio::time::timeout(TCP_LINGER, async {
+            while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    }
+}
+
+/// Reads and answers queries until the cap, EOF, an idle timeout or
+/// eviction (`true`); answers go to `tx`.
+async fn read_queries(
+    rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    from: SocketAddr,
+    prefix: OrgPrefix,
+    ctx: &Arc<Ctx>,
+    conn: &Conn,
+    epoch: tokio::time::Instant,
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+) -> bool {
+    let idle = ctx.limits.tcp_idle;
+    let forwards = Arc::new(Semaphore::new(TCP_FORWARDS_PER_CONNECTION));
     let mut query = Vec::new();
     let mut out = Vec::with_capacity(512);
-    let mut frame = Vec::with_capacity(514);
     let src = ctx.source(from);
-    for i in 0..ctx.limits.tcp_queries {
+    for i in 0.. {
         // Idle until the first byte of the next message is here (pipelined
-        // ones already are); the accept loop may close us meanwhile.
+        // ones already are); the accept loop may close us meanwhile. Past
+        // the cap, only what has arrived already is taken.
         if i > 0 {
             conn.idle_since.store(stamp(epoch), Ordering::Relaxed);
         }
+        let wait = if i < ctx.limits.tcp_queries {
+            idle
+        } else {
+            Duration::ZERO
+        };
         tokio::select! {
             biased;
-            () = conn.evict.notified() => return,
-            r = tokio::time::timeout(idle, rd.fill_buf()) => match r {
+            () = conn.evict.notified() => return true,
+            r = tokio::time::timeout(wait, rd.fill_buf()) => match r {
                 Ok(Ok(b)) if !b.is_empty() => {}
-                _ => return,
+                _ => return false,
             },
         }
         if conn.idle_since.swap(BUSY, Ordering::Relaxed) == EVICTED {
-            return;
+            return true;
         }
         let read = async {
             let mut len = [0u8; 2];
@@ -381,46 +429,67 @@ pub(super) async fn serve_conn(
         };
         match tokio::time::timeout(idle, read).await {
             Ok(Ok(_)) => {}
-            _ => return,
+            _ => return false,
         }
         inc(&ctx.metrics.tcp_queries);
         let outcome = {
             let zones = ctx.zones.load();
             answer(&zones, prefix, src, &query, Transport::Tcp, &mut out)
         };
-        let response: &[u8] = match outcome {
+        match outcome {
             Outcome::Answered(rcode) => {
                 ctx.metrics.response(rcode.code());
-                &out
-            }
-            Outcome::Drop => {
-                inc(&ctx.metrics.dropped);
-                continue;
-            }
-            Outcome::Forward => {
-                let reply = match ctx.forwarder.permit(prefix) {
-                    Some(_permit) => ctx.forwarder.tcp(&query).await,
-                    None => None,
-                };
-                match reply {
-                    Some(r) => out = r,
-                    None => {
-                        servfail(&query, &mut out);
-                    }
+                if tx.send(out.clone()).await.is_err() {
+                    return false;
                 }
-                ctx.metrics.response(rcode_of(&out));
-                &out
             }
-        };
+            Outcome::Drop => inc(&ctx.metrics.dropped),
+            Outcome::Forward => {
+                let Ok(slot) = forwards.clone().acquire_owned().await else {
+                    return false;
+                };
+                let permit = ctx.forwarder.permit(prefix);
+                let (ctx, tx, query) = (ctx.clone(), tx.clone(), query.clone());
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let reply = match permit {
+                        Some(_permit) => ctx.forwarder.tcp(&query).await,
+                        None => None,
+                    };
+                    let out = reply.unwrap_or_else(|| {
+                        let mut o = Vec::new();
+                        servfail(&query, &mut o);
+                        o
+                    });
+                    ctx.metrics.response(rcode_of(&out));
+                    let _ = tx.send(out).await;
+                });
+            }
+        }
+    }
+    false
+}
+
+/// Writes each answer as it comes, framed; ends when every sender is gone
+/// (the reader and its forwards), giving the write half back, or when the
+/// client stops taking them.
+async fn write_answers(
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    idle: Duration,
+) -> Option<tokio::net::tcp::OwnedWriteHalf> {
+    let mut frame = Vec::with_capacity(514);
+    while let Some(response) = rx.recv().await {
         let Ok(n) = u16::try_from(response.len()) else {
-            return;
+            continue;
         };
         frame.clear();
         frame.extend_from_slice(&n.to_be_bytes());
-        frame.extend_from_slice(response);
+        frame.extend_from_slice(&response);
         match tokio::time::timeout(idle, wr.write_all(&frame)).await {
             Ok(Ok(())) => {}
-            _ => return,
+            _ => return None,
         }
     }
+    Some(wr)
 }
