@@ -43,7 +43,11 @@
 //! the connection idle longest, one waiting for its next query, never one
 //! mid-query), [`Limits::tcp_idle`] for every read
 //! and write (a silent or slow client is dropped), and
-//! [`Limits::tcp_queries`] per connection, after which it is closed.
+//! [`Limits::tcp_queries`] per connection, after which it answers what it
+//! already received, sends FIN and drains (never a reset over unread
+//! queries). Answers on a connection go out as each is ready: a forward
+//! in flight (at most [`listen::TCP_FORWARDS_PER_CONNECTION`]) holds up no
+//! `.internal` answer behind it.
 //!
 //! # Forwarding
 //!
