@@ -107,6 +107,7 @@ pub(super) async fn serve_udp(sock: Arc<UdpSocket>, prefix: OrgPrefix, ctx: Arc<
     let fd = sock.as_raw_fd();
     let mut rx = RecvBatch::new();
     let mut tx = SendBatch::new(usize::from(crate::dns::MAX_UDP_PAYLOAD));
+    let latency = ctx.metrics.latency(prefix);
     loop {
         let n = match sock.try_io(Interest::READABLE, || rx.recv(fd)) {
             Ok(n) => n,
@@ -124,6 +125,8 @@ pub(super) async fn serve_udp(sock: Arc<UdpSocket>, prefix: OrgPrefix, ctx: Arc<
                 continue;
             }
         };
+        let t0 = std::time::Instant::now();
+        let (mut answered, mut refused) = (0u64, 0u64);
         tx.clear();
         let zones = ctx.zones.load();
         for i in 0..n {
@@ -137,11 +140,17 @@ pub(super) async fn serve_udp(sock: Arc<UdpSocket>, prefix: OrgPrefix, ctx: Arc<
             match answer(&zones, prefix, ctx.source(from), query, Transport::Udp, out) {
                 Outcome::Answered(rcode) => {
                     ctx.metrics.response(rcode.code());
+                    if rcode == Rcode::Refused {
+                        refused += 1;
+                    } else {
+                        answered += 1;
+                    }
                     tx.push(raw_from);
                 }
                 Outcome::Drop => inc(&ctx.metrics.dropped),
                 Outcome::Forward => {
-                    if !forward_udp(&ctx, &sock, prefix, query, from) && servfail(query, out) {
+                    let forwarded = forward_udp(&ctx, &sock, prefix, query, from, &latency, t0);
+                    if !forwarded && servfail(query, out) {
                         ctx.metrics.response(Rcode::ServFail.code());
                         tx.push(raw_from);
                     }
@@ -160,6 +169,8 @@ pub(super) async fn serve_udp(sock: Arc<UdpSocket>, prefix: OrgPrefix, ctx: Arc<
                 Err(e) => debug!(error = %e, "DNS UDP send failed"),
             }
         }
+        latency.observe(Answer::Answered, t0.elapsed(), answered);
+        latency.observe(Answer::Refused, t0.elapsed(), refused);
     }
 }
 
@@ -172,11 +183,14 @@ pub(super) fn forward_udp(
     org: OrgPrefix,
     query: &[u8],
     from: SocketAddr,
+    latency: &Arc<Latency>,
+    t0: std::time::Instant,
 ) -> bool {
     let Some(permit) = ctx.forwarder.permit(org) else {
         return false;
     };
     let (ctx, sock, query) = (ctx.clone(), sock.clone(), query.to_vec());
+    let latency = latency.clone();
     tokio::spawn(async move {
         let _permit = permit;
         let reply = match ctx.forwarder.udp(&query).await {
@@ -191,6 +205,7 @@ pub(super) fn forward_udp(
         };
         ctx.metrics.response(rcode_of(&reply));
         let _ = sock.send_to(&reply, from).await;
+        latency.observe(Answer::Forwarded, t0.elapsed(), 1);
     });
     true
 }
@@ -395,6 +410,7 @@ async fn read_queries(
 ) -> bool {
     let idle = ctx.limits.tcp_idle;
     let forwards = Arc::new(Semaphore::new(TCP_FORWARDS_PER_CONNECTION));
+    let latency = ctx.metrics.latency(prefix);
     let mut query = Vec::new();
     let mut out = Vec::with_capacity(512);
     let src = ctx.source(from);
@@ -432,6 +448,7 @@ async fn read_queries(
             _ => return false,
         }
         inc(&ctx.metrics.tcp_queries);
+        let t0 = std::time::Instant::now();
         let outcome = {
             let zones = ctx.zones.load();
             answer(&zones, prefix, src, &query, Transport::Tcp, &mut out)
@@ -442,6 +459,11 @@ async fn read_queries(
                 if tx.send(out.clone()).await.is_err() {
                     return false;
                 }
+                let kind = match rcode {
+                    Rcode::Refused => Answer::Refused,
+                    _ => Answer::Answered,
+                };
+                latency.observe(kind, t0.elapsed(), 1);
             }
             Outcome::Drop => inc(&ctx.metrics.dropped),
             Outcome::Forward => {
@@ -450,6 +472,7 @@ async fn read_queries(
                 };
                 let permit = ctx.forwarder.permit(prefix);
                 let (ctx, tx, query) = (ctx.clone(), tx.clone(), query.clone());
+                let latency = latency.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
                     let reply = match permit {
@@ -463,6 +486,7 @@ async fn read_queries(
                     });
                     ctx.metrics.response(rcode_of(&out));
                     let _ = tx.send(out).await;
+                    latency.observe(Answer::Forwarded, t0.elapsed(), 1);
                 });
             }
         }

@@ -21,6 +21,66 @@ pub struct DnsMetrics {
     pub(super) tcp_rejected: AtomicU64,
     pub(super) tcp_evicted: AtomicU64,
     pub(super) zone_swaps: AtomicU64,
+    /// Query latency per org.
+    latency: Mutex<BTreeMap<OrgPrefix, Arc<Latency>>>,
+}
+
+/// The upper bounds of the query-latency histogram, in seconds.
+const LATENCY_BOUNDS: [f64; 11] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 2.5,
+];
+
+/// What came of a query, for the latency histogram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Answer {
+    /// Answered from the zone (NOERROR, NXDOMAIN, FORMERR, NOTIMP…).
+    Answered = 0,
+    /// Forwarded upstream (or SERVFAIL when that failed).
+    Forwarded = 1,
+    /// REFUSED (not the org's, CHAOS, QCLASS ANY).
+    Refused = 2,
+}
+
+const ANSWERS: [(Answer, &str); 3] = [
+    (Answer::Answered, "answered"),
+    (Answer::Forwarded, "forwarded"),
+    (Answer::Refused, "refused"),
+];
+
+/// One org's query-latency histogram: from the query read to its answer
+/// handed to the kernel (a UDP batch counts from its receive).
+#[derive(Debug, Default)]
+pub(super) struct Latency {
+    buckets: [[AtomicU64; LATENCY_BOUNDS.len() + 1]; 3],
+    micros: [AtomicU64; 3],
+}
+
+impl Latency {
+    /// Counts `n` queries of kind `a` that took `d`.
+    pub(super) fn observe(&self, a: Answer, d: Duration, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let s = d.as_secs_f64();
+        let i = LATENCY_BOUNDS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        let k = a as usize;
+        self.buckets[k][i].fetch_add(n, Ordering::Relaxed);
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.micros[k].fetch_add(micros.saturating_mul(n), Ordering::Relaxed);
+    }
+}
+
+impl DnsMetrics {
+    /// `org`'s latency histogram (a listener takes it once).
+    pub(super) fn latency(&self, org: OrgPrefix) -> Arc<Latency> {
+        match self.latency.lock() {
+            Ok(mut m) => m.entry(org).or_default().clone(),
+            Err(_) => Arc::default(),
+        }
+    }
 }
 
 /// A copy of [`DnsMetrics`] at one moment.
@@ -89,6 +149,7 @@ impl DnsMetrics {
 #[async_trait]
 impl MetricsSource for DnsMetrics {
     async fn render(&self, out: &mut String) {
+        self.render_latency(out);
         let m = self.snapshot();
         header(
             out,
@@ -173,5 +234,47 @@ impl MetricsSource for DnsMetrics {
             "Zone indexes swapped in.",
             m.zone_swaps,
         );
+    }
+}
+
+impl DnsMetrics {
+    fn render_latency(&self, out: &mut String) {
+        let all: Vec<(OrgPrefix, Arc<Latency>)> = match self.latency.lock() {
+            Ok(m) => m.iter().map(|(p, l)| (*p, l.clone())).collect(),
+            Err(_) => return,
+        };
+        let name = "sixpn_dns_query_duration_seconds";
+        header(
+            out,
+            name,
+            "histogram",
+            "DNS query latency at the gateway, by org (its /48) and outcome: answered from the \
+             zone, forwarded upstream, or refused.",
+        );
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        for (org, l) in all {
+            let org = org.to_string();
+            for (a, outcome) in ANSWERS {
+                let k = a as usize;
+                let mut cumulative = 0u64;
+                for (i, b) in LATENCY_BOUNDS.iter().enumerate() {
+                    cumulative += load(&l.buckets[k][i]);
+                    let le = b.to_string();
+                    let labels = [("org", org.as_str()), ("outcome", outcome), ("le", &le)];
+                    sample(out, &format!("{name}_bucket"), &labels, cumulative);
+                }
+                cumulative += load(&l.buckets[k][LATENCY_BOUNDS.len()]);
+                let labels = [("org", org.as_str()), ("outcome", outcome), ("le", "+Inf")];
+                sample(out, &format!("{name}_bucket"), &labels, cumulative);
+                let labels = [("org", org.as_str()), ("outcome", outcome)];
+                sample(
+                    out,
+                    &format!("{name}_sum"),
+                    &labels,
+                    load(&l.micros[k]) as f64 / 1e6,
+                );
+                sample(out, &format!("{name}_count"), &labels, cumulative);
+            }
+        }
     }
 }

@@ -1110,3 +1110,33 @@ async fn an_upstream_that_timed_out_is_asked_last_for_a_while() {
     }
     drop(silent);
 }
+
+#[tokio::test]
+async fn query_latency_is_a_histogram_by_org_and_outcome() {
+    use crate::metrics::MetricsSource;
+    let (l, ctx) = serve(limits(), vec![]);
+    for id in 0..3 {
+        udp_ask(
+            l.local,
+            &query(id, "web.internal", RecordType::AAAA),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+    }
+    let mut s = TcpStream::connect(l.local).await.unwrap();
+    s.write_all(&frame(&query(9, "web.internal", RecordType::AAAA)))
+        .await
+        .unwrap();
+    read_frame(&mut s).await.unwrap();
+    let mut out = String::new();
+    ctx.metrics.render(&mut out).await;
+    let org = prefix(ACME).to_string();
+    let count =
+        format!("sixpn_dns_query_duration_seconds_count{{org=\"{org}\",outcome=\"answered\"}} 4");
+    assert!(out.contains(&count), "{out}");
+    assert!(out.contains("# TYPE sixpn_dns_query_duration_seconds histogram"));
+    assert!(out.contains(&format!(
+        "sixpn_dns_query_duration_seconds_bucket{{org=\"{org}\",outcome=\"answered\",le=\"+Inf\"}} 4"
+    )));
+}
