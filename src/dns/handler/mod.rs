@@ -262,12 +262,12 @@ fn resolve(zone: &OrgZone, p: &Parsed) -> Option<Rrs> {
         }
     };
     if let Some(e) = zone.lookup(name) {
-        if name == APEX {
-            match p.qtype {
-                TYPE_SOA => return Some(zone.soa()),
-                TYPE_NS => return Some(zone.ns()),
-                _ => {}
-            }
+        // Only the apex has SOA and NS; the type is tested first, the
+        // common queries never compare names.
+        match p.qtype {
+            TYPE_SOA if name == APEX => return Some(zone.soa()),
+            TYPE_NS if name == APEX => return Some(zone.ns()),
+            _ => {}
         }
         return Some(match p.qtype {
             TYPE_AAAA => e.aaaa,
