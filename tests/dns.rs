@@ -234,6 +234,8 @@ struct Dig {
     answers: Vec<(String, String)>,
     /// The TTL of each answer record.
     ttls: Vec<u32>,
+    /// (ttl, type, data) of each AUTHORITY record.
+    authority: Vec<(u32, String, String)>,
     raw: String,
 }
 
@@ -296,22 +298,35 @@ fn dig(ns: &Netns, server: &str, name: &str, rtype: &str, tcp: bool, time: u32) 
         .to_owned();
     let mut answers = Vec::new();
     let mut ttls = Vec::new();
-    let mut in_answer = false;
+    let mut authority = Vec::new();
+    // 1: in ANSWER, 2: in AUTHORITY.
+    let mut section = 0;
     for line in raw.lines() {
         if line.starts_with(";; ANSWER SECTION") {
-            in_answer = true;
+            section = 1;
             continue;
         }
-        if in_answer {
-            if line.trim().is_empty() {
-                break;
-            }
-            // name ttl class type data…
-            let mut f = line.split_whitespace();
-            let (_, ttl, _, t) = (f.next(), f.next(), f.next(), f.next());
-            ttls.push(ttl.and_then(|t| t.parse().ok()).unwrap_or(u32::MAX));
-            let data: Vec<&str> = f.collect();
-            answers.push((t.unwrap_or_default().to_owned(), data.join(" ")));
+        if line.starts_with(";; AUTHORITY SECTION") {
+            section = 2;
+            continue;
+        }
+        if line.trim().is_empty() {
+            section = 0;
+        }
+        if section == 0 {
+            continue;
+        }
+        // name ttl class type data…
+        let mut f = line.split_whitespace();
+        let (_, ttl, _, t) = (f.next(), f.next(), f.next(), f.next());
+        let ttl = ttl.and_then(|t| t.parse().ok()).unwrap_or(u32::MAX);
+        let t = t.unwrap_or_default().to_owned();
+        let data = f.collect::<Vec<&str>>().join(" ");
+        if section == 1 {
+            ttls.push(ttl);
+            answers.push((t, data));
+        } else {
+            authority.push((ttl, t, data));
         }
     }
     Dig {
@@ -319,8 +334,43 @@ fn dig(ns: &Netns, server: &str, name: &str, rtype: &str, tcp: bool, time: u32) 
         flags,
         answers,
         ttls,
+        authority,
         raw,
     }
+}
+
+/// The SOA data as `dig` prints it, for `serial`.
+fn soa_data(serial: u32) -> String {
+    format!("_api.internal. hostmaster.internal. {serial} 3600 600 1209600 5")
+}
+
+/// `internal. SOA`'s serial, asked over UDP and TCP (the same both ways),
+/// checking the rest of the record.
+fn soa_serial(ns: &Netns, server: &str) -> u32 {
+    let mut serials = Vec::new();
+    for tcp in [false, true] {
+        let d = dig(ns, server, "internal.", "SOA", tcp, 3);
+        if !tcp {
+            eprintln!("dns: internal. SOA:\n{}", d.raw);
+        }
+        assert_eq!(d.status.as_deref(), Some("NOERROR"), "{}", d.raw);
+        assert!(d.flags.contains("aa"), "{}", d.raw);
+        assert_eq!(d.ttls, [5], "{}", d.raw);
+        let [(t, data)] = &d.answers[..] else {
+            panic!("not one answer: {}", d.raw);
+        };
+        assert_eq!(t, "SOA", "{}", d.raw);
+        let serial: u32 = data
+            .split_whitespace()
+            .nth(2)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no serial: {}", d.raw));
+        assert!(serial > 0, "{}", d.raw);
+        assert_eq!(*data, soa_data(serial), "{}", d.raw);
+        serials.push(serial);
+    }
+    assert_eq!(serials[0], serials[1]);
+    serials[0]
 }
 
 /// What a name should give.
@@ -502,6 +552,33 @@ fn every_name_over_udp_and_tcp_through_the_tunnel_org_scoped_and_fresh_within_10
         table.len(),
         t.a.addr
     );
+    // The zone's SOA, its serial the store revision; the same SOA in the
+    // AUTHORITY of NXDOMAIN and no-data.
+    let serial_before = soa_serial(&t.a.ns, &t.a.dns);
+    for (name, rtype, status) in [
+        ("nope.internal", "AAAA", "NXDOMAIN"),
+        ("web.internal", "A", "NOERROR"),
+    ] {
+        let d = dig(&t.a.ns, &t.a.dns, name, rtype, false, 3);
+        if name == "nope.internal" {
+            eprintln!("dns: {name} {rtype}:\n{}", d.raw);
+        }
+        assert_eq!(d.status.as_deref(), Some(status), "{}", d.raw);
+        assert_eq!(
+            d.authority,
+            [(5, "SOA".to_owned(), soa_data(serial_before))],
+            "{}",
+            d.raw
+        );
+    }
+    let d = dig(&t.a.ns, &t.a.dns, "internal.", "NS", true, 3);
+    assert_eq!(
+        d.answers,
+        [("NS".to_owned(), "_api.internal.".to_owned())],
+        "{}",
+        d.raw
+    );
+
     // The upstream's A record too, and an upstream NXDOMAIN relayed.
     let d = dig(&t.a.ns, &t.a.dns, "example.test", "A", false, 3);
     assert_eq!(
@@ -632,6 +709,12 @@ fn every_name_over_udp_and_tcp_through_the_tunnel_org_scoped_and_fresh_within_10
     // And it shows in the names that list instances.
     let d = dig(&t.a.ns, &t.a.dns, "lhr.web.internal", "AAAA", false, 3);
     assert_eq!(d.answers.len(), 3, "{}", d.raw);
+    // The change rebuilt acme's zone: a later revision, a larger serial.
+    let serial_after = soa_serial(&t.a.ns, &t.a.dns);
+    assert!(
+        serial_after > serial_before,
+        "{serial_before} → {serial_after}"
+    );
 
     // A 3,000-byte query (EDNS padding) leaves the laptop in IPv6
     // fragments through the 1420-byte tunnel: the fragments after the

@@ -9,14 +9,17 @@
 //! wire format, an entry holding byte ranges of one arena: the complete
 //! answer-section records for AAAA and for TXT, owner name already written as
 //! the compression pointer `0xC00C` (the question name, which is always at
-//! offset 12 of the response), class IN, TTL [`TTL`]. Answering is then
-//! "parse header and question, one hash lookup, copy bytes".
+//! offset 12 of the response), class IN, TTL [`TTL`]. The apex's SOA and NS
+//! answers and the SOA for negative answers' AUTHORITY section (owner
+//! `internal.` written out) are encoded the same way, once per build.
+//! Answering is then "parse header and question, one hash lookup, copy
+//! bytes".
 //!
 //! Names (docs/architecture.md "DNS", contract), for each org:
 //!
 //! | name | data |
 //! |---|---|
-//! | `internal` | none (the apex exists, so it is no-data, not NXDOMAIN) |
+//! | `internal` | SOA: MNAME `_api.internal.`, RNAME `hostmaster.internal.`, SERIAL the store revision (low 32 bits), REFRESH 3600, RETRY 600, EXPIRE 1209600, MINIMUM [`TTL`]; NS: `_api.internal.` (other types no-data) |
 //! | `<app>`, `global.<app>` | AAAA: started instances, any region |
 //! | `<region>.<app>` | AAAA: started instances in region (name exists for every region the app has any instance in) |
 //! | `top<N>.nearest.of.<app>` | AAAA: the N started instances nearest [`ZoneIndex::build`]'s `my_region`; N ≥ 1, no leading zero, any size |
@@ -53,10 +56,28 @@
 //!   Duplicate addresses in one set are dropped (RFC 2181 §5: an RRset has
 //!   no duplicate records).
 //! - TXT values are split into 255-byte character-strings of one record
-//!   (RFC 1035 §3.3.14); a reader concatenates them. A value whose record
-//!   can't fit in one DNS message even over TCP is marked oversized (see
-//!   [`OrgZone::oversized`]); the handler answers it with TC over UDP and
-//!   SERVFAIL over TCP.
+//!   (RFC 1035 §3.3.14); a reader concatenates them.
+//! - A TXT list whose record can't fit in one 65,535-byte message with the
+//!   question (and our OPT) is cut after the last whole item that leaves
+//!   room for one more, the final item `truncated: <shown> of <total>`
+//!   (after the list's own separator: `peer-a,peer-b,truncated: 2 of 9`,
+//!   `instance=…;truncated: 1055 of 2404`). A reader splitting on the
+//!   separator gets whole items, then the marker, which no name can be
+//!   (names have no spaces or colons). Over TCP the cut list is the answer;
+//!   over UDP it is too big for any client, so TC. Cut names are listed in
+//!   [`OrgZone::truncated`]. An AAAA set too large for any message can't be
+//!   cut like that (a resolver would take the part for the whole): it is
+//!   listed in [`OrgZone::oversized`] and gets TC over UDP, SERVFAIL over
+//!   TCP.
+//! - `_peer` lists every peer: sixpn names none itself, so there are no
+//!   auto-named peers to leave out (Fly leaves out its `interactive-*`).
+//! - The SOA's MNAME (and the one NS) is `_api.internal.`, which exists and
+//!   is the org's `::3`, the answering server; `ns.internal.` would be the
+//!   name of an app called `ns`. The serial is the revision of the store
+//!   snapshot the zone was built from; a zone [`ZoneIndex::update`] takes
+//!   over unchanged keeps its serial. Negative answers carry this SOA in
+//!   AUTHORITY with TTL [`NEGATIVE_TTL`] (RFC 2308 §3), so resolvers cache
+//!   them for 5 s like any answer.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -84,9 +105,41 @@ pub(crate) const HEADER_LEN: usize = 12;
 /// Bytes of the OPT record the handler appends when the query had one.
 pub(crate) const OPT_RR_LEN: usize = 11;
 
+const TYPE_NS: u16 = 2;
+const TYPE_SOA: u16 = 6;
 const TYPE_AAAA: u16 = 28;
 const TYPE_TXT: u16 = 16;
 const CLASS_IN: u16 = 1;
+
+/// The zone's primary server (SOA MNAME, and the one NS): `_api.internal.`,
+/// a name that already exists and resolves to the org's `::3`, the very
+/// server answering. (`ns.internal.` would be the name of an app called
+/// `ns`.)
+pub const MNAME: &[&str] = &["_api", "internal"];
+
+/// The SOA RNAME, the zone's contact mailbox: `hostmaster.internal.`
+/// (`hostmaster@internal`, RFC 2142; nothing receives mail there — the SOA
+/// just has to name someone).
+pub const RNAME: &[&str] = &["hostmaster", "internal"];
+
+/// SOA REFRESH, in seconds. No secondary ever transfers the zone (AXFR and
+/// IXFR are refused), so REFRESH, RETRY and EXPIRE only have to be
+/// plausible to tools that check them: RFC 1912 §2.2's ranges.
+pub const SOA_REFRESH: u32 = 3600;
+
+/// SOA RETRY, in seconds (below REFRESH).
+pub const SOA_RETRY: u32 = 600;
+
+/// SOA EXPIRE, in seconds (two weeks).
+pub const SOA_EXPIRE: u32 = 1_209_600;
+
+/// SOA MINIMUM, the negative-caching TTL (RFC 2308 §4): the TTL of every
+/// other record, so a name that appears is seen as soon as a changed one.
+pub const SOA_MINIMUM: u32 = TTL;
+
+/// The TTL of the SOA in a negative answer's AUTHORITY section:
+/// min(SOA TTL, MINIMUM) (RFC 2308 §3).
+pub const NEGATIVE_TTL: u32 = if TTL < SOA_MINIMUM { TTL } else { SOA_MINIMUM };
 
 /// A run of encoded answer records in an [`OrgZone`]'s arena.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -134,6 +187,16 @@ pub struct OrgZone {
     /// Every record of every entry, back to back.
     arena: Box<[u8]>,
     oversized: Vec<String>,
+    truncated: Vec<String>,
+    /// The store revision the zone was built from, low 32 bits.
+    serial: u32,
+    /// `internal. SOA` as an answer record (owner `0xC00C`).
+    soa: Rrs,
+    /// `internal. NS` as an answer record (owner `0xC00C`).
+    ns: Rrs,
+    /// `internal. SOA` for the AUTHORITY section of negative answers: owner
+    /// written out, TTL [`NEGATIVE_TTL`].
+    negative_soa: Rrs,
 }
 
 impl fmt::Debug for OrgZone {
@@ -143,14 +206,24 @@ impl fmt::Debug for OrgZone {
             .field("names", &self.names.len())
             .field("arena_bytes", &self.arena.len())
             .field("oversized", &self.oversized)
+            .field("truncated", &self.truncated)
+            .field("serial", &self.serial)
             .finish()
     }
 }
 
 impl OrgZone {
-    /// A zone with no apps and no peers: only the fixed names, all no-data.
+    /// A zone with no apps and no peers: only the fixed names, all no-data
+    /// (and the apex's SOA and NS, with serial 0).
     pub fn empty(prefix: OrgPrefix) -> Self {
-        Builder::new().finish(prefix)
+        Builder::new().finish(prefix, 0)
+    }
+
+    /// The SOA serial: the low 32 bits of the store revision the zone was
+    /// built from. A zone taken over unchanged by [`ZoneIndex::update`]
+    /// keeps its serial, so the serial moves exactly when the zone does.
+    pub fn serial(&self) -> u32 {
+        self.serial
     }
 
     /// The org's /48.
@@ -168,6 +241,27 @@ impl OrgZone {
     /// swapped in.
     pub fn oversized(&self) -> &[String] {
         &self.oversized
+    }
+
+    /// Names (dotted) whose TXT list was cut to fit one DNS message (see
+    /// the module doc): worth a warning too.
+    pub fn truncated(&self) -> &[String] {
+        &self.truncated
+    }
+
+    /// The apex's SOA answer record.
+    pub(crate) fn soa(&self) -> Rrs {
+        self.soa
+    }
+
+    /// The apex's NS answer record.
+    pub(crate) fn ns(&self) -> Rrs {
+        self.ns
+    }
+
+    /// The SOA record for a negative answer's AUTHORITY section.
+    pub(crate) fn negative_soa(&self) -> Rrs {
+        self.negative_soa
     }
 
     /// The entry of a lower-cased wire-format name.
@@ -320,6 +414,7 @@ impl ZoneIndex {
                         org.prefix(),
                         instances,
                         peers,
+                        snapshot.revision,
                         my_region,
                         distances,
                     ))
@@ -385,6 +480,8 @@ struct Draft {
     /// Sorted and deduplicated when the zone is finished.
     aaaa: Vec<Ipv6Addr>,
     txt: Option<String>,
+    /// The TXT list was cut to fit one message.
+    truncated: bool,
     nearest: Option<Vec<Ipv6Addr>>,
 }
 
@@ -416,18 +513,33 @@ impl Builder {
         self.name(labels).aaaa.extend(addrs);
     }
 
-    /// Sets a TXT value; an empty value leaves the name with no TXT data.
-    fn txt(&mut self, labels: &[&str], value: String) {
-        let d = self.name(labels);
+    /// Sets a TXT value, the `items` joined by `sep`, cut to fit one
+    /// message (see [`join_within`]); no items leave the name with no TXT
+    /// data.
+    fn list<T: fmt::Display>(
+        &mut self,
+        labels: &[&str],
+        items: impl IntoIterator<Item = T>,
+        sep: &str,
+    ) {
+        let name = wire_name(labels);
+        let budget = txt_value_budget(name.len());
+        let (value, cut) = join_within(items, sep, budget);
+        let d = self.names.entry(name).or_default();
         if !value.is_empty() {
             d.txt = Some(value);
+            d.truncated = cut.is_some();
         }
     }
 
-    fn finish(self, prefix: OrgPrefix) -> OrgZone {
+    fn finish(self, prefix: OrgPrefix, serial: u32) -> OrgZone {
         let mut arena = Vec::new();
         let mut names = NameTableBuilder::with_capacity(self.names.len());
         let mut oversized = Vec::new();
+        let mut truncated = Vec::new();
+        let soa = encode_soa(&mut arena, &[0xC0, 0x0C], TTL, serial);
+        let ns = encode_ns(&mut arena);
+        let negative_soa = encode_soa(&mut arena, &wire_name(&["internal"]), NEGATIVE_TTL, serial);
         for (name, mut draft) in self.names {
             draft.aaaa.sort_unstable();
             draft.aaaa.dedup();
@@ -448,6 +560,9 @@ impl Builder {
             {
                 oversized.push(dotted(&name));
             }
+            if draft.truncated {
+                truncated.push(dotted(&name));
+            }
             names.push(&name, Entry { aaaa, txt, nearest });
         }
         OrgZone {
@@ -455,6 +570,11 @@ impl Builder {
             names: names.finish(),
             arena: arena.into_boxed_slice(),
             oversized,
+            truncated,
+            serial,
+            soa,
+            ns,
+            negative_soa,
         }
     }
 }
@@ -464,6 +584,7 @@ fn build_org(
     prefix: OrgPrefix,
     mut instances: Vec<&Instance>,
     mut peers: Vec<(&str, Ipv6Addr)>,
+    revision: Revision,
     my_region: &RegionName,
     distances: &RegionDistances,
 ) -> OrgZone {
@@ -504,11 +625,11 @@ fn build_org(
                 b.aaaa(&[g.as_str(), "process", app, I], addr);
             }
         }
-        b.txt(&["regions", app, I], join(started_regions, ","));
-        b.txt(&["all", "regions", app, I], join(all_regions, ","));
+        b.list(&["regions", app, I], started_regions, ",");
+        b.list(&["all", "regions", app, I], all_regions, ",");
         let vm = |i: &&Instance| format!("{} {}", i.id, i.region);
-        b.txt(&["vms", app, I], join(started().map(vm), ","));
-        b.txt(&["all", "vms", app, I], join(list.iter().map(vm), ","));
+        b.list(&["vms", app, I], started().map(vm), ",");
+        b.list(&["all", "vms", app, I], list.iter().map(vm), ",");
 
         let mut nearest: Vec<(f64, &str, &str, Ipv6Addr)> = started()
             .map(|i| {
@@ -528,7 +649,7 @@ fn build_org(
         b.name(&["nearest", "of", app, I]).nearest = Some(order);
     }
 
-    b.txt(&["_apps", I], join(apps.keys(), ","));
+    b.list(&["_apps", I], apps.keys(), ",");
     let instance = |i: &Instance| {
         format!(
             "instance={},app={},ip={},region={}",
@@ -536,30 +657,87 @@ fn build_org(
         )
     };
     let started = instances.iter().filter(|i| i.started);
-    b.txt(&["_instances", I], join(started.map(|i| instance(i)), ";"));
+    b.list(&["_instances", I], started.map(|i| instance(i)), ";");
     let all = instances.iter().map(|i| instance(i));
-    b.txt(&["all", "_instances", I], join(all, ";"));
+    b.list(&["all", "_instances", I], all, ";");
 
-    b.txt(&["_peer", I], join(peers.iter().map(|p| p.0), ","));
+    // Every peer by the name its owner gave it: sixpn names no peer itself
+    // (Fly leaves out its auto-named `interactive-*` peers; there are none
+    // here to leave out).
+    b.list(&["_peer", I], peers.iter().map(|p| p.0), ",");
     for (name, addr) in &peers {
         b.aaaa(&[name, "_peer", I], [*addr]);
     }
     // flyctl probes `_api.internal` for the org's API address: here, the
     // org's DNS server `::3` on the gateway.
     b.aaaa(&["_api", I], [prefix.dns_addr()]);
-    b.finish(prefix)
+    // The serial is the revision's low 32 bits (RFC 1982 arithmetic
+    // copes with the wrap).
+    b.finish(prefix, revision as u32)
 }
 
-fn join<T: fmt::Display>(items: impl IntoIterator<Item = T>, sep: &str) -> String {
+/// The final item of a list cut to fit one message: `shown` items of
+/// `total` are in the value before it.
+pub(crate) fn truncation_marker(shown: usize, total: usize) -> String {
+    format!("truncated: {shown} of {total}")
+}
+
+/// The longest TXT value (one record, 255-byte character-strings) that
+/// fits in one message with the question (a `name_len`-byte name), its
+/// 12-byte header and our OPT.
+fn txt_value_budget(name_len: usize) -> usize {
+    let rdlen_of = |l: usize| l + l.div_ceil(255);
+    let max_rdlen = MAX_MESSAGE
+        .saturating_sub(HEADER_LEN + name_len + 4 + OPT_RR_LEN + 12)
+        .min(usize::from(u16::MAX));
+    let mut l = max_rdlen * 255 / 256;
+    while rdlen_of(l + 1) <= max_rdlen {
+        l += 1;
+    }
+    while l > 0 && rdlen_of(l) > max_rdlen {
+        l -= 1;
+    }
+    l
+}
+
+/// `items` joined by `sep`, at most `budget` bytes: a list that is longer
+/// is cut after the last whole item that leaves room for one more, the
+/// marker [`truncation_marker`] (so a reader splitting on `sep` gets whole
+/// items and then the marker, which no name can be: names have no spaces
+/// or colons). Also returns (items shown, items in all) when cut.
+fn join_within<T: fmt::Display>(
+    items: impl IntoIterator<Item = T>,
+    sep: &str,
+    budget: usize,
+) -> (String, Option<(usize, usize)>) {
+    use fmt::Write as _;
     let mut out = String::new();
-    for (n, item) in items.into_iter().enumerate() {
-        if n > 0 {
+    // Where each item written ends; past the budget items are only counted.
+    let mut ends = Vec::new();
+    let mut total = 0;
+    for item in items {
+        total += 1;
+        if out.len() > budget {
+            continue;
+        }
+        if !ends.is_empty() {
             out.push_str(sep);
         }
-        use fmt::Write as _;
         let _ = write!(out, "{item}");
+        ends.push(out.len());
     }
-    out
+    if out.len() <= budget {
+        return (out, None);
+    }
+    // The longest marker (`shown` has at most as many digits as `total`).
+    let room = sep.len() + truncation_marker(total, total).len();
+    let shown = ends.partition_point(|&end| end + room <= budget);
+    out.truncate(ends.get(shown.wrapping_sub(1)).copied().unwrap_or(0));
+    if shown > 0 {
+        out.push_str(sep);
+    }
+    out.push_str(&truncation_marker(shown, total));
+    (out, Some((shown, total)))
 }
 
 /// `labels` as a wire-format name: length-prefixed labels and the root.
@@ -600,6 +778,51 @@ fn rr_head(arena: &mut Vec<u8>, rtype: u16) {
     arena.extend_from_slice(&rtype.to_be_bytes());
     arena.extend_from_slice(&CLASS_IN.to_be_bytes());
     arena.extend_from_slice(&TTL.to_be_bytes());
+}
+
+/// The SOA of `internal.` owned by `owner` (wire bytes: a pointer or a
+/// name), with `ttl`. Names in the RDATA are written out (no compression:
+/// the record is copied to wherever the response has room for it).
+///
+/// Written by hand like every other record here rather than with
+/// hickory-proto's encoder: its `Name` parsing and `BinEncoder` are
+/// fallible for what are constants, and the handler tests decode these
+/// records with hickory-proto, which checks the bytes.
+fn encode_soa(arena: &mut Vec<u8>, owner: &[u8], ttl: u32, serial: u32) -> Rrs {
+    let (mname, rname) = (wire_name(MNAME), wire_name(RNAME));
+    let start = arena.len();
+    arena.extend_from_slice(owner);
+    arena.extend_from_slice(&TYPE_SOA.to_be_bytes());
+    arena.extend_from_slice(&CLASS_IN.to_be_bytes());
+    arena.extend_from_slice(&ttl.to_be_bytes());
+    let rdlen = (mname.len() + rname.len() + 20) as u16;
+    arena.extend_from_slice(&rdlen.to_be_bytes());
+    arena.extend_from_slice(&mname);
+    arena.extend_from_slice(&rname);
+    for v in [serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, SOA_MINIMUM] {
+        arena.extend_from_slice(&v.to_be_bytes());
+    }
+    Rrs {
+        start: start as u32,
+        len: (arena.len() - start) as u32,
+        count: 1,
+        oversize: false,
+    }
+}
+
+/// The NS of `internal.` as an answer record: [`MNAME`].
+fn encode_ns(arena: &mut Vec<u8>) -> Rrs {
+    let mname = wire_name(MNAME);
+    let start = arena.len();
+    rr_head(arena, TYPE_NS);
+    arena.extend_from_slice(&(mname.len() as u16).to_be_bytes());
+    arena.extend_from_slice(&mname);
+    Rrs {
+        start: start as u32,
+        len: (arena.len() - start) as u32,
+        count: 1,
+        oversize: false,
+    }
 }
 
 fn encode_aaaa(arena: &mut Vec<u8>, addrs: impl Iterator<Item = Ipv6Addr>) -> Rrs {
@@ -823,6 +1046,54 @@ mod tests {
         let mut a3 = Vec::new();
         let big = encode_txt(&mut a3, &"z".repeat(70_000));
         assert!(big.oversize && a3.is_empty());
+    }
+
+    #[test]
+    fn the_txt_budget_is_the_largest_value_whose_response_fits() {
+        for name_len in [10, 16, 100, 255] {
+            let l = txt_value_budget(name_len);
+            let response = |l: usize| {
+                let mut arena = Vec::new();
+                let rrs = encode_txt(&mut arena, &"v".repeat(l));
+                assert!(!rrs.oversize);
+                HEADER_LEN + name_len + 4 + rrs.len as usize + OPT_RR_LEN
+            };
+            assert!(response(l) <= MAX_MESSAGE, "{name_len}");
+            assert!(response(l + 1) > MAX_MESSAGE, "{name_len}");
+        }
+    }
+
+    #[test]
+    fn lists_are_cut_after_a_whole_item_with_a_marker() {
+        let items = ["aaaa", "bbbb", "cccc", "dddd"];
+        // Fits exactly: whole, unmarked.
+        assert_eq!(
+            join_within(items, ",", 19),
+            ("aaaa,bbbb,cccc,dddd".into(), None)
+        );
+        // One byte short: as many items as leave room for the marker.
+        let (v, cut) = join_within(items, ",", 18);
+        assert_eq!(v, "truncated: 0 of 4");
+        assert_eq!(cut, Some((0, 4)));
+        let six = ["aaaa", "bbbb", "cccc", "dddd", "eeee", "ffff"];
+        let (v, cut) = join_within(six, ";", 28);
+        assert_eq!(v, "aaaa;bbbb;truncated: 2 of 6");
+        assert_eq!(cut, Some((2, 6)));
+        // The marker is sized for the widest count.
+        let many: Vec<String> = (0..1000).map(|k| format!("p{k:03}")).collect();
+        for budget in 20..200 {
+            let (v, cut) = join_within(&many, ",", budget);
+            assert!(v.len() <= budget, "{budget}: {v}");
+            let (shown, total) = cut.unwrap();
+            assert_eq!(total, 1000);
+            let parts: Vec<&str> = v.split(',').collect();
+            assert_eq!(parts.len(), shown + 1);
+            assert_eq!(parts[..shown], many[..shown]);
+        }
+        assert_eq!(
+            join_within(Vec::<String>::new(), ",", 0),
+            (String::new(), None)
+        );
     }
 
     #[test]

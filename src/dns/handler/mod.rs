@@ -21,11 +21,18 @@
 //! - EDNS version ≠ 0: BADVERS (RFC 6891 §6.1.3).
 //! - Class other than IN (or ANY), or a zone transfer (AXFR, IXFR):
 //!   REFUSED — there is no such data to serve.
-//! - An unknown `.internal` name: NXDOMAIN. No SOA goes in the authority
-//!   section, so resolvers won't cache the negative answer (RFC 2308 §5);
-//!   with a 5 s TTL that costs little.
-//! - A known name asked for a type it lacks (A, MX, ANY, …): NOERROR with
-//!   no answer. ANY gets no records (RFC 8482 permits a minimal answer).
+//! - `internal. SOA` and `internal. NS` are answered from the org's zone:
+//!   the SOA (serial: the store revision the zone was built from) and one
+//!   NS naming the SOA's MNAME, `_api.internal.` (see [`super::zone`]).
+//! - An unknown `.internal` name: NXDOMAIN. A known name asked for a type
+//!   it lacks (A, MX, ANY, …): NOERROR with no answer (ANY gets no records:
+//!   RFC 8482 permits a minimal answer). Both negative answers carry the
+//!   zone's SOA in the AUTHORITY section (NSCOUNT 1, TTL min(SOA TTL,
+//!   MINIMUM) = 5 s, RFC 2308 §3), pre-encoded like every answer, so
+//!   resolvers may cache them for those 5 s. Should question + SOA + OPT
+//!   not fit the client's limit (they always do: at most 358 of the 512
+//!   bytes) the SOA is left out, never truncated. A listener whose org has
+//!   no zone answers NXDOMAIN without SOA.
 //! - The response copies ID, OPCODE, RD and CD, and sets QR, AA (for
 //!   `.internal`) and RA (we forward the rest). The question is echoed byte
 //!   for byte, so a client's 0x20 case randomisation comes back intact and
@@ -36,8 +43,9 @@
 //!   most [`MAX_UDP_PAYLOAD`] (1232, DNS Flag Day 2020: no IP
 //!   fragmentation); 512 without EDNS (RFC 1035 §4.2.1). If the answer
 //!   doesn't fit it is left out and TC is set, so the client retries over
-//!   TCP, where the limit is 65535. An answer too large even for TCP gets
-//!   SERVFAIL there.
+//!   TCP, where the limit is 65535. TXT lists never pass that limit (the
+//!   zone cuts them with a marker); an AAAA set too large even for TCP
+//!   (over ~2,300 addresses) gets SERVFAIL there.
 
 use std::net::IpAddr;
 
@@ -63,6 +71,8 @@ const FLAG_RA: u8 = 0x80;
 const FLAG_CD: u8 = 0x10;
 const OPCODE_MASK: u8 = 0x78;
 
+const TYPE_NS: u16 = 2;
+const TYPE_SOA: u16 = 6;
 const TYPE_AAAA: u16 = 28;
 const TYPE_TXT: u16 = 16;
 const TYPE_OPT: u16 = 41;
@@ -206,6 +216,18 @@ pub fn answer(
     };
     let opt_len = if p.edns.is_some() { OPT_RR_LEN } else { 0 };
     let fits = !rrs.oversize && p.end + answers.len() + opt_len <= limit;
+    // NXDOMAIN or no-data: the SOA goes in AUTHORITY, if it fits.
+    let authority = match zone {
+        Some(z) if rrs.count == 0 && !rrs.oversize => {
+            let soa = z.bytes(z.negative_soa());
+            if p.end + soa.len() + opt_len <= limit {
+                soa
+            } else {
+                &[]
+            }
+        }
+        _ => &[],
+    };
     let r = match (fits, transport) {
         (true, _) => Response {
             rcode,
@@ -214,6 +236,8 @@ pub fn answer(
             ra: true,
             answers,
             count: rrs.count as u16,
+            authority,
+            nscount: u16::from(!authority.is_empty()),
         },
         (false, Transport::Udp) => Response {
             rcode,
@@ -238,6 +262,13 @@ fn resolve(zone: &OrgZone, p: &Parsed) -> Option<Rrs> {
         }
     };
     if let Some(e) = zone.lookup(name) {
+        // Only the apex has SOA and NS; the type is tested first, the
+        // common queries never compare names.
+        match p.qtype {
+            TYPE_SOA if name == APEX => return Some(zone.soa()),
+            TYPE_NS if name == APEX => return Some(zone.ns()),
+            _ => {}
+        }
         return Some(match p.qtype {
             TYPE_AAAA => e.aaaa,
             TYPE_TXT => e.txt,
@@ -251,6 +282,9 @@ fn resolve(zone: &OrgZone, p: &Parsed) -> Option<Rrs> {
     let nearest = zone.lookup(parent)?.nearest?;
     Some(pick(nearest.first_aaaa(n)))
 }
+
+/// `internal.` in wire format: the zone's apex.
+const APEX: &[u8] = b"\x08internal\x00";
 
 /// The first label and the rest of a wire-format name.
 fn split_first_label(name: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -429,6 +463,9 @@ struct Response<'a> {
     ra: bool,
     answers: &'a [u8],
     count: u16,
+    /// AUTHORITY records (the SOA of a negative answer).
+    authority: &'a [u8],
+    nscount: u16,
 }
 
 impl Response<'_> {
@@ -441,6 +478,8 @@ impl Response<'_> {
             ra: true,
             answers: &[],
             count: 0,
+            authority: &[],
+            nscount: 0,
         }
     }
 
@@ -448,8 +487,8 @@ impl Response<'_> {
         Self { ra, ..self }
     }
 
-    /// Writes header, the question (if it parsed), answers and an OPT (if
-    /// the query had one) into `out`.
+    /// Writes header, the question (if it parsed), answers, authority and
+    /// an OPT (if the query had one) into `out`.
     fn write(&self, query: &[u8], parsed: Option<&Parsed>, out: &mut Vec<u8>) -> Outcome {
         let code = self.rcode.code();
         let edns = parsed.and_then(|p| p.edns);
@@ -464,12 +503,13 @@ impl Response<'_> {
         out.push(if self.ra { FLAG_RA } else { 0 } | (query[3] & FLAG_CD) | (code & 0xF) as u8);
         out.extend_from_slice(&u16::from(parsed.is_some()).to_be_bytes());
         out.extend_from_slice(&self.count.to_be_bytes());
-        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&self.nscount.to_be_bytes());
         out.extend_from_slice(&u16::from(edns.is_some()).to_be_bytes());
         if let Some(p) = parsed {
             out.extend_from_slice(&query[HEADER_LEN..p.end]);
         }
         out.extend_from_slice(self.answers);
+        out.extend_from_slice(self.authority);
         if let Some(e) = edns {
             out.push(0); // owner: the root
             out.extend_from_slice(&TYPE_OPT.to_be_bytes());

@@ -211,12 +211,40 @@ fn nxdomain(index: &ZoneIndex, name: &str, rtype: RecordType) {
     let m = ask(index, name, rtype);
     is_answer(&m, ResponseCode::NXDomain);
     assert!(m.answers.is_empty(), "{name}");
+    negative_soa(index, &m);
 }
 
 fn nodata(index: &ZoneIndex, name: &str, rtype: RecordType) {
     let m = ask(index, name, rtype);
     is_answer(&m, ResponseCode::NoError);
     assert!(m.answers.is_empty(), "{name} {rtype}: {:?}", m.answers);
+    negative_soa(index, &m);
+}
+
+/// The SOA record's data.
+fn soa_of(rec: &hickory_proto::rr::Record) -> &hickory_proto::rr::rdata::SOA {
+    match &rec.data {
+        RData::SOA(soa) => soa,
+        other => panic!("not SOA: {other:?}"),
+    }
+}
+
+/// A negative answer's AUTHORITY: acme's SOA at `internal.`, TTL
+/// min(TTL, MINIMUM), serial of the zone — or nothing when the listener's
+/// org has no zone.
+fn negative_soa(index: &ZoneIndex, m: &Message) {
+    let Some(zone) = index.org(prefix(ACME)) else {
+        assert!(m.authorities.is_empty(), "{:?}", m.authorities);
+        return;
+    };
+    assert_eq!(m.authorities.len(), 1, "{:?}", m.authorities);
+    let rec = &m.authorities[0];
+    assert_eq!(rec.name, Name::from_ascii("internal.").unwrap());
+    assert_eq!(rec.dns_class, DNSClass::IN);
+    assert_eq!(rec.ttl, crate::dns::zone::NEGATIVE_TTL);
+    assert_eq!(rec.ttl, TTL.min(soa_of(rec).minimum));
+    assert_eq!(soa_of(rec).serial, zone.serial());
+    assert!(m.additionals.is_empty());
 }
 
 fn a(machine: u32) -> Ipv6Addr {
@@ -716,7 +744,7 @@ fn edns_version_and_do_bit() {
 }
 
 #[test]
-fn answers_too_large_for_any_message_are_servfail_over_tcp() {
+fn aaaa_sets_too_large_for_any_message_are_servfail_over_tcp_and_lists_are_cut() {
     let mut s = fixture();
     for k in 0..2400 {
         instance(
@@ -732,34 +760,205 @@ fn answers_too_large_for_any_message_are_servfail_over_tcp() {
     }
     let z = build(&s);
     let zone = z.org(prefix(ACME)).unwrap();
-    for n in [
-        "big.internal",
-        "_instances.internal",
-        "all._instances.internal",
-    ] {
-        assert!(
-            zone.oversized().iter().any(|o| o == n),
-            "{n}: {:?}",
-            zone.oversized()
-        );
-    }
-    for (name, t) in [
-        ("big.internal", RecordType::AAAA),
-        ("_instances.internal", RecordType::TXT),
-    ] {
-        let q = query(name, t, Some(1232));
-        let (o, out) = raw(&z, member(), &q, Transport::Tcp);
-        assert_eq!(o, Outcome::Answered(Rcode::ServFail), "{name}");
-        assert!(Message::from_vec(&out).unwrap().answers.is_empty());
-        let (o, out) = raw(&z, member(), &q, Transport::Udp);
-        assert_eq!(o, Outcome::Answered(Rcode::NoError));
-        assert!(Message::from_vec(&out).unwrap().metadata.truncation);
-    }
+    assert_eq!(
+        zone.oversized(),
+        ["big.internal", "lhr.big.internal", "global.big.internal"]
+    );
+    assert_eq!(
+        zone.truncated(),
+        ["all._instances.internal", "_instances.internal"]
+    );
+    // An address set can't be cut (a resolver would take a part for the
+    // whole): SERVFAIL over TCP, TC over UDP.
+    let q = query("big.internal", RecordType::AAAA, Some(1232));
+    let (o, out) = raw(&z, member(), &q, Transport::Tcp);
+    assert_eq!(o, Outcome::Answered(Rcode::ServFail));
+    let m = Message::from_vec(&out).unwrap();
+    assert!(m.answers.is_empty() && m.authorities.is_empty());
+    let (o, out) = raw(&z, member(), &q, Transport::Udp);
+    assert_eq!(o, Outcome::Answered(Rcode::NoError));
+    assert!(Message::from_vec(&out).unwrap().metadata.truncation);
+    // A list is cut at a whole item, and says so.
+    let q = query("_instances.internal", RecordType::TXT, Some(1232));
+    let (o, out) = raw(&z, member(), &q, Transport::Tcp);
+    assert_eq!(o, Outcome::Answered(Rcode::NoError));
+    assert!(out.len() <= MAX_MESSAGE);
+    let m = Message::from_vec(&out).unwrap();
+    let v = txt(&m).pop().unwrap();
+    let items: Vec<&str> = v.split(';').collect();
+    let (last, shown) = items.split_last().unwrap();
+    assert_eq!(*last, format!("truncated: {} of 2404", shown.len()));
+    assert!(shown.len() > 1000, "{}", shown.len());
+    assert!(shown
+        .iter()
+        .all(|i| i.starts_with("instance=") && i.ends_with("region=lhr")));
     // A prefix of the same set still fits.
     let q = query("top2000.nearest.of.big.internal", RecordType::AAAA, None);
     let (o, out) = raw(&z, member(), &q, Transport::Tcp);
     assert_eq!(o, Outcome::Answered(Rcode::NoError));
     assert_eq!(Message::from_vec(&out).unwrap().answers.len(), 2000);
+}
+
+/// acme with `n` peers `peer-000000`… on one gateway (one key, cloned:
+/// generating 100,000 would dominate the test).
+fn many_peers(n: u32) -> Snapshot {
+    let mut s = fixture();
+    s.peers.retain(|p| p.org.as_str() != "acme");
+    let g = s.gateways[0].clone();
+    let first = crate::store::fixture::peer_on(&g, "acme", prefix(ACME), "peer-000000", 0);
+    for k in 0..n {
+        let slot = crate::model::PeerSlot::new(k).unwrap();
+        let mut p = first.clone();
+        p.name = format!("peer-{k:06}").parse().unwrap();
+        p.slot = slot;
+        p.net = slot.net(prefix(ACME), g.host_id);
+        s.peers.push(p);
+    }
+    s
+}
+
+#[test]
+fn a_peer_list_too_long_for_one_message_is_cut_with_a_marker() {
+    let z = build(&many_peers(100_000));
+    let zone = z.org(prefix(ACME)).unwrap();
+    assert_eq!(zone.truncated(), ["_peer.internal"]);
+    assert!(zone.oversized().is_empty());
+    for edns in [None, Some(1232)] {
+        // TCP: the cut list is the answer, one TXT record.
+        let q = query("_peer.internal", RecordType::TXT, edns);
+        let (o, out) = raw(&z, member(), &q, Transport::Tcp);
+        assert_eq!(o, Outcome::Answered(Rcode::NoError), "{edns:?}");
+        assert!(out.len() <= MAX_MESSAGE);
+        // Nearly full: the cut leaves less than one more item unused.
+        assert!(out.len() > MAX_MESSAGE - 40, "{}", out.len());
+        let m = Message::from_vec(&out).unwrap();
+        is_answer(&m, ResponseCode::NoError);
+        assert!(m.authorities.is_empty());
+        let values = txt(&m);
+        assert_eq!(values.len(), 1);
+        let items: Vec<&str> = values[0].split(',').collect();
+        let (last, shown) = items.split_last().unwrap();
+        assert_eq!(*last, format!("truncated: {} of 100000", shown.len()));
+        // Whole items, in order, from the first.
+        for (k, item) in shown.iter().enumerate() {
+            assert_eq!(*item, format!("peer-{k:06}"));
+        }
+        // UDP: too big, so TC and the client retries over TCP.
+        let (o, out) = raw(&z, member(), &q, Transport::Udp);
+        assert_eq!(o, Outcome::Answered(Rcode::NoError));
+        let m = Message::from_vec(&out).unwrap();
+        assert!(m.metadata.truncation && m.answers.is_empty());
+        assert!(out.len() <= 512);
+    }
+    // The peers' own names are unaffected.
+    assert_eq!(ok_aaaa(&z, "peer-099999._peer.internal").len(), 1);
+}
+
+#[test]
+fn soa_and_ns_at_the_apex() {
+    let mut s = fixture();
+    // The serial is the revision's low 32 bits.
+    s.revision = 0x1_0000_002a;
+    let z = build(&s);
+    for name in ["internal.", "InTeRnAl."] {
+        let m = ask(&z, name, RecordType::SOA);
+        is_answer(&m, ResponseCode::NoError);
+        assert_eq!(m.answers.len(), 1);
+        assert!(m.authorities.is_empty());
+        let rec = &m.answers[0];
+        assert_eq!(rec.name.to_ascii(), name, "the question name, as asked");
+        assert_eq!(rec.ttl, TTL);
+        let soa = soa_of(rec);
+        assert_eq!(soa.mname, Name::from_ascii("_api.internal.").unwrap());
+        assert_eq!(soa.rname, Name::from_ascii("hostmaster.internal.").unwrap());
+        assert_eq!(soa.serial, 0x2a);
+        assert_eq!(
+            (soa.refresh, soa.retry, soa.expire, soa.minimum),
+            (3600, 600, 1_209_600, TTL)
+        );
+    }
+    let m = ask(&z, "internal", RecordType::NS);
+    is_answer(&m, ResponseCode::NoError);
+    let ns: Vec<_> = m
+        .answers
+        .iter()
+        .map(|rec| {
+            assert_eq!(rec.ttl, TTL);
+            match &rec.data {
+                RData::NS(ns) => ns.0.clone(),
+                other => panic!("not NS: {other:?}"),
+            }
+        })
+        .collect();
+    assert_eq!(ns, [Name::from_ascii("_api.internal.").unwrap()]);
+    // The NS target resolves, to the server itself.
+    assert_eq!(ok_aaaa(&z, "_api.internal"), [prefix(ACME).dns_addr()]);
+    // SOA and NS exist at the apex only; elsewhere they are no-data.
+    for t in [RecordType::SOA, RecordType::NS] {
+        nodata(&z, "web.internal", t);
+        nodata(&z, "_api.internal", t);
+        nxdomain(&z, "nope.internal", t);
+        nodata(&z, "top1.nearest.of.web.internal", t);
+    }
+    // Over TCP and without EDNS too.
+    let q = query("internal", RecordType::SOA, None);
+    let (_, out) = raw(&z, member(), &q, Transport::Tcp);
+    let m = Message::from_vec(&out).unwrap();
+    assert_eq!(soa_of(&m.answers[0]).serial, 0x2a);
+}
+
+#[test]
+fn negative_answers_carry_the_soa_of_the_revision_the_zone_was_built_from() {
+    let before = fixture();
+    let old = build(&before);
+    let serial = |i: &ZoneIndex, net| i.org(prefix(net)).unwrap().serial();
+    assert_eq!(serial(&old, ACME), 7);
+    // NXDOMAIN and no-data, over UDP with and without EDNS and over TCP.
+    for transport in [Transport::Udp, Transport::Tcp] {
+        for edns in [None, Some(512), Some(1232)] {
+            for (name, t, rcode) in [
+                ("nope.internal", RecordType::AAAA, ResponseCode::NXDomain),
+                (
+                    "a.b.c.web.internal",
+                    RecordType::TXT,
+                    ResponseCode::NXDomain,
+                ),
+                ("web.internal", RecordType::A, ResponseCode::NoError),
+                ("internal", RecordType::AAAA, ResponseCode::NoError),
+            ] {
+                let q = query(name, t, edns);
+                let (_, out) = raw(&old, member(), &q, transport);
+                let m = Message::from_vec(&out).unwrap();
+                is_answer(&m, rcode);
+                assert!(m.answers.is_empty());
+                assert_eq!(u16::from_be_bytes([out[8], out[9]]), 1, "NSCOUNT");
+                negative_soa(&old, &m);
+                assert_eq!(m.edns.is_some(), edns.is_some());
+            }
+        }
+    }
+    // A positive answer has no AUTHORITY.
+    let m = ask(&old, "web.internal", RecordType::AAAA);
+    assert!(m.authorities.is_empty());
+    // The longest name there is still fits with its SOA in 512 bytes.
+    let label = "x".repeat(61);
+    let long = format!("{label}.{label}.{label}.{}.internal", "y".repeat(58));
+    nxdomain(&old, &long, RecordType::AAAA);
+
+    // A rebuilt zone takes the new revision; one taken over keeps its own.
+    let mut after = before.clone();
+    instance(&mut after, A, "api", "n1", "lhr", 0x77, None, true);
+    after.revision = 8;
+    let (new, _) = ZoneIndex::update(
+        Some((&old, &before)),
+        &after,
+        &r("lhr"),
+        &RegionDistances::builtin(),
+    );
+    assert_eq!(serial(&new, ACME), 8);
+    assert_eq!(serial(&new, OTHER), 7);
+    let m = ask(&new, "nope.internal", RecordType::AAAA);
+    assert_eq!(soa_of(&m.authorities[0]).serial, 8);
 }
 
 /// A valid query for `web.internal` AAAA without EDNS: 12 + 14 + 4 bytes.

@@ -283,6 +283,10 @@ impl DnsService {
                 warn!(org = %zone.prefix(), %name,
                     "DNS answer too large for any message; it gets SERVFAIL over TCP");
             }
+            for name in zone.truncated() {
+                warn!(org = %zone.prefix(), %name,
+                    "DNS list too long for one message; answered cut short, ending in a truncated: marker");
+            }
         }
         self.ctx.zones.store(index);
         inc(&self.ctx.metrics.zone_swaps);
