@@ -142,6 +142,7 @@ fn peer_req(region: &str, name: &str) -> CreatePeer {
         region: region.parse().unwrap(),
         name: name.parse().unwrap(),
         public_key: PrivateKey::generate().public_key(),
+        ephemeral: None,
     }
 }
 
@@ -530,6 +531,7 @@ async fn bad_requests_get_one_clear_error_and_write_nothing() {
     for gw in &before.gateways {
         let own = CreatePeer {
             public_key: gw.public_key,
+            ephemeral: None,
             ..peer_req("lhr", "own-key")
         };
         let (code, msg) = status(api.unix.create_peer(&org("acme"), &own).await.unwrap_err());
@@ -627,6 +629,7 @@ async fn started_with_a_peer() -> (Api, Arc<FakeDataplane>, CreatePeer) {
             name: req.name.clone(),
             region: req.region.clone(),
             public_key: req.public_key,
+            ephemeral: None,
         })
         .await
         .unwrap();
