@@ -45,6 +45,7 @@ fn main() {
                     name: format!("p{i}").parse().unwrap(),
                     region: "lhr".parse().unwrap(),
                     public_key: k,
+                    ephemeral: None,
                 })
                 .await
                 .expect("create");

@@ -46,6 +46,7 @@ async fn one_size(n: usize, round: usize) {
                 name: format!("p{i}").parse().unwrap(),
                 region: rig::REGION.parse().unwrap(),
                 public_key: PrivateKey::generate().public_key(),
+                ephemeral: None,
             })
             .await
             .unwrap();
@@ -107,6 +108,7 @@ async fn one_size(n: usize, round: usize) {
                 name: format!("extra{j}").parse().unwrap(),
                 region: rig::REGION.parse().unwrap(),
                 public_key: PrivateKey::generate().public_key(),
+                ephemeral: None,
             })
             .await
             .unwrap();

@@ -112,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
                 name: format!("peer-{p:04}").parse()?,
                 region: "lhr".parse()?,
                 public_key: PrivateKey::generate().public_key(),
+                ephemeral: None,
             })
             .await?;
     }

@@ -339,6 +339,7 @@ mod tests {
             net: slot.net(NetworkId::new(1).unwrap().prefix(), HostId::from_u32(1)),
             public_key: PrivateKey::generate().public_key(),
             created_at: 0,
+            ephemeral: None,
             revision,
         }
     }

@@ -142,6 +142,7 @@ fn peer_req(region: &str, name: &str) -> CreatePeer {
         region: region.parse().unwrap(),
         name: name.parse().unwrap(),
         public_key: PrivateKey::generate().public_key(),
+        ephemeral: None,
     }
 }
 
@@ -205,6 +206,100 @@ async fn create_peer_returns_everything_the_client_needs() {
     );
     assert_eq!(code, StatusCode::NOT_FOUND);
     assert!(msg.contains("peer 'basic' not found"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ephemeral_peers_show_their_ttl_and_deadline_and_bad_ttls_are_refused() {
+    let api = Api::start().await;
+    api.unix.create_org(&org("ci")).await.unwrap();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut req = peer_req("lhr", "job-1");
+    req.ephemeral = Some(5_400);
+    let p = api.unix.create_peer(&org("ci"), &req).await.unwrap();
+    assert_eq!(p.ephemeral, Some(5_400));
+    let stored = api.store.snapshot().await.unwrap();
+    let created = stored.peers.iter().find(|q| q.name == p.name).unwrap();
+    assert_eq!(created.ephemeral, Some(5_400));
+    assert!(created.created_at >= before);
+    assert_eq!(p.expires_at, Some(created.created_at + 5_400));
+    api.unix
+        .create_peer(&org("ci"), &peer_req("lhr", "laptop"))
+        .await
+        .unwrap();
+
+    let list = api.unix.peers(&org("ci")).await.unwrap();
+    let find = |n: &str| list.iter().find(|q| q.name.as_str() == n).unwrap();
+    assert_eq!(
+        (find("job-1").ephemeral, find("job-1").expires_at),
+        (Some(5_400), Some(created.created_at + 5_400))
+    );
+    assert_eq!(
+        (find("laptop").ephemeral, find("laptop").expires_at),
+        (None, None)
+    );
+    // The JSON carries the fields (null for a normal peer).
+    let (code, body) = api
+        .unix
+        .raw(Method::GET, "/v1/orgs/ci/peers", Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(code, StatusCode::OK);
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let rows = json.as_array().unwrap();
+    assert!(rows
+        .iter()
+        .any(|r| r["ephemeral"] == 5_400 && r["expires_at"].is_u64()));
+    assert!(rows
+        .iter()
+        .any(|r| r["ephemeral"].is_null() && r["expires_at"].is_null()));
+    let st = api.unix.peer_status(&org("ci"), &p.name).await.unwrap();
+    assert_eq!(st.peer.expires_at, p.expires_at);
+
+    let before = api.store.snapshot().await.unwrap();
+    for bad in [0, 30 * 24 * 3600 + 1, u64::MAX] {
+        let mut req = peer_req("lhr", "job-2");
+        req.ephemeral = Some(bad);
+        let (code, msg) = status(api.unix.create_peer(&org("ci"), &req).await.unwrap_err());
+        assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {msg}");
+        assert!(
+            msg.contains("ephemeral must be a time to live of 1 to 2592000 seconds"),
+            "{bad}: {msg}"
+        );
+    }
+    // Exactly 30 days is allowed.
+    let mut req = peer_req("lhr", "job-3");
+    req.ephemeral = Some(30 * 24 * 3600);
+    let after_bad = api.store.snapshot().await.unwrap();
+    assert_eq!(
+        after_bad.peers, before.peers,
+        "a refused create wrote nothing"
+    );
+    api.unix.create_peer(&org("ci"), &req).await.unwrap();
+    // A body from an older client (no field) makes a normal peer.
+    let (code, body) = api
+        .unix
+        .raw(
+            Method::POST,
+            "/v1/orgs/ci/peers",
+            format!(
+                r#"{{"region":"lhr","name":"old","public_key":"{}"}}"#,
+                PrivateKey::generate().public_key()
+            )
+            .into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        code,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let old: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(old["ephemeral"].is_null(), "{old}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -530,6 +625,7 @@ async fn bad_requests_get_one_clear_error_and_write_nothing() {
     for gw in &before.gateways {
         let own = CreatePeer {
             public_key: gw.public_key,
+            ephemeral: None,
             ..peer_req("lhr", "own-key")
         };
         let (code, msg) = status(api.unix.create_peer(&org("acme"), &own).await.unwrap_err());
@@ -627,6 +723,7 @@ async fn started_with_a_peer() -> (Api, Arc<FakeDataplane>, CreatePeer) {
             name: req.name.clone(),
             region: req.region.clone(),
             public_key: req.public_key,
+            ephemeral: None,
         })
         .await
         .unwrap();

@@ -621,6 +621,7 @@ fn a_fleet_shares_one_etcd_cluster() {
                     region: region.parse().unwrap(),
                     name: format!("c{i}").parse().unwrap(),
                     public_key: PrivateKey::generate().public_key(),
+                    ephemeral: None,
                 };
                 c.create_peer(&"acme".parse().unwrap(), &req).await
             });
@@ -826,6 +827,7 @@ fn bench_write_to_wg_show_on_the_other_gateway() {
                     region: "lhr".parse().unwrap(),
                     name: format!("b{i}").parse().unwrap(),
                     public_key: key,
+                    ephemeral: None,
                 },
             ))
             .expect("create");
@@ -964,6 +966,7 @@ fn bench_write_to_dns_answer_on_the_other_gateway() {
                 region: "lhr".parse().unwrap(),
                 name: "probe".parse().unwrap(),
                 public_key: PrivateKey::generate().public_key(),
+                ephemeral: None,
             },
         ))
         .expect("create the probe's peer");

@@ -153,7 +153,18 @@ pub struct CreatePeer {
     pub name: PeerName,
     /// The peer's public key (the private key stays with the client).
     pub public_key: PublicKey,
+    /// Make it ephemeral (a CI job's peer): removed once it has gone this
+    /// many seconds, after its creation or its last activity, without a
+    /// handshake or packet. 1 to [`MAX_EPHEMERAL_TTL_SECS`]; absent: a
+    /// normal peer. Left out of the body when absent, so servers that
+    /// predate ephemeral peers still take normal creates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral: Option<u64>,
 }
+
+/// The longest time to live an ephemeral peer may be given (30 days):
+/// longer, and it is not a CI job's peer.
+pub const MAX_EPHEMERAL_TTL_SECS: u64 = 30 * 24 * 3600;
 
 pub use crate::liveness::PeerState;
 
@@ -184,6 +195,16 @@ pub struct PeerInfo {
     pub endpoint: Endpoint,
     /// Installed / pending / registered.
     pub state: PeerState,
+    /// An ephemeral peer's time to live in seconds; absent (null): a
+    /// normal peer.
+    #[serde(default)]
+    pub ephemeral: Option<u64>,
+    /// An ephemeral peer's deadline if it never connects (unix seconds:
+    /// `created_at` + TTL). Activity extends it: once the gateway sees a
+    /// handshake or packet, the peer lives until TTL after the last one.
+    /// Absent (null): a normal peer, never removed by itself.
+    #[serde(default)]
+    pub expires_at: Option<u64>,
 }
 
 impl PeerInfo {
@@ -221,6 +242,8 @@ impl PeerInfo {
             gateway_public_key: *gateway_key,
             endpoint: endpoint.clone(),
             state,
+            ephemeral: p.ephemeral,
+            expires_at: p.ephemeral.map(|ttl| p.created_at.saturating_add(ttl)),
         }
     }
 }

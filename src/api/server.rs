@@ -22,7 +22,8 @@ use sha2::{Digest, Sha256};
 
 use super::{
     AddInstance, CreateOrg, CreateOrgToken, CreatePeer, ErrorBody, Health, InstanceInfo, OrgInfo,
-    OrgToken, PeerInfo, PeerStatus, RegionInfo, TokenInfo, MAX_BODY, MAX_TOKEN_LIFETIME_SECS,
+    OrgToken, PeerInfo, PeerStatus, RegionInfo, TokenInfo, MAX_BODY, MAX_EPHEMERAL_TTL_SECS,
+    MAX_TOKEN_LIFETIME_SECS,
 };
 use crate::model::{AppName, GatewayName, InstanceId, OrgName, PeerName, RegionName, TokenId};
 use crate::store::{
@@ -497,6 +498,18 @@ async fn create_peer(
     Body(req): Body<CreatePeer>,
 ) -> Result<(StatusCode, Json<PeerInfo>), ApiError> {
     caller.require_org(&org)?;
+    match req.ephemeral {
+        Some(ttl) if ttl == 0 || ttl > MAX_EPHEMERAL_TTL_SECS => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "ephemeral must be a time to live of 1 to {MAX_EPHEMERAL_TTL_SECS} seconds \
+                     (30 days), not {ttl}; leave it out for a normal peer"
+                ),
+            ))
+        }
+        _ => {}
+    }
     // WireGuard would take a gateway's own key as a peer silently and never
     // install it; say so instead.
     let snap = st.store.snapshot().await?;
@@ -520,6 +533,7 @@ async fn create_peer(
             name: req.name,
             region: req.region,
             public_key: req.public_key,
+            ephemeral: req.ephemeral,
         })
         .await?;
     // A backend with a cap (wireguard-go, every peer installed) can't take
@@ -544,7 +558,7 @@ async fn create_peer(
     let prefix = crate::model::OrgPrefix::of(peer.net.network())
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "peer outside 6PN"))?;
     tracing::info!(org = %org, peer = %peer.name, gateway = %peer.gateway,
-        address = %peer.net.peer_addr(), "peer registered");
+        address = %peer.net.peer_addr(), ephemeral = ?peer.ephemeral, "peer registered");
     let state = st.liveness().wait(&peer, INSTALL_WAIT).await;
     let info = PeerInfo::new(&peer, prefix, &gateway.public_key, &gateway.endpoint, state);
     Ok((StatusCode::CREATED, Json(info)))

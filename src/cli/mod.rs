@@ -178,6 +178,17 @@ pub struct CreateArgs {
     /// Also print the configuration as a QR code (for the mobile apps).
     #[arg(long)]
     pub qr: bool,
+    /// Make the peer ephemeral (for CI): it is removed once it has gone
+    /// TTL (default 1h; e.g. 90m, 12h, 3600s; at most 30d) after its
+    /// creation, or after its last activity, without a handshake or packet.
+    #[arg(
+        long,
+        value_name = "TTL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "1h"
+    )]
+    pub ephemeral: Option<String>,
 }
 
 /// `sixpn instances …`.
@@ -404,10 +415,11 @@ pub async fn run(api: &str, command: Command) -> Result<(), CliError> {
                         p.region.to_string(),
                         p.gateway.to_string(),
                         p.address.to_string(),
+                        ephemeral_column(p),
                     ]
                 })
                 .collect();
-            print_table(&["NAME", "REGION", "GATEWAY", "PEER IP"], rows);
+            print_table(&["NAME", "REGION", "GATEWAY", "PEER IP", "EPHEMERAL"], rows);
             Ok(())
         }
         Command::Wireguard(WgCmd::Remove { org, name }) => {
@@ -458,6 +470,7 @@ async fn wireguard_create(
         },
     )?;
     let name: PeerName = p.text(args.name, "NAME", "Name of WireGuard peer to add")?;
+    let ephemeral = args.ephemeral.as_deref().map(ephemeral_ttl).transpose()?;
     // Validate the key before anything is registered.
     let (private, public) = match args.public_key {
         Some(k) => (None, k.parse::<PublicKey>()?),
@@ -494,6 +507,7 @@ async fn wireguard_create(
                 region,
                 name: name.clone(),
                 public_key: public,
+                ephemeral,
             },
         )
         .await;
@@ -773,6 +787,38 @@ fn parse_duration(s: &str) -> Result<u64, CliError> {
         })
 }
 
+/// `--ephemeral`'s TTL as seconds, within what the API takes.
+fn ephemeral_ttl(s: &str) -> Result<u64, CliError> {
+    let ttl = parse_duration(s)?;
+    if ttl > crate::api::MAX_EPHEMERAL_TTL_SECS {
+        return Err(CliError::Other(format!(
+            "--ephemeral={s} is longer than 30d, the most an ephemeral peer may live idle"
+        )));
+    }
+    Ok(ttl)
+}
+
+/// Seconds in the largest unit that divides them: `1h`, `90m`, `45s`.
+fn fmt_ttl(secs: u64) -> String {
+    match secs {
+        0 => "0s".to_owned(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// `wireguard list`'s EPHEMERAL column: the TTL and the deadline if the
+/// peer never connects, or `-` for a normal peer.
+fn ephemeral_column(p: &crate::api::PeerInfo) -> String {
+    match (p.ephemeral, p.expires_at) {
+        (Some(ttl), Some(at)) => format!("{} (expires {})", fmt_ttl(ttl), utc(at)),
+        (Some(ttl), None) => fmt_ttl(ttl),
+        (None, _) => "-".to_owned(),
+    }
+}
+
 /// Unix seconds as `2026-12-07 13:05 UTC`.
 fn utc(unix: u64) -> String {
     let days = (unix / 86_400) as i64;
@@ -834,6 +880,17 @@ fn print_status(s: &crate::api::PeerStatus) {
     if let Some(t) = s.evicted_at {
         println!("  evicted:          {} (idle)", ago(t));
     }
+    if let (Some(ttl), Some(expires)) = (p.ephemeral, p.expires_at) {
+        // A handshake is activity: it moves the deadline on.
+        let expires = s
+            .latest_handshake
+            .map_or(expires, |h| expires.max(h.saturating_add(ttl)));
+        println!(
+            "  ephemeral:        {}, expires {} unless active",
+            fmt_ttl(ttl),
+            utc(expires)
+        );
+    }
     if let Some(n) = &s.note {
         println!("  note:             {n}");
     }
@@ -842,6 +899,38 @@ fn print_status(s: &crate::api::PeerStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ephemeral_ttls_default_to_an_hour_and_stay_within_30_days() {
+        let ttl = |args: &[&str]| {
+            let cli = Cli::try_parse_from(
+                ["sixpn", "wireguard", "create"]
+                    .iter()
+                    .chain(args)
+                    .chain(&["acme", "lhr", "ci", "stdout"]),
+            )
+            .unwrap();
+            let Command::Wireguard(WgCmd::Create(a)) = cli.command else {
+                panic!("not a create: {cli:?}");
+            };
+            assert_eq!(
+                (a.org.as_deref(), a.file.as_deref()),
+                (Some("acme"), Some("stdout"))
+            );
+            a.ephemeral.as_deref().map(ephemeral_ttl).transpose()
+        };
+        assert_eq!(ttl(&[]).unwrap(), None);
+        assert_eq!(ttl(&["--ephemeral"]).unwrap(), Some(3_600));
+        assert_eq!(ttl(&["--ephemeral=90m"]).unwrap(), Some(5_400));
+        assert_eq!(ttl(&["--ephemeral=3600s"]).unwrap(), Some(3_600));
+        assert_eq!(ttl(&["--ephemeral=30d"]).unwrap(), Some(2_592_000));
+        assert!(ttl(&["--ephemeral=31d"]).is_err());
+        assert!(ttl(&["--ephemeral=0"]).is_err());
+        assert_eq!(fmt_ttl(3_600), "1h");
+        assert_eq!(fmt_ttl(5_400), "90m");
+        assert_eq!(fmt_ttl(45), "45s");
+        assert_eq!(fmt_ttl(172_800), "2d");
+    }
 
     #[test]
     fn durations_take_units_and_refuse_nonsense() {

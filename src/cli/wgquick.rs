@@ -80,6 +80,8 @@ mod tests {
             gateway_public_key: gw,
             endpoint: "gw-lhr.example.net:51820".parse().unwrap(),
             state: PeerState::Installed,
+            ephemeral: None,
+            expires_at: None,
         };
         let expected = format!(
             "[Interface]\nPrivateKey = {}\nAddress = fdaa:0:18:a7b:d6b:0:a:2/120\n\

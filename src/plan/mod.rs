@@ -17,6 +17,7 @@
 //! gateway; with just-in-time peers ([`jit`]) only the admitted ones, the
 //! others waiting in [`Desired::pending`] for their first initiation.
 
+pub mod ephemeral;
 pub mod guard;
 pub mod jit;
 pub mod kernel;
@@ -585,6 +586,7 @@ mod tests {
             net: slot.net(NetworkId::new(net).unwrap().prefix(), g.host_id),
             public_key: k,
             created_at: 0,
+            ephemeral: None,
             revision: 0,
         }
     }

@@ -112,6 +112,7 @@ pub async fn add_peer(store: &dyn Store, org: &str, name: &str) -> Peer {
             name: name.parse().expect("a peer name"),
             region: REGION.parse().expect("a region"),
             public_key: PrivateKey::generate().public_key(),
+            ephemeral: None,
         })
         .await
         .expect("create the peer");

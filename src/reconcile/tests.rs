@@ -96,6 +96,7 @@ async fn store_changes_are_followed_and_end_where_a_full_pass_would() {
             name: "g".parse().unwrap(),
             region: "lhr".parse().unwrap(),
             public_key: g,
+            ephemeral: None,
         })
         .await
         .unwrap();

@@ -23,7 +23,8 @@ macro_rules! single_store_checks {
             peers_get_distinct_addresses_and_reuse_freed_slots,
             bad_writes_change_nothing,
             instances_and_tokens,
-            gateway_host_ids_are_unique_and_stable);
+            gateway_host_ids_are_unique_and_stable,
+            ephemeral_peers_keep_their_ttl);
     };
     (@each $setup:path; $($name:ident),*) => {
         $(
@@ -62,6 +63,7 @@ pub fn new_peer(org: &str, name: &str) -> NewPeer {
         name: name.parse().unwrap(),
         region: "lhr".parse().unwrap(),
         public_key: PrivateKey::generate().public_key(),
+        ephemeral: None,
     }
 }
 
@@ -101,6 +103,30 @@ pub async fn peers_get_distinct_addresses_and_reuse_freed_slots(store: &dyn Stor
         .await
         .unwrap();
     assert_eq!(again.slot.index(), 7);
+}
+
+/// An ephemeral peer keeps its time to live through the create, the
+/// snapshot and the remove; a plain peer beside it stays a normal one.
+pub async fn ephemeral_peers_keep_their_ttl(store: &dyn Store) {
+    let org = store.create_org(&"ci".parse().unwrap()).await.unwrap();
+    let mut req = new_peer("ci", "job-1");
+    req.ephemeral = Some(3_600);
+    let (eph, _) = store.create_peer(&req).await.unwrap();
+    assert_eq!(eph.ephemeral, Some(3_600));
+    let (plain, _) = store.create_peer(&new_peer("ci", "laptop")).await.unwrap();
+    assert_eq!(plain.ephemeral, None);
+    let snap = store.snapshot().await.unwrap();
+    let ttl = |name: &str| {
+        snap.peers
+            .iter()
+            .find(|p| p.name.as_str() == name)
+            .map(|p| p.ephemeral)
+    };
+    assert_eq!(ttl("job-1"), Some(Some(3_600)));
+    assert_eq!(ttl("laptop"), Some(None));
+    assert!(snap.peers.contains(&eph) && snap.peers.contains(&plain));
+    let gone = store.remove_peer(&org.name, &eph.name).await.unwrap();
+    assert_eq!(gone, eph);
 }
 
 /// Concurrent creates through two handles (`b` registers a second lhr
@@ -354,6 +380,7 @@ pub async fn sync_reports(a: &dyn Store, b: &dyn Store, gateway: &GatewayName) {
             name: "p".parse().unwrap(),
             region: "lhr".parse().unwrap(),
             public_key: PrivateKey::generate().public_key(),
+            ephemeral: None,
         })
         .await
         .unwrap();

@@ -17,6 +17,7 @@ pub fn peer_on(g: &Gateway, org: &str, prefix: OrgPrefix, name: &str, slot: u32)
         net: slot.net(prefix, g.host_id),
         public_key: PrivateKey::generate().public_key(),
         created_at: 0,
+        ephemeral: None,
         revision: 0,
     }
 }

@@ -82,6 +82,13 @@ pub struct Peer {
     pub public_key: PublicKey,
     /// Unix seconds when it was registered.
     pub created_at: u64,
+    /// For an ephemeral peer (a CI job's), its time to live in seconds: it
+    /// is removed once it has gone this long after its creation, or after
+    /// its last activity, without a handshake or packet
+    /// ([`crate::plan::ephemeral::expired`]). `None`: a normal peer, kept
+    /// until removed.
+    #[serde(default)]
+    pub ephemeral: Option<u64>,
     /// The store revision of the write that registered it: a gateway whose
     /// [`SyncReport`] is at or past it has seen the peer.
     pub revision: Revision,
@@ -241,6 +248,9 @@ pub struct NewPeer {
     pub region: RegionName,
     /// The peer's public key.
     pub public_key: PublicKey,
+    /// Its time to live in seconds, for an ephemeral peer ([`Peer::ephemeral`]);
+    /// `None`: a normal peer.
+    pub ephemeral: Option<u64>,
 }
 
 /// A request to register an instance.

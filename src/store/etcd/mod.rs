@@ -548,6 +548,7 @@ impl EtcdStore {
             net: slot.net(org.prefix(), gw.host_id),
             public_key: rec.public_key,
             created_at: rec.created_at,
+            ephemeral: rec.ephemeral,
             revision: u64::try_from(revision).unwrap_or(0),
         })
     }

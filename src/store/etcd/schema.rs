@@ -14,7 +14,7 @@
 //! | `P netids/<id, 10 digits>` | org name | network-id uniqueness |
 //! | `P gateways/<gateway>` | [`Gateway`] | registration: region, host id, endpoint, key |
 //! | `P hostids/<host id, 8 hex>` | gateway name | host-id uniqueness |
-//! | `P peers/<org>/<peer>` | [`PeerRecord`] | the peer: gateway, slot, key, time |
+//! | `P peers/<org>/<peer>` | [`PeerRecord`] | the peer: gateway, slot, key, time, ephemeral TTL |
 //! | `P slots/<org>/<gateway>/<slot>` | peer name | address uniqueness: one key per /120 |
 //! | `P keys/<public key, hex>` | `<org>/<peer>` | public-key uniqueness |
 //! | `P instances/<org>/<app>/<id>` | [`InstanceRecord`] | an app instance |
@@ -45,6 +45,11 @@ pub struct PeerRecord {
     pub public_key: PublicKey,
     /// Unix seconds when it was registered.
     pub created_at: u64,
+    /// An ephemeral peer's time to live in seconds ([`Peer::ephemeral`]).
+    /// Absent for a normal peer, and in every record written before
+    /// peers could be ephemeral: those read as normal peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral: Option<u64>,
 }
 
 /// An instance as stored under `instances/<org>/<app>/<id>`.

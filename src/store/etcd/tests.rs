@@ -35,6 +35,26 @@ fn etcd_binary() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// A peer record written before peers could be ephemeral reads as a
+/// normal peer; a normal peer's record is written as before (no field), an
+/// ephemeral one's carries its TTL.
+#[test]
+fn peer_records_without_a_ttl_are_normal_peers() {
+    let key = crate::model::PrivateKey::generate().public_key();
+    let old = format!(r#"{{"gateway":"lhr-1","slot":3,"public_key":"{key}","created_at":7}}"#);
+    let rec: PeerRecord = serde_json::from_str(&old).unwrap();
+    assert_eq!((rec.slot, rec.created_at, rec.ephemeral), (3, 7, None));
+    let plain = String::from_utf8(encode(&rec).unwrap()).unwrap();
+    assert!(!plain.contains("ephemeral"), "{plain}");
+    let eph = PeerRecord {
+        ephemeral: Some(3_600),
+        ..rec
+    };
+    let text = encode(&eph).unwrap();
+    let back: PeerRecord = serde_json::from_slice(&text).unwrap();
+    assert_eq!(back.ephemeral, Some(3_600));
+}
+
 impl TestEtcd {
     /// Starts one, or returns `None` after a loud SKIPPED line when the
     /// `etcd` binary is missing (a failure under CI).
@@ -385,6 +405,7 @@ async fn fill(a: &EtcdStore, orgs: u32, per_org: u32) {
                 slot: i,
                 public_key: crate::model::PrivateKey::generate().public_key(),
                 created_at: 0,
+                ephemeral: None,
             };
             ops.push(put(a.keys.peer(&org, &name), encode(&rec).unwrap()));
             ops.push(put(a.keys.slot(&org, &gw, i), name.as_str()));

@@ -179,6 +179,7 @@ impl Store for EtcdStore {
                 slot,
                 public_key: req.public_key,
                 created_at: now_secs(),
+                ephemeral: req.ephemeral,
             };
             let skey = self.keys.slot(&req.org, &gateway.name, slot);
             let cmps = [

@@ -436,8 +436,9 @@ impl Store for SqliteStore {
                 // one; the immediate transaction holds off other writers).
                 let revision = read_revision(tx)? + 1;
                 tx.execute(
-                "INSERT INTO peers (org_id, name, gateway, slot, public_key, created_at, revision)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO peers (org_id, name, gateway, slot, public_key, created_at, revision,
+                    ephemeral)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     org_id,
                     req.name.as_str(),
@@ -445,7 +446,8 @@ impl Store for SqliteStore {
                     slot.index(),
                     req.public_key.to_base64(),
                     created_at as i64,
-                    i64::try_from(revision).map_err(corrupt("revision"))?
+                    i64::try_from(revision).map_err(corrupt("revision"))?,
+                    req.ephemeral.map(sql_time).transpose()?
                 ],
             )
             .map_err(internal)?;
@@ -467,6 +469,7 @@ impl Store for SqliteStore {
                     net: slot.net(net.prefix(), host),
                     public_key: req.public_key,
                     created_at,
+                    ephemeral: req.ephemeral,
                     revision,
                 };
                 Ok((peer, gateway))
@@ -481,11 +484,11 @@ impl Store for SqliteStore {
         self.write(
             move |tx| {
                 let (org_id, net) = org_row(tx, &org)?;
-                type Row = (String, i64, String, i64, String, i64, i64);
+                type Row = (String, i64, String, i64, String, i64, i64, Option<i64>);
                 let row: Option<Row> = tx
                     .query_row(
                         "SELECT p.gateway, p.slot, p.public_key, p.created_at, g.region, g.host_id,
-                            p.revision
+                            p.revision, p.ephemeral
                      FROM peers p JOIN gateways g ON g.name = p.gateway
                      WHERE p.org_id = ?1 AND p.name = ?2",
                         params![org_id, name.as_str()],
@@ -498,13 +501,14 @@ impl Store for SqliteStore {
                                 r.get(4)?,
                                 r.get(5)?,
                                 r.get(6)?,
+                                r.get(7)?,
                             ))
                         },
                     )
                     .optional()
                     .map_err(internal)?;
-                let (gateway, slot, key, created, region, host, revision) =
-                    row.ok_or_else(|| {
+                let (gateway, slot, key, created, region, host, revision, ephemeral) = row
+                    .ok_or_else(|| {
                         StoreError::NotFound(format!("peer '{name}' not found in org '{org}'"))
                     })?;
                 tx.execute(
@@ -526,6 +530,7 @@ impl Store for SqliteStore {
                     net: slot.net(net.prefix(), host),
                     public_key: key.parse().map_err(corrupt("peer key"))?,
                     created_at: u64::try_from(created).unwrap_or(0),
+                    ephemeral: ephemeral_ttl(ephemeral)?,
                     revision: u64::try_from(revision).unwrap_or(0),
                 })
             },

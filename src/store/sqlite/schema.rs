@@ -59,7 +59,16 @@ pub(super) const MIGRATIONS: &[&str] = &[
     "ALTER TABLE org_tokens ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE org_tokens ADD COLUMN expires_at INTEGER;
      CREATE INDEX org_tokens_org ON org_tokens (org_id);",
+    // 4: ephemeral peers' time to live in seconds (NULL: a normal peer, as
+    // every peer made before is).
+    "ALTER TABLE peers ADD COLUMN ephemeral INTEGER;",
 ];
+
+/// An `ephemeral` column as the peer's time to live.
+pub(super) fn ephemeral_ttl(v: Option<i64>) -> Result<Option<u64>, StoreError> {
+    v.map(|t| u64::try_from(t).map_err(corrupt("ephemeral ttl")))
+        .transpose()
+}
 
 pub(super) fn open_conn(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)
@@ -244,8 +253,8 @@ pub(super) fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreErro
     {
         let mut st = tx
             .prepare(
-                "SELECT org_id, name, gateway, slot, public_key, created_at, revision FROM peers
-                 ORDER BY org_id, name",
+                "SELECT org_id, name, gateway, slot, public_key, created_at, revision, ephemeral
+                 FROM peers ORDER BY org_id, name",
             )
             .map_err(internal)?;
         let mut rows = st.query([]).map_err(internal)?;
@@ -257,6 +266,7 @@ pub(super) fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreErro
             let key: String = r.get(4).map_err(internal)?;
             let created: i64 = r.get(5).map_err(internal)?;
             let peer_revision: i64 = r.get(6).map_err(internal)?;
+            let ephemeral: Option<i64> = r.get(7).map_err(internal)?;
             let org = org_by_id
                 .get(&org_id)
                 .ok_or_else(|| StoreError::Internal(format!("peer {name} has no org")))?;
@@ -276,6 +286,7 @@ pub(super) fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreErro
                 slot,
                 public_key: key.parse().map_err(corrupt("peer key"))?,
                 created_at: u64::try_from(created).unwrap_or(0),
+                ephemeral: ephemeral_ttl(ephemeral)?,
                 revision: u64::try_from(peer_revision).unwrap_or(0),
             });
         }

@@ -70,6 +70,62 @@ async fn schema_from_the_future_is_refused() {
     assert!(e.to_string().contains("newer than this sixpn"), "{e}");
 }
 
+/// A database from before ephemeral peers (schema 3) takes migration 4:
+/// its peers read as normal ones, and new peers can be ephemeral.
+#[tokio::test]
+async fn peers_from_before_ephemeral_peers_read_as_normal_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let gw = suite::first_gateway();
+    let key = crate::model::PrivateKey::generate().public_key();
+    {
+        let mut c = Connection::open(&path).unwrap();
+        let tx = c.transaction().unwrap();
+        for sql in &MIGRATIONS[..3] {
+            tx.execute_batch(sql).unwrap();
+        }
+        tx.pragma_update(None, "user_version", 3).unwrap();
+        tx.execute(
+            "INSERT INTO orgs (id, name, network_id) VALUES (1, 'old', 1)",
+            [],
+        )
+        .unwrap();
+        tx.execute(
+            "INSERT INTO gateways (name, region, host_id, endpoint, public_key)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                gw.name.as_str(),
+                gw.region.as_str(),
+                gw.host_id.get(),
+                gw.endpoint.to_string(),
+                gw.public_key.to_base64()
+            ],
+        )
+        .unwrap();
+        tx.execute(
+            "INSERT INTO peers (org_id, name, gateway, slot, public_key, created_at, revision)
+             VALUES (1, 'laptop', ?1, 0, ?2, 5, 1)",
+            params![gw.name.as_str(), key.to_base64()],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let snap = store.snapshot().await.unwrap();
+    assert_eq!(snap.peers.len(), 1);
+    assert_eq!(
+        (snap.peers[0].name.as_str(), snap.peers[0].ephemeral),
+        ("laptop", None)
+    );
+    let mut req = new_peer("old", "job");
+    req.ephemeral = Some(600);
+    let (p, _) = store.create_peer(&req).await.unwrap();
+    assert_eq!(p.ephemeral, Some(600));
+    drop(store);
+    let again = SqliteStore::open(&path).unwrap().snapshot().await.unwrap();
+    assert!(again.peers.contains(&p), "the TTL survives a reopen");
+}
+
 mod prop {
     use super::*;
     use proptest::prelude::*;
