@@ -423,7 +423,10 @@ fn list_shows_peers_and_remove_removes_them() {
     }
     let json = peers(&gw, "personal");
     let rows = table(&gw.cli_ok(&["wireguard", "list", "personal"]));
-    assert_eq!(rows[0], ["NAME", "REGION", "GATEWAY", "PEER IP"]);
+    assert_eq!(
+        rows[0],
+        ["NAME", "REGION", "GATEWAY", "PEER IP", "EPHEMERAL"]
+    );
     assert_eq!(rows.len(), 3, "{rows:?}");
     for name in ["alpha", "beta"] {
         let p = peer(&json, name);
@@ -437,7 +440,8 @@ fn list_shows_peers_and_remove_removes_them() {
                 name,
                 "lhr",
                 gw.name.as_str(),
-                p["address"].as_str().unwrap()
+                p["address"].as_str().unwrap(),
+                "-"
             ]
         );
     }
