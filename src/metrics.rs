@@ -48,3 +48,34 @@ pub fn sample(
     }
     let _ = writeln!(out, " {value}");
 }
+
+/// Writes one histogram series under `labels`: the cumulative
+/// `_bucket{le}` samples for `bounds` (`counts` holds one count per bound
+/// and then those above the last), `+Inf`, `_sum` when there is one, and
+/// `_count`.
+pub fn histogram(
+    out: &mut String,
+    name: &str,
+    labels: &[(&str, &str)],
+    bounds: &[f64],
+    counts: &[u64],
+    sum: Option<f64>,
+) {
+    let bucket = format!("{name}_bucket");
+    let with_le = |le: &str, out: &mut String, n: u64| {
+        let mut l: Vec<(&str, &str)> = labels.to_vec();
+        l.push(("le", le));
+        sample(out, &bucket, &l, n);
+    };
+    let mut cumulative = 0u64;
+    for (b, n) in bounds.iter().zip(counts) {
+        cumulative += n;
+        with_le(&b.to_string(), out, cumulative);
+    }
+    cumulative += counts.get(bounds.len()).copied().unwrap_or(0);
+    with_le("+Inf", out, cumulative);
+    if let Some(sum) = sum {
+        sample(out, &format!("{name}_sum"), labels, sum);
+    }
+    sample(out, &format!("{name}_count"), labels, cumulative);
+}

@@ -458,25 +458,8 @@ impl crate::metrics::MetricsSource for Metrics {
             "histogram",
             "From a captured initiation to its peer installed (and the held packet let through).",
         );
-        let mut cumulative = 0u64;
-        for (i, b) in LATENCY_BOUNDS.iter().enumerate() {
-            cumulative += load(&c.latency[i]);
-            let le = b.to_string();
-            sample(out, &format!("{name}_bucket"), &[("le", &le)], cumulative);
-        }
-        cumulative += load(&c.latency[LATENCY_BOUNDS.len()]);
-        sample(
-            out,
-            &format!("{name}_bucket"),
-            &[("le", "+Inf")],
-            cumulative,
-        );
-        sample(
-            out,
-            &format!("{name}_sum"),
-            &[],
-            load(&c.latency_micros) as f64 / 1e6,
-        );
-        sample(out, &format!("{name}_count"), &[], cumulative);
+        let counts: Vec<u64> = c.latency.iter().map(load).collect();
+        let sum = load(&c.latency_micros) as f64 / 1e6;
+        crate::metrics::histogram(out, name, &[], &LATENCY_BOUNDS, &counts, Some(sum));
     }
 }

@@ -237,18 +237,7 @@ impl Reconciler {
                 }
             }
         }
-        let ok = if touched.is_empty() {
-            true
-        } else {
-            let r = if self.in_sync {
-                self.follow_plan_apply(Some(&desired), &touched).await
-            } else {
-                self.observe_plan_apply(Need::ALL, true, Some(&desired))
-                    .await
-            };
-            self.in_sync = r.is_ok();
-            r.is_ok()
-        };
+        let ok = touched.is_empty() || self.apply_touched(&desired, &touched).await;
         self.desired = Some(desired);
         let installed = self.installed.borrow().clone();
         let mut n = 0u64;
@@ -274,6 +263,20 @@ impl Reconciler {
         if !ok {
             debug!("jit: an install failed; the next initiation retries it");
         }
+    }
+
+    /// Carries out what admitting or evicting `touched` changed in
+    /// `desired`: only those peers when the kernel was in sync, everything
+    /// otherwise. Returns whether it all went in.
+    async fn apply_touched(&mut self, desired: &crate::plan::Desired, touched: &Touched) -> bool {
+        let r = if self.in_sync {
+            self.follow_plan_apply(Some(desired), touched).await
+        } else {
+            self.observe_plan_apply(Need::ALL, true, Some(desired))
+                .await
+        };
+        self.in_sync = r.is_ok();
+        r.is_ok()
     }
 
     /// Takes the peers idle for `idle_evict` off the kernel (they stay
@@ -313,13 +316,7 @@ impl Reconciler {
                 }
             }
         }
-        let r = if self.in_sync {
-            self.follow_plan_apply(Some(&desired), &touched).await
-        } else {
-            self.observe_plan_apply(Need::ALL, true, Some(&desired))
-                .await
-        };
-        self.in_sync = r.is_ok();
+        self.apply_touched(&desired, &touched).await;
         self.desired = Some(desired);
         let micros = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
         counters.sweep_micros.fetch_add(micros, Ordering::Relaxed);

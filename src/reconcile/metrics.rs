@@ -236,24 +236,15 @@ impl crate::metrics::MetricsSource for Metrics {
             "histogram",
             "Age of installed peers' latest handshake.",
         );
-        let mut cum = 0;
-        for (i, b) in buckets.iter().enumerate() {
-            cum += hist[i];
-            sample(
-                out,
-                "sixpn_peer_handshake_age_seconds_bucket",
-                &[("le", &b.to_string())],
-                cum,
-            );
-        }
-        cum += hist[4];
-        sample(
+        let bounds: Vec<f64> = buckets.iter().map(|b| *b as f64).collect();
+        crate::metrics::histogram(
             out,
-            "sixpn_peer_handshake_age_seconds_bucket",
-            &[("le", "+Inf")],
-            cum,
+            "sixpn_peer_handshake_age_seconds",
+            &[],
+            &bounds,
+            &hist,
+            None,
         );
-        sample(out, "sixpn_peer_handshake_age_seconds_count", &[], cum);
         family(
             out,
             "sixpn_peers_never_handshaked",

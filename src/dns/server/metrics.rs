@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 
 use super::*;
-use crate::metrics::{header, sample, MetricsSource};
+use crate::metrics::{header, histogram, sample, MetricsSource};
 
 /// Counters of the DNS side (relaxed atomics; a later issue exports them).
 #[derive(Debug, Default)]
@@ -256,24 +256,10 @@ impl DnsMetrics {
             let org = org.to_string();
             for (a, outcome) in ANSWERS {
                 let k = a as usize;
-                let mut cumulative = 0u64;
-                for (i, b) in LATENCY_BOUNDS.iter().enumerate() {
-                    cumulative += load(&l.buckets[k][i]);
-                    let le = b.to_string();
-                    let labels = [("org", org.as_str()), ("outcome", outcome), ("le", &le)];
-                    sample(out, &format!("{name}_bucket"), &labels, cumulative);
-                }
-                cumulative += load(&l.buckets[k][LATENCY_BOUNDS.len()]);
-                let labels = [("org", org.as_str()), ("outcome", outcome), ("le", "+Inf")];
-                sample(out, &format!("{name}_bucket"), &labels, cumulative);
+                let counts: Vec<u64> = l.buckets[k].iter().map(load).collect();
+                let sum = load(&l.micros[k]) as f64 / 1e6;
                 let labels = [("org", org.as_str()), ("outcome", outcome)];
-                sample(
-                    out,
-                    &format!("{name}_sum"),
-                    &labels,
-                    load(&l.micros[k]) as f64 / 1e6,
-                );
-                sample(out, &format!("{name}_count"), &labels, cumulative);
+                histogram(out, name, &labels, &LATENCY_BOUNDS, &counts, Some(sum));
             }
         }
     }
